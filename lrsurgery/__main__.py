@@ -1,0 +1,3 @@
+from lrsurgery.cli import app
+
+app()

@@ -1,0 +1,267 @@
+"""The `lrsurgery` command line: one thin command per stage.
+
+Every command takes `--config FILE` (YAML or TOML); its keys are option names (dashes or
+underscores) and act as defaults that flags on the command line override.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import typer
+import yaml
+
+from lrsurgery.artifacts import ArtifactError
+from lrsurgery.assets import DATASETS, AssetError
+from lrsurgery.data import DataError
+from lrsurgery.methods import MethodError, method_names
+from lrsurgery.models import DEFAULT_MODEL, ModelError
+
+app = typer.Typer(
+    help="Model surgery for transformers: calibrate → init → train → fuse → eval.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ArtifactError,
+    ModelError,
+    DataError,
+    MethodError,
+    AssetError,
+    ValueError,
+    FileNotFoundError,
+)
+
+
+def _load_config(ctx: typer.Context, value: Path | None) -> Path | None:
+    if value is None:
+        return value
+    if not value.is_file():
+        raise typer.BadParameter(f"config file {value} does not exist")
+    text = value.read_text()
+    if value.suffix == ".toml":
+        import tomllib  # Python 3.11+
+
+        data = tomllib.loads(text)
+    else:
+        data = yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise typer.BadParameter(f"config file {value} must hold a mapping of option names to values")
+    ctx.default_map = {**(ctx.default_map or {}), **{k.replace("-", "_"): v for k, v in data.items()}}
+    return value
+
+
+ConfigOption = typer.Option(
+    None,
+    "--config",
+    help="YAML/TOML file of option defaults; flags given on the command line win.",
+    callback=_load_config,
+    is_eager=True,
+    exists=False,
+)
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=1)
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn the errors a user can fix into one red line and exit code 1, not a traceback."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as exc:
+            _fail(str(exc))
+        except OSError as exc:
+            _fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
+
+    return wrapper
+
+
+@app.command()
+@user_errors
+def calibrate(
+    model: str = typer.Argument(DEFAULT_MODEL, help="Model: HF folder, cached hub id, .gguf file or named default."),
+    data: str = typer.Option(None, "--data", help="Calibration data (local file or hub id)."),
+    out: Path = typer.Option(None, "-o", "--out", help="Output statistics folder."),
+    config: Path = ConfigOption,
+) -> None:
+    """Collect input covariances and sensitivities layer by layer (not available in this version)."""
+    _fail(
+        "calibrate is not available in this version of lrsurgery yet; methods that need no statistics "
+        f"({', '.join(method_names())}) work without it"
+    )
+
+
+@app.command()
+@user_errors
+def init(
+    model: str = typer.Argument(DEFAULT_MODEL, help="Model: HF folder, cached hub id, .gguf file or named default."),
+    method: str = typer.Option("lora", "--method", help=f"Initialisation method: {', '.join(method_names())}."),
+    rank: int = typer.Option(8, "--rank", "-r", help="Adapter rank per module."),
+    alpha: float = typer.Option(None, "--alpha", help="LoRA alpha; the scale is alpha/rank (default: alpha = rank)."),
+    dropout: float = typer.Option(0.0, "--dropout", help="Dropout on the adapter input during training."),
+    targets: str = typer.Option(
+        None, "--targets", help="Regex over module names to adapt (default: every nn.Linear in the blocks)."
+    ),
+    svd: str = typer.Option("exact", "--svd", help="SVD for SVD-based methods: exact or randomized."),
+    seed: int = typer.Option(0, "--seed", help="Seed for random initialisations."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output init artifact folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    config: Path = ConfigOption,
+) -> None:
+    """Cut adapters out of a model's weights and write an init artifact."""
+    from lrsurgery.surgery import run_init
+
+    options: dict[str, Any] = {"rank": rank, "alpha": alpha, "dropout": dropout}
+    if method == "pissa":
+        options["svd"] = svd
+    began = time.perf_counter()
+    run_init(model, method, out, options, targets=targets, seed=seed, overwrite=overwrite)
+    typer.echo(f"wrote {out} ({method}, rank {rank}) in {time.perf_counter() - began:.1f}s")
+
+
+@app.command()
+@user_errors
+def train(
+    init_dir: Path = typer.Argument(..., help="Init artifact folder (from `lrsurgery init`)."),
+    data: str = typer.Option(..., "--data", help="Training data: local json/jsonl/csv/parquet/txt file or hub id."),
+    split: str = typer.Option("train", "--split", help="Dataset split to train on."),
+    task: str = typer.Option("causal", "--task", help="causal (LM or SFT) or classification."),
+    seq_len: int = typer.Option(256, "--seq-len", help="Tokens per example (LM blocks; SFT/classification cap)."),
+    text_column: str = typer.Option("text", "--text-column", help="Column with the text."),
+    label_column: str = typer.Option("label", "--label-column", help="Column with the class label."),
+    prompt_template: str = typer.Option(
+        None, "--prompt-template", help="SFT prompt, Python format fields, e.g. 'Q: {question}\\nA:'."
+    ),
+    response_template: str = typer.Option(
+        None, "--response-template", help="SFT response (loss is computed only on it), e.g. ' {answer}'."
+    ),
+    limit: int = typer.Option(None, "--limit", help="Use only the first N rows."),
+    max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps (or give --epochs)."),
+    epochs: float = typer.Option(None, "--epochs", help="Passes over the data (or give --max-steps)."),
+    lr: float = typer.Option(2e-4, "--lr", help="Peak learning rate."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Examples per micro-batch per process."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
+    warmup_ratio: float = typer.Option(0.03, "--warmup-ratio", help="Fraction of steps of linear warmup."),
+    schedule: str = typer.Option("cosine", "--schedule", help="Learning-rate schedule: cosine, linear or constant."),
+    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="Gradient clipping norm."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16 (autocast)."),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Trade compute for memory."),
+    seed: int = typer.Option(0, "--seed", help="Seed for data order, dropout and a new task head."),
+    save_every: int = typer.Option(50, "--save-every", help="Checkpoint every N steps (for --resume)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output train artifact folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    force: bool = typer.Option(False, "--force", help="Use the artifact even if the model fingerprint differs."),
+    config: Path = ConfigOption,
+) -> None:
+    """Fine-tune an init artifact's adapters and write a train artifact."""
+    from lrsurgery.data import DataSpec
+    from lrsurgery.train import TrainConfig, run_train
+
+    spec = DataSpec(
+        path=data,
+        split=split,
+        task=task,
+        seq_len=seq_len,
+        text_column=text_column,
+        label_column=label_column,
+        prompt_template=prompt_template,
+        response_template=response_template,
+        limit=limit,
+    )
+    cfg = TrainConfig(
+        max_steps=max_steps,
+        epochs=epochs,
+        lr=lr,
+        weight_decay=weight_decay,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        warmup_ratio=warmup_ratio,
+        schedule=schedule,
+        max_grad_norm=max_grad_norm,
+        precision=precision,
+        gradient_checkpointing=gradient_checkpointing,
+        seed=seed,
+        save_every=save_every,
+    )
+    began = time.perf_counter()
+    run_train(init_dir, spec, cfg, out, resume=resume, overwrite=overwrite, force=force)
+    typer.echo(f"wrote {out} in {time.perf_counter() - began:.1f}s")
+
+
+@app.command()
+@user_errors
+def fuse(
+    artifact: Path = typer.Argument(..., help="Init or train artifact folder."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output model folder (plain Hugging Face format)."),
+    dtype: str = typer.Option("fp32", "--dtype", help="Weight dtype of the output: fp32, bf16 or fp16."),
+    shard_size: str = typer.Option("2GB", "--shard-size", help="Largest safetensors shard, e.g. 500MB, 5GB."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    force: bool = typer.Option(False, "--force", help="Use the artifact even if the model fingerprint differs."),
+    config: Path = ConfigOption,
+) -> None:
+    """Merge edits and adapters into the weights and write a standard model folder."""
+    from lrsurgery.fuse import run_fuse
+
+    began = time.perf_counter()
+    run_fuse(artifact, out, dtype=dtype, shard_size=shard_size, overwrite=overwrite, force=force)
+    typer.echo(f"wrote {out} in {time.perf_counter() - began:.1f}s")
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    models: list[str] = typer.Argument(
+        ..., help="Model folders/names or init/train artifacts (several: side by side)."
+    ),
+    task: list[Path] = typer.Option(..., "--task", help="Task YAML file (repeatable)."),
+    limit: int = typer.Option(None, "--limit", help="Score only the first N documents of each task."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Sequences per forward pass."),
+    out: Path = typer.Option(None, "-o", "--out", help="Write the results JSON here."),
+    config: Path = ConfigOption,
+) -> None:
+    """Score models on tasks and print a Markdown table."""
+    from lrsurgery.evaluate import TaskError, markdown_table, run_eval, write_report
+
+    try:
+        report = run_eval(models, task, limit=limit, batch_size=batch_size)
+    except TaskError as exc:
+        _fail(str(exc))
+    typer.echo(markdown_table(report))
+    if out:
+        write_report(report, out)
+
+
+@app.command()
+@user_errors
+def assets(
+    name: str = typer.Argument(..., help=f"Offline data set to prepare: {', '.join(DATASETS)}."),
+    out: Path = typer.Option(..., "-o", "--out", help="Folder for train.jsonl and test.jsonl."),
+) -> None:
+    """Write an offline data package as JSONL files usable with --data."""
+    if name not in DATASETS:
+        _fail(f"unknown data set {name!r}; available: {', '.join(DATASETS)}")
+    counts = DATASETS[name](out)
+    typer.echo(json.dumps(counts))
+
+
+def main() -> None:  # pragma: no cover
+    app(prog_name="lrsurgery")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,13 @@
+"""Methods, registered by name. A method turns one frozen weight into a ModuleAdapter at `init`
+and may hook into training (see `Method`). Adding a method is one file plus one line here."""
+
+from __future__ import annotations
+
+from lrsurgery.methods.base import Method, MethodError, TrainHooks, get_method, method_names, register
+from lrsurgery.methods.lora import LoRA
+from lrsurgery.methods.pissa import PiSSA
+
+register(LoRA)
+register(PiSSA)
+
+__all__ = ["Method", "MethodError", "TrainHooks", "get_method", "method_names", "register"]

@@ -1,0 +1,95 @@
+"""What a method is: a config, a per-module initialiser and optional training hooks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from lrsurgery.adapters import ModuleAdapter
+
+
+class MethodError(ValueError):
+    """A method was given options or weights it cannot work with."""
+
+
+class TrainHooks:
+    """Training-time callbacks a method may override; the defaults do nothing.
+
+    Order within one optimizer step: forward → `extra_loss` added → backward → `after_backward`
+    (gradients final, before clipping and the optimizer) → optimizer step → `after_step`.
+    """
+
+    def extra_loss(self, model: nn.Module, step: int) -> dict[str, torch.Tensor]:
+        """Named loss terms added to the task loss (logged separately)."""
+        return {}
+
+    def after_backward(self, model: nn.Module, step: int) -> None:
+        """Called once per optimizer step on the gradients that will be applied."""
+
+    def after_step(self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Called after the optimizer step; may edit the model and return values to log."""
+        return {}
+
+
+@dataclass
+class Method:
+    """Base class for a method's config. Subclasses are dataclasses registered by `name`."""
+
+    name: ClassVar[str] = ""
+    rank: int = 8
+    alpha: float | None = None
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise MethodError(f"--rank must be at least 1, got {self.rank}")
+        if self.dropout < 0 or self.dropout >= 1:
+            raise MethodError(f"--dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def alpha_value(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.rank)
+
+    def check_shape(self, name: str, weight: torch.Tensor, rank: int) -> None:
+        limit = min(weight.shape)
+        if rank > limit:
+            raise MethodError(
+                f"rank {rank} is larger than module {name} allows: its weight is "
+                f"{weight.shape[0]}x{weight.shape[1]}, so the rank can be at most {limit}"
+            )
+        if not torch.isfinite(weight).all():
+            raise MethodError(f"module {name} has NaN or Inf weights")
+
+    def init_module(self, name: str, weight: torch.Tensor, generator: torch.Generator) -> ModuleAdapter:
+        """Build the adapter for one module from its (d_out, d_in) fp32 weight."""
+        raise NotImplementedError
+
+    def hooks(self) -> TrainHooks:
+        return TrainHooks()
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def method_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str, **options: Any) -> Method:
+    """Instantiate the registered method `name` with `options` (unknown options are an error)."""
+    if name not in _REGISTRY:
+        raise MethodError(f"unknown method {name!r}; available: {', '.join(method_names())}")
+    cls = _REGISTRY[name]
+    fields = set(cls.__dataclass_fields__)
+    unknown = sorted(k for k in options if k not in fields)
+    if unknown:
+        raise MethodError(f"method {name!r} does not take option(s): {', '.join(unknown)}")
+    return cls(**options)

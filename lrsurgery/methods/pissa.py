@@ -1,0 +1,48 @@
+"""PiSSA (Meng et al., 2024): the adapter starts as the top-r singular part of W.
+
+With W ≈ U S Vᵀ and scale s = α/r:  B = U_r √(S_r/s),  A = √(S_r/s) V_rᵀ, so s·B·A = U_r S_r V_rᵀ,
+and the frozen weight becomes the residual W_res = W − s·B·A, recorded as the low-rank edit
+(−s·B, A) rather than a dense matrix. Output is unchanged at init up to fp32 rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from lrsurgery.adapters import ModuleAdapter
+from lrsurgery.linalg import truncated_svd
+from lrsurgery.methods.base import Method, MethodError
+
+
+@dataclass
+class PiSSA(Method):
+    """PiSSA with an exact or randomized SVD (`svd`: exact | randomized)."""
+
+    name: ClassVar[str] = "pissa"
+    svd: str = "exact"
+    oversample: int = 10
+    power_iters: int = 2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.svd not in ("exact", "randomized"):
+            raise MethodError(f"--svd must be exact or randomized, got {self.svd!r}")
+
+    def init_module(self, name: str, weight: torch.Tensor, generator: torch.Generator) -> ModuleAdapter:
+        self.check_shape(name, weight, self.rank)
+        u, s, vh = truncated_svd(weight, self.rank, self.svd, self.oversample, self.power_iters, generator)
+        scale = self.alpha_value / self.rank
+        root = torch.sqrt(s / scale)
+        b = u * root
+        a = root[:, None] * vh
+        return ModuleAdapter(
+            A=a,
+            B=b,
+            scale=scale,
+            alpha=self.alpha_value,
+            dropout=self.dropout,
+            edits=[(-scale * b, a)],
+        )

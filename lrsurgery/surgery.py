@@ -1,0 +1,139 @@
+"""The `init` stage and loading an artifact back onto its base model.
+
+An init or train artifact holds `adapter.safetensors` (factors, gates, edit log, and a task head if
+one was trained) and a manifest whose `extra.modules` describes each adapted module.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lrsurgery.adapters import HEAD_PREFIX, ModuleAdapter, from_tensors, head_parameters, inject, to_tensors
+from lrsurgery.artifacts import (
+    ArtifactError,
+    Manifest,
+    atomic_folder,
+    check_same_model,
+    load_tensors,
+    read_manifest,
+    save_tensors,
+    write_manifest,
+)
+from lrsurgery.methods import get_method
+from lrsurgery.models import LoadedModel, backbone, find_targets, load_model, model_fingerprint
+from lrsurgery.progress import progress
+
+ADAPTER_FILE = "adapter.safetensors"
+ADAPTED_KINDS = ("init", "train")
+
+
+def model_record(loaded: LoadedModel) -> dict[str, Any]:
+    """What a manifest says about the model an artifact was made from."""
+    config = loaded.model.config
+    return {
+        "source": loaded.source,
+        "folder": str(loaded.folder),
+        "fingerprint": model_fingerprint(loaded.folder),
+        "model_type": getattr(config, "model_type", None),
+        "architectures": getattr(config, "architectures", None),
+    }
+
+
+def run_init(
+    model: str,
+    method: str,
+    out: Path,
+    options: dict[str, Any],
+    targets: str | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Path:
+    """Cut adapters out of `model` with `method` and write an init artifact to `out`; return `out`."""
+    config = get_method(method, **options)
+    loaded = load_model(model, task="base")
+    names = find_targets(loaded.model, targets)
+    root = backbone(loaded.model)
+    generator = torch.Generator().manual_seed(seed)
+    adapters: dict[str, ModuleAdapter] = {}
+    for name in progress(names, desc=f"init {method}", unit="module"):
+        weight = root.get_submodule(name).weight.detach().float()
+        adapters[name] = config.init_module(name, weight, generator)
+    tensors, meta = to_tensors(adapters)
+    manifest = Manifest(
+        kind="init",
+        config={"method": method, "options": options, "targets": targets, "seed": seed},
+        model=model_record(loaded),
+        extra={"modules": meta, "trainable_parameters": trainable_count(meta)},
+    )
+    with atomic_folder(out, overwrite=overwrite) as tmp:
+        save_tensors(tmp / ADAPTER_FILE, tensors)
+        write_manifest(tmp, manifest)
+    return out
+
+
+def trainable_count(meta: dict[str, Any]) -> int:
+    """Adapter parameters that receive gradients, from a manifest's module table."""
+    total = 0
+    for info in meta.values():
+        d_out, d_in = info["shape"]
+        r = info["rank"]
+        frozen = set(info.get("frozen", ()))
+        total += (0 if "A" in frozen else r * d_in) + (0 if "B" in frozen else r * d_out)
+    return total
+
+
+def read_adapters(folder: Path) -> tuple[Manifest, dict[str, ModuleAdapter], dict[str, torch.Tensor]]:
+    """Read an init/train artifact: its manifest, its module adapters and any task-head tensors."""
+    manifest = read_manifest(folder, ADAPTED_KINDS)
+    tensors = load_tensors(Path(folder) / ADAPTER_FILE)
+    try:
+        adapters = from_tensors(tensors, manifest.extra["modules"])
+    except KeyError as exc:
+        raise ArtifactError(f"{folder}: {exc}") from exc
+    head = {k[len(HEAD_PREFIX) :]: v for k, v in tensors.items() if k.startswith(HEAD_PREFIX)}
+    return manifest, adapters, head
+
+
+def load_adapted(
+    folder: Path,
+    task: str | None = None,
+    num_labels: int | None = None,
+    model: str | None = None,
+    force: bool = False,
+) -> tuple[LoadedModel, Manifest]:
+    """Load the artifact's base model (or `model`), check it is the right one, and apply the adapters.
+
+    `task` defaults to what the artifact was trained for ('causal' for an init artifact).
+    """
+    manifest, adapters, head = read_adapters(folder)
+    head_info = manifest.extra.get("head") or {}
+    task = task or head_info.get("task", "causal")
+    num_labels = num_labels or head_info.get("num_labels")
+    source = model or manifest.model.get("folder") or manifest.model["source"]
+    loaded = load_model(source, task=task, num_labels=num_labels)
+    check_same_model(manifest, model_fingerprint(loaded.folder), source, force)
+    inject(loaded.model, adapters)
+    if head:
+        load_head(loaded.model, head)
+    if head_info.get("id2label"):
+        loaded.model.config.id2label = {int(k): v for k, v in head_info["id2label"].items()}
+        loaded.model.config.label2id = {v: int(k) for k, v in head_info["id2label"].items()}
+    return loaded, manifest
+
+
+def load_head(model: nn.Module, head: dict[str, torch.Tensor]) -> None:
+    params = head_parameters(model)
+    missing = sorted(set(head) - set(params))
+    if missing:
+        raise ArtifactError(f"artifact has task-head tensors the model lacks: {', '.join(missing)}")
+    with torch.no_grad():
+        for name, value in head.items():
+            if params[name].shape != value.shape:
+                raise ArtifactError(
+                    f"head tensor {name} has shape {tuple(value.shape)}, model {tuple(params[name].shape)}"
+                )
+            params[name].copy_(value)

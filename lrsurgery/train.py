@@ -1,0 +1,244 @@
+"""The `train` stage: fine-tune an init artifact's adapters on `accelerate`.
+
+The run works in `OUT.partial/` (metrics log, checkpoints) and is renamed to `OUT` only when finished,
+so `OUT` never holds a half-trained artifact. `--resume` continues from the last checkpoint in
+`OUT.partial/` and, on CPU, gives bit-identical adapters to an uninterrupted run: the data order is a
+function of (seed, step) alone, and the optimizer state and RNG state are checkpointed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lrsurgery.adapters import HEAD_PREFIX, adapted_layers, head_parameters, to_tensors
+from lrsurgery.artifacts import ArtifactError, Manifest, save_tensors, write_manifest
+from lrsurgery.checkpoint import load_checkpoint, save_checkpoint
+from lrsurgery.data import DataSpec, Examples, build_examples, collate, read_labels
+from lrsurgery.methods import TrainHooks, get_method
+from lrsurgery.progress import bar
+from lrsurgery.surgery import ADAPTER_FILE, load_adapted, trainable_count
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (every field is a CLI flag)."""
+
+    max_steps: int | None = None
+    epochs: float | None = None
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    warmup_ratio: float = 0.03
+    schedule: str = "cosine"
+    max_grad_norm: float = 1.0
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    save_every: int = 50
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError("give exactly one of --max-steps or --epochs")
+        if self.schedule not in ("linear", "cosine", "constant"):
+            raise ValueError(f"--schedule must be linear, cosine or constant, got {self.schedule!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"--precision must be fp32 or bf16, got {self.precision!r}")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("--batch-size and --grad-accum must be at least 1")
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then linear/cosine/constant."""
+    warmup = int(round(cfg.warmup_ratio * total))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = (step - warmup) / max(1, total - warmup)
+    if cfg.schedule == "linear":
+        return cfg.lr * max(0.0, 1.0 - progress)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def batch_indices(step: int, micro: int, n: int, cfg: TrainConfig, world: int, rank: int) -> list[int]:
+    """Example indices for micro-batch `micro` of optimizer step `step` on process `rank`.
+
+    The data is an endless stream of seeded permutations (one per epoch), so the order depends only
+    on (seed, step) and a resumed run sees exactly the batches the uninterrupted one would.
+    """
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    start = step * per_step + (micro * world + rank) * cfg.batch_size
+    out = []
+    for pos in range(start, start + cfg.batch_size):
+        epoch, offset = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+        out.append(int(perm[offset]))
+    return out
+
+
+def total_steps(cfg: TrainConfig, n: int, world: int) -> int:
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    return max(1, math.ceil(cfg.epochs * n / per_step))
+
+
+def run_train(
+    init_dir: Path,
+    data: DataSpec,
+    cfg: TrainConfig,
+    out: Path,
+    resume: bool = False,
+    overwrite: bool = False,
+    force: bool = False,
+    hooks: list[TrainHooks] | None = None,
+) -> Path:
+    """Train the adapters of `init_dir` on `data` and write a train artifact to `out`; return `out`."""
+    from accelerate import Accelerator
+
+    out = Path(out)
+    work = out.with_name(out.name + ".partial")
+    if out.exists() and not overwrite:
+        raise ArtifactError(f"{out} already exists; choose another output or pass --overwrite")
+    if work.exists() and not resume:
+        if not overwrite:
+            raise ArtifactError(f"{work} holds an interrupted run; pass --resume to continue it or --overwrite")
+        shutil.rmtree(work)
+    torch.manual_seed(cfg.seed)
+    labels = read_labels(data) if data.task == "classification" else None
+    loaded, init_manifest = load_adapted(
+        Path(init_dir), task=data.task, num_labels=len(labels) if labels else None, force=force
+    )
+    model, tokenizer = loaded.model, loaded.tokenizer
+    examples = build_examples(data, tokenizer, labels)
+    head = head_parameters(model) if data.task == "classification" else {}
+    for p in head.values():
+        p.requires_grad_(True)
+    method = init_manifest.config["method"]
+    method_hooks = [get_method(method, **init_manifest.config["options"]).hooks(), *(hooks or [])]
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    accelerator = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no")
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(list(named.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    total = total_steps(cfg, len(examples), accelerator.num_processes)
+
+    start = 0
+    work.mkdir(parents=True, exist_ok=True)
+    if resume and (work / "checkpoint").exists():
+        start = load_checkpoint(work / "checkpoint", named, optimizer)
+    _truncate_log(work / "metrics.jsonl", start)
+
+    pad = tokenizer.pad_token_id
+    model.train()
+    progress = bar(total, desc="train", unit="step", initial=start)
+    for step in range(start, total):
+        began = time.perf_counter()
+        lr = lr_at(step, total, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        task_loss = 0.0
+        extra_logged: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            idx = batch_indices(step, micro, len(examples), cfg, accelerator.num_processes, accelerator.process_index)
+            batch = {
+                k: v.to(accelerator.device) for k, v in collate([examples.rows[i] for i in idx], pad, data.task).items()
+            }
+            with accelerator.autocast():
+                loss = model(**batch).loss
+                extras = {k: v for h in method_hooks for k, v in h.extra_loss(model, step).items()}
+                total_loss = loss + sum(extras.values()) if extras else loss
+            accelerator.backward(total_loss / cfg.grad_accum)
+            task_loss += loss.item() / cfg.grad_accum
+            for k, v in extras.items():
+                extra_logged[k] = extra_logged.get(k, 0.0) + v.item() / cfg.grad_accum
+        for h in method_hooks:
+            h.after_backward(model, step)
+        grad_norm = accelerator.clip_grad_norm_(list(named.values()), cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        logged: dict[str, Any] = {}
+        for h in method_hooks:
+            logged.update(h.after_step(model, step, optimizer))
+        record = {
+            "step": step + 1,
+            "loss": task_loss,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "step_time": time.perf_counter() - began,
+            **extra_logged,
+            **logged,
+        }
+        if accelerator.is_main_process and (step + 1) % cfg.log_every == 0:
+            with open(work / "metrics.jsonl", "a") as log:
+                log.write(json.dumps(record) + "\n")
+        progress.update(1)
+        progress.set_postfix(loss=f"{task_loss:.4f}")
+        if accelerator.is_main_process and (step + 1) % cfg.save_every == 0 and step + 1 < total:
+            save_checkpoint(work / "checkpoint", step + 1, named, optimizer)
+    progress.close()
+
+    model = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        _write_run(work, model, head, init_dir, init_manifest, examples, data, cfg, loaded.source, total)
+        shutil.rmtree(work / "checkpoint", ignore_errors=True)
+        if out.exists():
+            shutil.rmtree(out)
+        work.rename(out)
+    accelerator.wait_for_everyone()
+    return out
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past `step` (written after the checkpoint a resumed run starts from)."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in lines))
+
+
+def _write_run(
+    work: Path,
+    model: nn.Module,
+    head: dict[str, nn.Parameter],
+    init_dir: Path,
+    init_manifest: Manifest,
+    examples: Examples,
+    data: DataSpec,
+    cfg: TrainConfig,
+    source: str,
+    steps: int,
+) -> None:
+    adapters = {n: layer.export() for n, layer in adapted_layers(model).items()}
+    tensors, meta = to_tensors(adapters)
+    for name, p in head.items():
+        tensors[HEAD_PREFIX + name] = p.detach().float().cpu()
+    head_info = {"task": data.task}
+    if data.task == "classification":
+        head_info.update(num_labels=len(examples.labels), id2label=dict(enumerate(examples.labels)))
+    save_tensors(work / ADAPTER_FILE, tensors)
+    manifest = Manifest(
+        kind="train",
+        config={**init_manifest.config, "train": asdict(cfg), "data": asdict(data), "steps": steps},
+        model=init_manifest.model,
+        data={"fingerprint": examples.fingerprint, "path": data.path, "split": data.split, "examples": len(examples)},
+        parent={"kind": init_manifest.kind, "path": str(Path(init_dir).resolve()), "created": init_manifest.created},
+        extra={
+            "modules": meta,
+            "head": head_info,
+            "trainable_parameters": trainable_count(meta) + sum(p.numel() for p in head.values()),
+        },
+    )
+    write_manifest(work, manifest)
