@@ -67,6 +67,8 @@ def load_rows(path: str, split: str = "train"):
     import datasets
 
     local = Path(path).expanduser()
+    if local.is_file() and local.stat().st_size == 0:
+        raise DataError(f"data file {local} is empty")
     try:
         if local.is_file():
             builder = LOCAL_BUILDERS.get(local.suffix.lower())
@@ -82,8 +84,8 @@ def load_rows(path: str, split: str = "train"):
             dataset = datasets.load_dataset(path, split=split)
     except DataError:
         raise
-    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as exc:
-        raise DataError(f"cannot load data {path!r} (split {split!r}): {exc}") from exc
+    except Exception as exc:  # datasets raises many types for unreadable or malformed files
+        raise DataError(f"cannot load data {path!r} (split {split!r}): {type(exc).__name__}: {exc}") from exc
     if len(dataset) == 0:
         raise DataError(f"data {path!r} (split {split!r}) is empty")
     return dataset

