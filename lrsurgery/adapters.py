@@ -37,18 +37,23 @@ class ModuleAdapter:
         return self.A.shape[0]
 
     def delta(self) -> torch.Tensor:
-        """The dense (d_out, d_in) update s·B·diag(E)·A + Σ B_k A_k in fp32."""
-        dense = self.edit_delta()
-        return dense + self.scale * (self.B.float() * self.gate().float()) @ self.A.float()
+        """The dense (d_out, d_in) update s·B·diag(E)·A + Σ B_k A_k, in fp64."""
+        return self.edit_delta() + low_rank_product(self.B, self.A, self.scale, self.E)
 
     def edit_delta(self) -> torch.Tensor:
-        out = torch.zeros(self.B.shape[0], self.A.shape[1])
+        """Σ B_k A_k over the edit log, in fp64 (merges round once, to the weight's dtype)."""
+        out = torch.zeros(self.B.shape[0], self.A.shape[1], dtype=torch.float64)
         for b, a in self.edits:
-            out += b.float() @ a.float()
+            out += b.double() @ a.double()
         return out
 
-    def gate(self) -> torch.Tensor:
-        return self.E if self.E is not None else torch.ones(self.rank)
+
+def low_rank_product(b: torch.Tensor, a: torch.Tensor, scale: float, gate: torch.Tensor | None) -> torch.Tensor:
+    """s·B·diag(E)·A in fp64 on B's device."""
+    b64 = b.detach().double()
+    if gate is not None:
+        b64 = b64 * gate.detach().double()
+    return scale * b64 @ a.detach().double().to(b64.device)
 
 
 class AdaptedLinear(nn.Module):
@@ -62,7 +67,7 @@ class AdaptedLinear(nn.Module):
             self.base.bias.requires_grad_(False)
         if spec.edits:
             with torch.no_grad():
-                merged = self.base.weight.float() + spec.edit_delta().to(self.base.weight.device)
+                merged = self.base.weight.double() + spec.edit_delta().to(self.base.weight.device)
                 self.base.weight.copy_(merged.to(self.base.weight.dtype))
         self.edits = [(b.clone(), a.clone()) for b, a in spec.edits]
         dtype, device = base.weight.dtype, base.weight.device
@@ -106,9 +111,8 @@ class AdaptedLinear(nn.Module):
         out = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None)
         out = out.to(device=self.base.weight.device, dtype=self.base.weight.dtype)
         with torch.no_grad():
-            gate = self.lora_E if self.lora_E is not None else torch.ones_like(self.lora_A[:, 0])
-            update = self.scale * (self.lora_B.float() * gate.float()) @ self.lora_A.float()
-            out.weight.copy_((self.base.weight.float() + update).to(out.weight.dtype))
+            update = low_rank_product(self.lora_B, self.lora_A, self.scale, self.lora_E)
+            out.weight.copy_((self.base.weight.double() + update).to(out.weight.dtype))
             if self.base.bias is not None:
                 out.bias.copy_(self.base.bias)
         return out

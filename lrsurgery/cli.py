@@ -6,10 +6,11 @@ underscores) and act as defaults that flags on the command line override.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import wraps
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,13 @@ ConfigOption = typer.Option(
 )
 
 
+@contextlib.contextmanager
+def _timed(out: Path) -> Iterator[None]:
+    began = time.perf_counter()
+    yield
+    typer.echo(f"wrote {out} in {time.perf_counter() - began:.1f}s")
+
+
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=1)
@@ -115,7 +123,7 @@ def init(
     targets: str = typer.Option(
         None, "--targets", help="Regex over module names to adapt (default: every nn.Linear in the blocks)."
     ),
-    svd: str = typer.Option("exact", "--svd", help="SVD for SVD-based methods: exact or randomized."),
+    svd: str = typer.Option(None, "--svd", help="SVD for SVD-based methods: exact (default) or randomized."),
     seed: int = typer.Option(0, "--seed", help="Seed for random initialisations."),
     out: Path = typer.Option(..., "-o", "--out", help="Output init artifact folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
@@ -124,12 +132,10 @@ def init(
     """Cut adapters out of a model's weights and write an init artifact."""
     from lrsurgery.surgery import run_init
 
-    options: dict[str, Any] = {"rank": rank, "alpha": alpha, "dropout": dropout}
-    if method == "pissa":
-        options["svd"] = svd
-    began = time.perf_counter()
-    run_init(model, method, out, options, targets=targets, seed=seed, overwrite=overwrite)
-    typer.echo(f"wrote {out} ({method}, rank {rank}) in {time.perf_counter() - began:.1f}s")
+    given = {"rank": rank, "alpha": alpha, "dropout": dropout, "svd": svd}
+    options = {k: v for k, v in given.items() if v is not None or k == "alpha"}
+    with _timed(out):
+        run_init(model, method, out, options, targets=targets, seed=seed, overwrite=overwrite)
 
 
 @app.command()
@@ -198,9 +204,8 @@ def train(
         seed=seed,
         save_every=save_every,
     )
-    began = time.perf_counter()
-    run_train(init_dir, spec, cfg, out, resume=resume, overwrite=overwrite, force=force)
-    typer.echo(f"wrote {out} in {time.perf_counter() - began:.1f}s")
+    with _timed(out):
+        run_train(init_dir, spec, cfg, out, resume=resume, overwrite=overwrite, force=force)
 
 
 @app.command()
@@ -217,9 +222,8 @@ def fuse(
     """Merge edits and adapters into the weights and write a standard model folder."""
     from lrsurgery.fuse import run_fuse
 
-    began = time.perf_counter()
-    run_fuse(artifact, out, dtype=dtype, shard_size=shard_size, overwrite=overwrite, force=force)
-    typer.echo(f"wrote {out} in {time.perf_counter() - began:.1f}s")
+    with _timed(out):
+        run_fuse(artifact, out, dtype=dtype, shard_size=shard_size, overwrite=overwrite, force=force)
 
 
 @app.command("eval")

@@ -113,7 +113,8 @@ def load_adapted(
     head_info = manifest.extra.get("head") or {}
     task = task or head_info.get("task", "causal")
     num_labels = num_labels or head_info.get("num_labels")
-    source = model or manifest.model.get("folder") or manifest.model["source"]
+    recorded = manifest.model.get("folder")
+    source = model or (recorded if recorded and Path(recorded).is_dir() else manifest.model["source"])
     loaded = load_model(source, task=task, num_labels=num_labels)
     check_same_model(manifest, model_fingerprint(loaded.folder), source, force)
     inject(loaded.model, adapters)

@@ -37,9 +37,7 @@ def _save_tiny(folder: Path, config, tokenizer_source: Path, model_cls, seed: in
     return folder
 
 
-@pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory, smollm2) -> Path:
-    """A 2-layer random Llama with SmolLM2's tokenizer (for fast unit tests)."""
+def _tiny_llama(folder: Path, tokenizer_source: Path, seed: int) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -54,27 +52,19 @@ def tiny_llama(tmp_path_factory, smollm2) -> Path:
         pad_token_id=2,
         eos_token_id=2,
     )
-    return _save_tiny(tmp_path_factory.mktemp("tiny_llama"), config, smollm2, LlamaForCausalLM, seed=1)
+    return _save_tiny(folder, config, tokenizer_source, LlamaForCausalLM, seed)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, smollm2) -> Path:
+    """A 2-layer random Llama with SmolLM2's tokenizer (for fast unit tests)."""
+    return _tiny_llama(tmp_path_factory.mktemp("tiny_llama"), smollm2, seed=1)
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_other(tmp_path_factory, smollm2) -> Path:
     """Same architecture as tiny_llama, different weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        pad_token_id=2,
-        eos_token_id=2,
-    )
-    return _save_tiny(tmp_path_factory.mktemp("tiny_llama_other"), config, smollm2, LlamaForCausalLM, seed=2)
+    return _tiny_llama(tmp_path_factory.mktemp("tiny_llama_other"), smollm2, seed=2)
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,7 @@ def outputs(model: torch.nn.Module, tokenizer, texts: list[str] = SAMPLE_TEXTS) 
     enc = tokenizer(texts, return_tensors="pt", padding=True)
     out = model(**enc)
     value = out.logits if hasattr(out, "logits") else out.last_hidden_state
-    return value * enc["attention_mask"][..., None]
+    return value * enc["attention_mask"][..., None] if value.ndim == 3 else value
 
 
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -35,6 +35,8 @@ def test_rank_larger_than_matrix(tiny_llama, tmp_path):
 def test_unknown_method_and_bad_regex(tiny_llama, tmp_path):
     code, out = run("init", tiny_llama, "--method", "nope", "-o", tmp_path / "i")
     assert code == 1 and "unknown method 'nope'" in out and "pissa" in out
+    code, out = run("init", tiny_llama, "--method", "lora", "--svd", "randomized", "-o", tmp_path / "i")
+    assert code == 1 and "does not take option(s): svd" in out
     code, out = run("init", tiny_llama, "--targets", "(", "-o", tmp_path / "i")
     assert code == 1 and "not a valid regular expression" in out
     code, out = run("init", tiny_llama, "--targets", "no_such_layer", "-o", tmp_path / "i")

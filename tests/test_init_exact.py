@@ -6,23 +6,37 @@ import pytest
 import torch
 from helpers import max_abs, outputs
 
-from lrsurgery.adapters import adapted_layers
+from lrsurgery.adapters import adapted_layers, inject
 from lrsurgery.linalg import truncated_svd
 from lrsurgery.models import load_model
 from lrsurgery.surgery import load_adapted, read_adapters, run_init
 
+# fp32 rounding floor on SmolLM2 (logits up to ~31): the plain fp32 model is 4.1e-5 from its fp64
+# self, and a PiSSA-initialised fp32 model (ours or PEFT's) 1.4-1.6e-4, because the principal part
+# now runs through a separate rank-r branch. The maths itself is exact: see the fp64 test below.
+PISSA_SMOLLM2_FP32 = 2e-4
 CASES = [
-    ("smollm2", "causal", "lora", {}),
-    ("smollm2", "causal", "pissa", {}),
-    ("smollm2", "causal", "pissa", {"svd": "randomized"}),
-    ("minilm", "base", "lora", {}),
-    ("minilm", "base", "pissa", {}),
+    ("smollm2", "causal", "lora", {}, 1e-4),
+    ("smollm2", "causal", "pissa", {}, PISSA_SMOLLM2_FP32),
+    ("smollm2", "causal", "pissa", {"svd": "randomized"}, PISSA_SMOLLM2_FP32),
+    ("minilm", "base", "lora", {}, 1e-4),
+    ("minilm", "base", "pissa", {}, 1e-4),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_name,task,method,extra", CASES)
-def test_init_leaves_output_unchanged(request, tmp_path, model_name, task, method, extra):
+def test_pissa_init_is_exact_in_fp64(smollm2, tmp_path):
+    out = run_init(str(smollm2), "pissa", tmp_path / "init", {"rank": 8, "alpha": 16})
+    base = load_model(smollm2, dtype=torch.float64)
+    reference = outputs(base.model, base.tokenizer)
+    _, adapters, _ = read_adapters(out)
+    inject(base.model, adapters)
+    assert max_abs(outputs(base.model, base.tokenizer), reference) <= 1e-9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name,task,method,extra,tol", CASES)
+def test_init_leaves_output_unchanged(request, tmp_path, model_name, task, method, extra, tol):
     folder = request.getfixturevalue(model_name)
     out = run_init(str(folder), method, tmp_path / "init", {"rank": 8, "alpha": 16, **extra})
     base = load_model(folder, task=task)
@@ -31,7 +45,7 @@ def test_init_leaves_output_unchanged(request, tmp_path, model_name, task, metho
     layers = adapted_layers(adapted.model)
     assert len(layers) == (7 * 30 if model_name == "smollm2" else 6 * 6)
     got = outputs(adapted.model, adapted.tokenizer)
-    assert max_abs(got, reference) <= 1e-4
+    assert max_abs(got, reference) <= tol
     if method == "pissa":  # the adapter really carries the principal part (B ≠ 0), so the check is not vacuous
         assert all(layer.lora_B.abs().max() > 0 for layer in layers.values())
 
@@ -47,7 +61,7 @@ def test_pissa_adapter_is_the_principal_part(smollm2, tmp_path):
         u, s, vh = torch.linalg.svd(weight, full_matrices=False)
         principal = (u[:, :4] * s[:4]) @ vh[:4]
         adapter = spec.scale * spec.B.double() @ spec.A.double()
-        assert float((adapter - principal).norm() / principal.norm()) < 1e-5
+        assert float((adapter - principal).norm() / principal.norm()) < 5e-5  # fp32 SVD vs fp64 reference
         assert torch.allclose(spec.edit_delta().double(), -adapter, atol=1e-6)
 
 
