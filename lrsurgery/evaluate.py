@@ -250,7 +250,7 @@ def score_classification(task: Task, loaded: LoadedModel, docs: list[dict], batc
     for i in progress(range(0, len(docs), batch_size), desc=task.task, unit="batch"):
         chunk = docs[i : i + batch_size]
         texts = [str(render(task.doc_to_text, d)) for d in chunk]
-        enc = loaded.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        enc = loaded.tokenizer(texts, padding=True, truncation=True, max_length=_max_len(loaded), return_tensors="pt")
         preds += loaded.model(**enc).logits.argmax(-1).tolist()
         for d in chunk:
             gold = str(render(task.doc_to_target, d))
