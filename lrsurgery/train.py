@@ -28,6 +28,10 @@ from lrsurgery.progress import bar
 from lrsurgery.surgery import ADAPTER_FILE, load_adapted, trainable_count
 
 
+class TrainingDiverged(ValueError):
+    """The loss became NaN or Inf."""
+
+
 @dataclass
 class TrainConfig:
     """Optimisation settings (every field is a CLI flag)."""
@@ -143,6 +147,15 @@ def run_train(
 
     start = 0
     work.mkdir(parents=True, exist_ok=True)
+    _pin_run_settings(
+        work / "run.json",
+        {
+            "init": str(Path(init_dir).resolve()),
+            "train": asdict(cfg),
+            "data": asdict(data),
+            "data_fingerprint": examples.fingerprint,
+        },
+    )
     if resume and (work / "checkpoint").exists():
         start = load_checkpoint(work / "checkpoint", named, optimizer)
     _truncate_log(work / "metrics.jsonl", start)
@@ -166,6 +179,12 @@ def run_train(
                 loss = model(**batch).loss
                 extras = {k: v for h in method_hooks for k, v in h.extra_loss(model, step).items()}
                 total_loss = loss + sum(extras.values()) if extras else loss
+            if not torch.isfinite(total_loss):
+                raise TrainingDiverged(
+                    f"the loss is {float(total_loss)} at step {step + 1}; nothing was written to {out}. "
+                    f"The last checkpoint in {work} is kept: lower --lr and continue with --resume, "
+                    "or start over with --overwrite"
+                )
             accelerator.backward(total_loss / cfg.grad_accum)
             task_loss += loss.item() / cfg.grad_accum
             for k, v in extras.items():
@@ -198,13 +217,41 @@ def run_train(
 
     model = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
-        _write_run(work, model, head, init_dir, init_manifest, examples, data, cfg, loaded.source, total)
+        _write_run(work, model, head, init_dir, init_manifest, examples, data, cfg, total)
         shutil.rmtree(work / "checkpoint", ignore_errors=True)
+        (work / "run.json").unlink()
+        replaced = out.with_name(f".{out.name}.replaced")
         if out.exists():
-            shutil.rmtree(out)
+            out.rename(replaced)
         work.rename(out)
+        shutil.rmtree(replaced, ignore_errors=True)
     accelerator.wait_for_everyone()
     return out
+
+
+def _pin_run_settings(path: Path, settings: dict[str, Any]) -> None:
+    """Record a run's settings; refuse to resume it with different ones (the result would be neither run)."""
+    current = _flatten(json.loads(json.dumps(settings, default=str)))
+    if not path.exists():
+        path.write_text(json.dumps(current, indent=2))
+        return
+    before = json.loads(path.read_text())
+    changed = sorted(k for k in before.keys() | current.keys() if before.get(k) != current.get(k))
+    if changed:
+        raise ArtifactError(
+            f"cannot resume {path.parent}: it was started with different settings ({', '.join(changed)}); "
+            "use the same options, or --overwrite to start over"
+        )
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -224,7 +271,6 @@ def _write_run(
     examples: Examples,
     data: DataSpec,
     cfg: TrainConfig,
-    source: str,
     steps: int,
 ) -> None:
     adapters = {n: layer.export() for n, layer in adapted_layers(model).items()}

@@ -40,6 +40,8 @@ def _resume_matches_uninterrupted(model_folder, data_path, tmp_path, steps, save
     assert json.loads((partial / "checkpoint" / "checkpoint.json").read_text())["step"] < stop_at
     with pytest.raises(ArtifactError, match="--resume"):
         run_train(init, data, cfg, tmp_path / "resumed")
+    with pytest.raises(ArtifactError, match=r"different settings \(train.lr\)"):
+        run_train(init, data, TrainConfig(**{**cfg.__dict__, "lr": 1e-3}), tmp_path / "resumed", resume=True)
     resumed = run_train(init, data, cfg, tmp_path / "resumed", resume=True)
     a, b = load_tensors(whole / ADAPTER_FILE), load_tensors(resumed / ADAPTER_FILE)
     assert a.keys() == b.keys()
@@ -85,6 +87,23 @@ def test_bf16_and_gradient_checkpointing_run(tiny_llama, bbc_small, tmp_path):
     losses = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
     assert load_tensors(run / ADAPTER_FILE)["layers.0.mlp.up_proj.lora_A"].dtype == torch.float32
+
+
+class NaNLoss(TrainHooks):
+    def extra_loss(self, model, step):
+        return {"bad": torch.tensor(float("nan"))} if step == 2 else {}
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tiny_llama, bbc_small, tmp_path):
+    from lrsurgery.train import TrainingDiverged
+
+    init = run_init(str(tiny_llama), "lora", tmp_path / "init", {"rank": 2})
+    data = DataSpec(path=str(bbc_small), prompt_template=PROMPT, response_template=RESPONSE, seq_len=48)
+    cfg = TrainConfig(max_steps=5, batch_size=2, save_every=2)
+    with pytest.raises(TrainingDiverged, match="loss is nan at step 3"):
+        run_train(init, data, cfg, tmp_path / "run", hooks=[NaNLoss()])
+    assert not (tmp_path / "run").exists()
+    assert json.loads((tmp_path / "run.partial" / "checkpoint" / "checkpoint.json").read_text())["step"] == 2
 
 
 def test_learning_rate_schedule():
