@@ -139,23 +139,27 @@ def run_train(
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # accelerate keeps one process-wide state; reset what a previous run in this process set
     AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no")
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # lets torchrun/accelerate start several CPU processes (gloo)
+        mixed_precision="bf16" if cfg.precision == "bf16" else "no",
+    )
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(list(named.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     total = total_steps(cfg, len(examples), accelerator.num_processes)
 
     start = 0
-    work.mkdir(parents=True, exist_ok=True)
-    _pin_run_settings(
-        work / "run.json",
-        {
+    if accelerator.is_main_process:
+        work.mkdir(parents=True, exist_ok=True)
+        settings = {
             "init": str(Path(init_dir).resolve()),
             "train": asdict(cfg),
             "data": asdict(data),
             "data_fingerprint": examples.fingerprint,
-        },
-    )
+            "processes": accelerator.num_processes,
+        }
+        _pin_run_settings(work / "run.json", settings)
+    accelerator.wait_for_everyone()
     if resume and (work / "checkpoint").exists():
         start = load_checkpoint(work / "checkpoint", named, optimizer)
     _truncate_log(work / "metrics.jsonl", start)
@@ -191,6 +195,8 @@ def run_train(
                 extra_logged[k] = extra_logged.get(k, 0.0) + v.item() / cfg.grad_accum
         for h in method_hooks:
             h.after_backward(model, step)
+        if accelerator.num_processes > 1:  # log the loss of the whole global batch, not of one process
+            task_loss = float(accelerator.reduce(torch.tensor(task_loss, device=accelerator.device), "mean"))
         grad_norm = accelerator.clip_grad_norm_(list(named.values()), cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
