@@ -212,18 +212,55 @@ def train(
 @user_errors
 def fuse(
     artifact: Path = typer.Argument(..., help="Init or train artifact folder."),
-    out: Path = typer.Option(..., "-o", "--out", help="Output model folder (plain Hugging Face format)."),
-    dtype: str = typer.Option("fp32", "--dtype", help="Weight dtype of the output: fp32, bf16 or fp16."),
-    shard_size: str = typer.Option("2GB", "--shard-size", help="Largest safetensors shard, e.g. 500MB, 5GB."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder."),
+    fmt: str = typer.Option(
+        "hf", "--format", help="hf: merged transformers model; peft: LoRA adapter for the unmodified base."
+    ),
+    dtype: str = typer.Option("fp32", "--dtype", help="Dtype of the written tensors: fp32, bf16 or fp16."),
+    shard_size: str = typer.Option("5GB", "--shard-size", help="Largest safetensors shard (hf), e.g. 500MB, 5GB."),
+    max_rank: int = typer.Option(
+        None, "--max-rank", help="peft: compress each module's change to rank ≤ K by SVD; reports the error."
+    ),
+    model: str = typer.Option(None, "--model", help="Base model to read (default: the one the artifact names)."),
+    push_to_hub: str = typer.Option(None, "--push-to-hub", help="Upload the output to this Hub repo, USER/NAME."),
+    private: bool = typer.Option(False, "--private", help="Create the Hub repo as private."),
+    revision: str = typer.Option(None, "--revision", help="Hub branch to upload to (created if missing)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="With --push-to-hub: list what would be uploaded."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     force: bool = typer.Option(False, "--force", help="Use the artifact even if the model fingerprint differs."),
     config: Path = ConfigOption,
 ) -> None:
-    """Merge edits and adapters into the weights and write a standard model folder."""
-    from lrsurgery.fuse import run_fuse
+    """Merge edits and adapters into the weights (or export them as PEFT), optionally push to the Hub."""
+    from lrsurgery.hub import PushError, push_folder
 
+    if fmt not in ("hf", "peft"):
+        _fail(f"--format must be hf or peft, got {fmt!r}")
+    if max_rank is not None and fmt != "peft":
+        _fail("--max-rank applies to --format peft")
     with _timed(out):
-        run_fuse(artifact, out, dtype=dtype, shard_size=shard_size, overwrite=overwrite, force=force)
+        if fmt == "hf":
+            from lrsurgery.fuse import run_fuse
+
+            run_fuse(artifact, out, dtype=dtype, shard_size=shard_size, overwrite=overwrite, force=force, model=model)
+        else:
+            from lrsurgery.export_peft import run_export_peft
+
+            report = run_export_peft(
+                artifact, out, max_rank=max_rank, dtype=dtype, overwrite=overwrite, force=force, model=model
+            )
+            if max_rank is not None:
+                worst = max(report["module_relative_error"].items(), key=lambda kv: kv[1])
+                typer.echo(
+                    f"rank ≤ {max_rank}: overall relative error {report['overall_relative_error']:.3e}, "
+                    f"worst module {worst[0]} {worst[1]:.3e} (all in {out}/lrsurgery_export.json)"
+                )
+    if push_to_hub:
+        try:
+            files = push_folder(out, push_to_hub, private=private, revision=revision, dry_run=dry_run)
+        except PushError as exc:
+            _fail(str(exc))
+        verb = "would upload" if dry_run else "uploaded"
+        typer.echo(f"{verb} {len(files)} files to {push_to_hub}" + (":\n  " + "\n  ".join(files) if dry_run else ""))
 
 
 @app.command("eval")

@@ -1,64 +1,175 @@
-"""The `fuse` stage: merge the edit log and adapters into W and write a standard HF model folder."""
+"""The `fuse` stage: W0 + edit log + adapters, streamed shard by shard into a standard model folder.
+
+The base model is never instantiated: its safetensors are read one tensor at a time, each adapted
+weight is merged in fp64 (W0 + Σ B_k A_k + s·B·diag(E)·A), cast to the output dtype and written into
+size-capped shards. Peak memory is about one output shard plus the adapter, not the model.
+"""
 
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from lrsurgery.adapters import merge_into_model
-from lrsurgery.artifacts import atomic_folder, write_text_atomic
-from lrsurgery.surgery import load_adapted
+from lrsurgery.artifacts import ArtifactError, Manifest, atomic_folder, check_same_model, write_text_atomic
+from lrsurgery.models import model_fingerprint, resolve_model
+from lrsurgery.progress import progress
+from lrsurgery.shards import LazyWeights, ShardWriter, parse_size
+from lrsurgery.surgery import read_adapters
 
-COPIED_FILES = ("generation_config.json",)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+
+def base_folder(manifest: Manifest, model: str | None, force: bool) -> Path:
+    """The artifact's base model folder (or `model`), checked against the recorded fingerprint."""
+    recorded = manifest.model.get("folder")
+    source = model or (recorded if recorded and Path(recorded).is_dir() else manifest.model.get("source"))
+    if not source:
+        raise ArtifactError("the artifact does not say which base model it was made from; pass --model")
+    folder = resolve_model(source)
+    check_same_model(manifest, model_fingerprint(folder), str(source), force)
+    return folder
+
+
+def output_model(folder: Path, manifest: Manifest) -> tuple[torch.nn.Module, Any, str]:
+    """An empty (meta-device) model of the output class, its config, and the task it is for."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(folder)
+    head = manifest.extra.get("head") or {}
+    task = head.get("task")
+    if task is None:
+        task = "causal" if any(a.endswith("ForCausalLM") for a in (config.architectures or [])) else "base"
+    if task == "classification":
+        labels = {int(k): v for k, v in head["id2label"].items()}
+        config.num_labels = len(labels)
+        config.id2label, config.label2id = labels, {v: k for k, v in labels.items()}
+    cls = {"causal": AutoModelForCausalLM, "classification": AutoModelForSequenceClassification}.get(task, AutoModel)
+    with torch.device("meta"):
+        model = cls.from_config(config)
+    config.architectures = [type(model).__name__]
+    return model, config, task
+
+
+def module_prefix(model: torch.nn.Module) -> str:
+    """How backbone-relative module names are prefixed in the output model's state dict."""
+    prefix = getattr(model, "base_model_prefix", "")
+    return f"{prefix}." if prefix and hasattr(model, prefix) else ""
+
+
+def map_key(key: str, keys: set[str], prefix: str) -> str | None:
+    """A base-file tensor name as the output model names it (the backbone may be saved with or without prefix)."""
+    if key in keys:
+        return key
+    if prefix and prefix + key in keys:
+        return prefix + key
+    if prefix and key.startswith(prefix) and key[len(prefix) :] in keys:
+        return key[len(prefix) :]
+    return None
 
 
 def run_fuse(
     artifact: Path,
     out: Path,
     dtype: str = "fp32",
-    shard_size: str = "2GB",
+    shard_size: str = "5GB",
     overwrite: bool = False,
     force: bool = False,
+    model: str | None = None,
 ) -> Path:
-    """Write W0 + edits + s·B·diag(E)·A for every adapted module as a plain model folder; return `out`.
-
-    The folder loads with `transformers` alone (no lrsurgery): sharded safetensors with an index when
-    larger than `shard_size`, config (with labels for a classifier), tokenizer and generation config.
-    """
+    """Write the merged model of an init/train artifact as a plain transformers folder; return `out`."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    loaded, manifest = load_adapted(Path(artifact), force=force)
-    model = loaded.model
-    merge_into_model(model)
     target = DTYPES[dtype]
-    if target == torch.float16:
-        _check_fp16_range(model)
-    model = model.to(target)
+    manifest, adapters, head = read_adapters(Path(artifact))
+    folder = base_folder(manifest, model, force)
+    skeleton, config, _ = output_model(folder, manifest)
+    keys = set(skeleton.state_dict())
+    prefix = module_prefix(skeleton)
+    by_key = {f"{prefix}{name}.weight": spec for name, spec in adapters.items()}
+    weights = LazyWeights(folder)
+    mapped = {k: map_key(k, keys, prefix) for k in weights.keys()}
+    missing = sorted(set(by_key) - set(mapped.values()))
+    if missing:
+        raise ArtifactError(f"the base weights in {folder} lack adapted module(s): {', '.join(missing[:5])}")
+    check_disk(out, sum(_numel(weights.shape(k)) for k, v in mapped.items() if v) * target.itemsize)
     with atomic_folder(out, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp, max_shard_size=shard_size)
-        loaded.tokenizer.save_pretrained(tmp)
-        for name in COPIED_FILES:
-            if (loaded.folder / name).is_file() and not (tmp / name).exists():
-                shutil.copy2(loaded.folder / name, tmp / name)
+        writer = ShardWriter(tmp, parse_size(shard_size))
+        for key, tensor in progress(weights, desc="fuse", total=len(mapped), unit="tensor"):
+            name = mapped[key]
+            if name is None:
+                continue
+            if name in by_key:
+                tensor = tensor.double() + by_key[name].delta()
+            writer.add(name, cast(name, tensor, target))
+        for name, tensor in head.items():
+            writer.add(name, cast(name, tensor, target))
+        writer.close()
+        config.dtype = target
+        config.save_pretrained(tmp)
+        for name in SIDE_FILES:
+            if (folder / name).is_file():
+                shutil.copy2(folder / name, tmp / name)
         provenance = {
-            "lrsurgery_version": manifest.lrsurgery_version,
             "from_artifact": str(Path(artifact).resolve()),
             "kind": manifest.kind,
             "method": manifest.config.get("method"),
             "base_model": manifest.model,
             "data": manifest.data,
             "dtype": dtype,
+            "lrsurgery_version": manifest.lrsurgery_version,
         }
         write_text_atomic(tmp / "lrsurgery_fuse.json", json.dumps(provenance, indent=2, default=str))
+        from lrsurgery.hub import write_model_card
+
+        write_model_card(tmp, manifest, Path(artifact), fmt="hf")
     return out
 
 
-def _check_fp16_range(model: torch.nn.Module) -> None:
-    limit = torch.finfo(torch.float16).max
-    for name, p in model.named_parameters():
-        if p.abs().max() > limit:
-            raise ValueError(f"tensor {name} has values beyond the fp16 range (±{limit:.0f}); use --dtype bf16 or fp32")
+def cast(name: str, tensor: torch.Tensor, target: torch.dtype) -> torch.Tensor:
+    """Cast to the output dtype, refusing values the dtype cannot hold (naming the tensor)."""
+    if target == torch.float16 and tensor.is_floating_point():
+        limit = torch.finfo(torch.float16).max
+        peak = float(tensor.abs().max()) if tensor.numel() else 0.0
+        if peak > limit:
+            raise ValueError(
+                f"tensor {name} has values up to {peak:.4g}, beyond the fp16 range (±{limit:.0f}); "
+                "use --dtype bf16 or fp32"
+            )
+    return tensor.to(target) if tensor.is_floating_point() else tensor
+
+
+def check_disk(out: Path, needed: int) -> None:
+    """Refuse to start when the output's filesystem has less free space than the output needs."""
+    parent = Path(out).resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if free < needed * 1.02 + 2**20:
+        raise OSError(
+            28,
+            f"not enough disk space for {out}: it needs about {needed / 2**20:.0f} MiB, {free / 2**20:.0f} MiB is free",
+            str(out),
+        )
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
