@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from helpers import PROMPT, RESPONSE, max_abs, outputs
 from test_init_exact import PISSA_SMOLLM2_FP32
 
@@ -73,3 +74,70 @@ def test_fuse_bf16_and_refuses_existing_output(tiny_llama, tmp_path):
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
     with pytest.raises(ArtifactError, match="already exists"):
         run_fuse(init, tmp_path / "merged")
+
+
+def test_fused_bare_encoder_is_a_bare_encoder(tiny_bert, tmp_path):
+    """An encoder saved without a head fuses into the same class, not a model with a random LM head."""
+    from transformers import AutoModel
+
+    init = run_init(str(tiny_bert), "pissa", tmp_path / "init", {"rank": 4})
+    adapted, _ = load_adapted(init, task="base")
+    fused = run_fuse(init, tmp_path / "merged")
+    assert json.loads((fused / "config.json").read_text())["architectures"] == ["BertModel"]
+    plain = AutoModel.from_pretrained(fused)
+    assert max_abs(outputs(plain, adapted.tokenizer), outputs(adapted.model, adapted.tokenizer)) <= 1e-5
+
+
+def test_fp16_overflow_names_the_tensor(tiny_llama, tmp_path):
+    from lrsurgery.adapters import to_tensors
+    from lrsurgery.artifacts import save_tensors
+    from lrsurgery.surgery import ADAPTER_FILE, read_adapters
+
+    init = run_init(str(tiny_llama), "lora", tmp_path / "init", {"rank": 2})
+    _, adapters, _ = read_adapters(init)
+    adapters["layers.1.mlp.down_proj"].B = torch.full_like(adapters["layers.1.mlp.down_proj"].B, 1e7)
+    save_tensors(init / ADAPTER_FILE, to_tensors(adapters)[0])
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj\.weight .*fp16 range"):
+        run_fuse(init, tmp_path / "merged", dtype="fp16")
+    assert not (tmp_path / "merged").exists()
+    run_fuse(init, tmp_path / "merged", dtype="bf16")
+
+
+def test_not_enough_disk_is_refused_before_writing(tiny_llama, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    init = run_init(str(tiny_llama), "lora", tmp_path / "init", {"rank": 2})
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 10**5, 10**5))
+    with pytest.raises(OSError, match="not enough disk space"):
+        run_fuse(init, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_missing_or_different_base_weights(tiny_llama, tiny_llama_other, tmp_path):
+    from lrsurgery.artifacts import ArtifactError
+    from lrsurgery.models import ModelError
+
+    init = run_init(str(tiny_llama), "lora", tmp_path / "init", {"rank": 2})
+    with pytest.raises(ArtifactError, match="was made for model"):
+        run_fuse(init, tmp_path / "merged", model=str(tiny_llama_other))
+    with pytest.raises(ModelError, match="does not exist"):
+        run_fuse(init, tmp_path / "merged", model=str(tmp_path / "gone"))
+    assert not (tmp_path / "merged").exists()
+
+
+def test_streaming_fuse_memory_does_not_hold_the_model(tiny_llama, tmp_path):
+    """The merge reads one tensor at a time: with 1 MB shards, every shard stays near 1 MB."""
+    init = run_init(str(tiny_llama), "lora", tmp_path / "init", {"rank": 2})
+    fused = run_fuse(init, tmp_path / "merged", shard_size="1MB")
+    index = json.loads((fused / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    sizes = [(fused / f).stat().st_size for f in files]
+    embedding = 49152 * 32 * 4
+    assert len(files) >= 2 and all(s <= max(1_000_000, embedding) + 100_000 for s in sizes)
+    assert index["metadata"]["total_size"] == sum(s - _header(fused / f) for f, s in zip(files, sizes, strict=True))
+
+
+def _header(path):
+    return 8 + int.from_bytes(path.read_bytes()[:8], "little")

@@ -1,0 +1,87 @@
+"""Pushing to the Hub with the real huggingface_hub client: a stand-in endpoint, offline, unauthorised."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hub_standin import HubStandIn
+from typer.testing import CliRunner
+
+from lrsurgery.cli import app
+from lrsurgery.surgery import run_init
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output
+
+
+@pytest.fixture
+def init_dir(tiny_llama, tmp_path):
+    return run_init(str(tiny_llama), "lora", tmp_path / "init", {"rank": 2})
+
+
+@pytest.fixture
+def online(monkeypatch):
+    from huggingface_hub import constants
+
+    with HubStandIn() as hub:
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_TOKEN", hub.token)
+        yield hub
+
+
+def test_push_uploads_the_fused_folder(init_dir, tmp_path, online):
+    code, out = invoke("fuse", init_dir, "-o", tmp_path / "merged", "--push-to-hub", "someone/tiny-lora")
+    assert code == 0, out
+    uploaded = online.files["someone/tiny-lora"]
+    local = {p.name for p in (tmp_path / "merged").iterdir()}
+    assert set(uploaded) == local and {"model.safetensors", "config.json", "README.md"} <= local
+    assert uploaded["model.safetensors"] == (tmp_path / "merged" / "model.safetensors").read_bytes()
+    card = uploaded["README.md"].decode()
+    assert "lora" in card and "base weights fingerprint" in card
+    for content in uploaded.values():  # the token never lands in a file
+        assert online.token.encode() not in content
+
+
+def test_push_peft_export_with_private_repo(init_dir, tmp_path, online):
+    code, out = invoke(
+        "fuse",
+        init_dir,
+        "--format",
+        "peft",
+        "-o",
+        tmp_path / "peft",
+        "--push-to-hub",
+        "someone/tiny-adapter",
+        "--private",
+    )
+    assert code == 0, out
+    spec = online.repos["someone/tiny-adapter"]  # newer clients send visibility, older ones private
+    assert spec.get("visibility") == "private" or spec.get("private") is True
+    assert json.loads(online.files["someone/tiny-adapter"]["adapter_config.json"])["peft_type"] == "LORA"
+
+
+def test_unauthorised_push_is_one_clear_error(init_dir, tmp_path, online, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong")
+    code, out = invoke("fuse", init_dir, "-o", tmp_path / "merged", "--push-to-hub", "someone/x")
+    assert code == 1 and "not authorised" in out and "intact" in out
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    assert "hf_wrong" not in out
+
+
+def test_offline_push_is_one_clear_error(init_dir, tmp_path):
+    code, out = invoke("fuse", init_dir, "-o", tmp_path / "merged", "--push-to-hub", "someone/x")
+    assert code == 1 and "offline" in out and "intact" in out
+    assert (tmp_path / "merged" / "config.json").is_file()
+
+
+def test_dry_run_lists_files(init_dir, tmp_path):
+    code, out = invoke("fuse", init_dir, "-o", tmp_path / "merged", "--push-to-hub", "someone/x", "--dry-run")
+    assert code == 0 and "would upload" in out and "model.safetensors" in out and "README.md" in out
