@@ -66,6 +66,9 @@ def load_rows(path: str, split: str = "train"):
     """Load a `datasets.Dataset` from a local file/folder or a hub id (offline cache allowed)."""
     import datasets
 
+    from lrsurgery.progress import quiet_libraries
+
+    quiet_libraries()
     local = Path(path).expanduser()
     if local.is_file() and local.stat().st_size == 0:
         raise DataError(f"data file {local} is empty")

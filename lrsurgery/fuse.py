@@ -107,18 +107,23 @@ def run_fuse(
     missing = sorted(set(by_key) - set(mapped.values()))
     if missing:
         raise ArtifactError(f"the base weights in {folder} lack adapted module(s): {', '.join(missing[:5])}")
-    check_disk(out, sum(_numel(weights.shape(k)) for k, v in mapped.items() if v) * target.itemsize)
+    plan = [
+        (mapped[k], weights.shape(k), target if weights.dtype(k).is_floating_point else weights.dtype(k))
+        for k in weights.keys()
+        if mapped[k]
+    ]
+    plan += [(name, tuple(t.shape), target) for name, t in head.items()]
+    sources = {mapped[k]: k for k in weights.keys() if mapped[k]}
     with atomic_folder(out, overwrite=overwrite) as tmp:
-        writer = ShardWriter(tmp, parse_size(shard_size))
-        for key, tensor in progress(weights, desc="fuse", total=len(mapped), unit="tensor"):
-            name = mapped[key]
-            if name is None:
-                continue
+        writer = ShardWriter(tmp, plan, parse_size(shard_size))
+        check_disk(out, writer.total_size)
+        for name, _, _ in progress(plan, desc="fuse", unit="tensor"):
             if name in by_key:
-                tensor = tensor.double() + by_key[name].delta()
-            writer.add(name, cast(name, tensor, target))
-        for name, tensor in head.items():
-            writer.add(name, cast(name, tensor, target))
+                writer.write(name, cast(name, weights.get(sources[name]).double() + by_key[name].delta(), target))
+            elif name in sources:  # untouched: copied in row blocks, never whole
+                writer.write(name, (cast(name, block, target) for block in weights.row_chunks(sources[name])))
+            else:
+                writer.write(name, cast(name, head[name], target))
         writer.close()
         config.dtype = target
         config.save_pretrained(tmp)
@@ -166,10 +171,3 @@ def check_disk(out: Path, needed: int) -> None:
             f"not enough disk space for {out}: it needs about {needed / 2**20:.0f} MiB, {free / 2**20:.0f} MiB is free",
             str(out),
         )
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable
 from typing import TypeVar
 
@@ -16,15 +17,17 @@ def enabled() -> bool:
 
 
 def quiet_libraries() -> None:
-    """Silence transformers/datasets chatter; hide their bars too when ours are hidden."""
-    import datasets
+    """Silence transformers chatter (and datasets', if loaded); hide their bars when ours are hidden."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    datasets.logging.set_verbosity_error()
     if not enabled():
         hf_logging.disable_progress_bar()
-        datasets.disable_progress_bars()
+    if "datasets" in sys.modules:
+        datasets = sys.modules["datasets"]
+        datasets.logging.set_verbosity_error()
+        if not enabled():
+            datasets.disable_progress_bars()
 
 
 def progress(items: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterable[T]:

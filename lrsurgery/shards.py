@@ -1,21 +1,35 @@
-"""Lazy reading and sharded writing of safetensors model weights (one tensor in memory at a time)."""
+"""Streaming read and write of safetensors model weights: one tensor in memory at a time.
+
+Reading parses each file's header and reads a tensor's bytes with plain file I/O (no mmap, so the
+resident set does not grow with the file). Writing plans every shard's header up front from the
+tensors' names, shapes and dtypes, then appends each tensor's bytes as it comes.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 import re
-from collections.abc import Iterator
-from contextlib import ExitStack
+import struct
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-
-from lrsurgery.artifacts import save_tensors
 
 INDEX = "model.safetensors.index.json"
 SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+DTYPE_CODES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
 
 def parse_size(text: str | int) -> int:
@@ -29,85 +43,145 @@ def parse_size(text: str | int) -> int:
     return int(float(match.group(1)) * SIZE_UNITS[unit])
 
 
+def read_header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header (name → dtype, shape, data_offsets) and where its data starts."""
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
 class LazyWeights:
-    """The tensors of a model folder's safetensors files, opened lazily and read one at a time."""
+    """The tensors of a model folder's safetensors files, read one at a time on request."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         files = sorted(self.folder.glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"{folder} has no safetensors weights")
-        self.location: dict[str, Path] = {}
+        self.entries: dict[str, tuple[Path, int, dict]] = {}
         for file in files:
-            with safe_open(str(file), framework="pt") as handle:
-                for key in handle.keys():
-                    self.location[key] = file
+            header, start = read_header(file)
+            for name, info in header.items():
+                self.entries[name] = (file, start, info)
 
     def keys(self) -> list[str]:
-        return list(self.location)
+        return list(self.entries)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        with safe_open(str(self.location[key]), framework="pt") as handle:
-            return tuple(handle.get_slice(key).get_shape())
+        return tuple(self.entries[key][2]["shape"])
 
-    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (name, tensor) file by file, so each file is opened once."""
-        by_file: dict[Path, list[str]] = {}
-        for key, file in self.location.items():
-            by_file.setdefault(file, []).append(key)
-        with ExitStack() as stack:
-            for file, keys in by_file.items():
-                handle = stack.enter_context(safe_open(str(file), framework="pt"))
-                for key in keys:
-                    yield key, handle.get_tensor(key)
+    def dtype(self, key: str) -> torch.dtype:
+        return CODE_DTYPES[self.entries[key][2]["dtype"]]
+
+    def get(self, key: str) -> torch.Tensor:
+        return torch.cat(list(self.row_chunks(key, max_bytes=None))) if self.shape(key) else self._read(key, 0, 1)
+
+    def row_chunks(self, key: str, max_bytes: int | None = 16 * 2**20) -> Iterator[torch.Tensor]:
+        """Yield the tensor in blocks of whole rows of at most `max_bytes` (one block if None)."""
+        shape = self.shape(key)
+        if not shape:
+            yield self._read(key, 0, 1)
+            return
+        row_bytes = self.dtype(key).itemsize * _numel(shape[1:])
+        step = shape[0] if max_bytes is None else max(1, max_bytes // max(1, row_bytes))
+        for first in range(0, shape[0], step):
+            yield self._read(key, first, min(shape[0], first + step))
+        if shape[0] == 0:
+            yield torch.empty(shape, dtype=self.dtype(key))
+
+    def _read(self, key: str, first: int, last: int) -> torch.Tensor:
+        file, start, info = self.entries[key]
+        shape = tuple(info["shape"])
+        row_bytes = self.dtype(key).itemsize * _numel(shape[1:])
+        buffer = bytearray((last - first) * row_bytes)
+        with open(file, "rb") as handle:
+            handle.seek(start + info["data_offsets"][0] + first * row_bytes)
+            handle.readinto(buffer)
+        rows = (last - first,) + shape[1:] if shape else ()
+        return torch.frombuffer(buffer, dtype=self.dtype(key)).reshape(rows)
 
 
 class ShardWriter:
-    """Write tensors into `model-0000i-of-0000N.safetensors` shards of at most `max_bytes` plus an index.
+    """Write a planned list of tensors into `model-0000i-of-0000N.safetensors` shards plus an index.
 
-    A single tensor larger than `max_bytes` gets a shard of its own. With one shard the file is
-    `model.safetensors` and no index is written, as transformers does.
+    `plan` lists (name, shape, dtype) in the order `write` will be called. Shards hold at most
+    `max_bytes` of data (a larger single tensor gets its own shard); with one shard the file is
+    `model.safetensors` with no index, as transformers writes it.
     """
 
-    def __init__(self, folder: Path, max_bytes: int, metadata: dict[str, str] | None = None):
+    def __init__(self, folder: Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]], max_bytes: int):
         self.folder = Path(folder)
-        self.max_bytes = max_bytes
-        self.metadata = metadata or {"format": "pt"}
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.written: list[tuple[Path, list[str]]] = []
-        self.total = 0
+        self.shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
+        used = 0
+        for name, shape, dtype in plan:
+            size = dtype.itemsize * _numel(shape)
+            if self.shards[-1] and used + size > max_bytes:
+                self.shards.append([])
+                used = 0
+            self.shards[-1].append((name, shape, dtype, size))
+            used += size
+        self.order = [(i, entry[0]) for i, shard in enumerate(self.shards) for entry in shard]
+        self.planned = {name: (tuple(shape), dtype) for name, shape, dtype in plan}
+        self.position = 0
+        self.handle = None
+        self.current = -1
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_bytes:
-            self.flush()
-        self.pending[name] = tensor
-        self.pending_bytes += size
-        self.total += size
+    @property
+    def total_size(self) -> int:
+        return sum(entry[3] for shard in self.shards for entry in shard)
 
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        path = self.folder / f".shard-{len(self.written):05d}.safetensors"
-        save_tensors(path, self.pending, metadata=self.metadata)
-        self.written.append((path, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
+    def file_name(self, index: int) -> str:
+        count = len(self.shards)
+        return "model.safetensors" if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
 
-    def close(self) -> list[Path]:
-        """Name the shards, write the index; return the shard paths."""
-        self.flush()
-        count = len(self.written)
-        if count == 1:
-            final = self.folder / "model.safetensors"
-            os.replace(self.written[0][0], final)
-            return [final]
-        weight_map, paths = {}, []
-        for i, (path, names) in enumerate(self.written):
-            final = self.folder / f"model-{i + 1:05d}-of-{count:05d}.safetensors"
-            os.replace(path, final)
-            paths.append(final)
-            weight_map.update({n: final.name for n in names})
-        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.folder / INDEX).write_text(json.dumps(index, indent=2))
-        return paths
+    def _open(self, index: int) -> None:
+        if self.handle:
+            self.handle.close()
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, shape, dtype, size in self.shards[index]:
+            header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.handle = open(self.folder / self.file_name(index), "wb")
+        self.handle.write(struct.pack("<Q", len(raw)) + raw)
+        self.current = index
+
+    def write(self, name: str, parts: torch.Tensor | Iterable[torch.Tensor]) -> None:
+        """Append the next planned tensor, whole or as consecutive row blocks (in any iterable)."""
+        index, expected = self.order[self.position]
+        if name != expected:
+            raise RuntimeError(f"shard writer expected {expected}, got {name}")
+        shape, dtype = self.planned[name]
+        if index != self.current:
+            self._open(index)
+        written = 0
+        for part in [parts] if isinstance(parts, torch.Tensor) else parts:
+            if part.dtype != dtype or tuple(part.shape[1:]) != shape[1:]:
+                raise RuntimeError(f"{name}: planned {shape} {dtype}, got a block {tuple(part.shape)} {part.dtype}")
+            self.handle.write(part.contiguous().view(-1).view(torch.uint8).numpy())  # no intermediate copy
+            written += part.numel()
+        if written != _numel(shape):
+            raise RuntimeError(f"{name}: planned {_numel(shape)} values, got {written}")
+        self.position += 1
+
+    def close(self) -> None:
+        """Finish the last shard and write the index (when there are several shards)."""
+        if self.position != len(self.order):
+            raise RuntimeError(f"shard writer got {self.position} of {len(self.order)} planned tensors")
+        if self.handle:
+            self.handle.close()
+        if len(self.shards) > 1:
+            weight_map = {e[0]: self.file_name(i) for i, shard in enumerate(self.shards) for e in shard}
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.folder / INDEX).write_text(json.dumps(index, indent=2))
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
