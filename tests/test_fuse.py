@@ -141,3 +141,17 @@ def test_streaming_fuse_memory_does_not_hold_the_model(tiny_llama, tmp_path):
 
 def _header(path):
     return 8 + int.from_bytes(path.read_bytes()[:8], "little")
+
+
+def test_fuse_reads_a_sharded_base(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sharded = tmp_path / "sharded_base"
+    AutoModelForCausalLM.from_pretrained(tiny_llama).save_pretrained(sharded, max_shard_size="1MB")
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(sharded)
+    assert len(list(sharded.glob("*.safetensors"))) >= 2
+    init = run_init(str(sharded), "pissa", tmp_path / "init", {"rank": 4})
+    adapted, _ = load_adapted(init)
+    fused = run_fuse(init, tmp_path / "merged", dtype="fp32")
+    plain = AutoModelForCausalLM.from_pretrained(fused)
+    assert max_abs(outputs(plain, adapted.tokenizer), outputs(adapted.model, adapted.tokenizer)) <= 1e-5

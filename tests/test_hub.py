@@ -85,3 +85,22 @@ def test_offline_push_is_one_clear_error(init_dir, tmp_path):
 def test_dry_run_lists_files(init_dir, tmp_path):
     code, out = invoke("fuse", init_dir, "-o", tmp_path / "merged", "--push-to-hub", "someone/x", "--dry-run")
     assert code == 0 and "would upload" in out and "model.safetensors" in out and "README.md" in out
+
+
+def test_model_card_reports_method_data_and_eval_results(tiny_llama, bbc_small, tmp_path):
+    from helpers import PROMPT, RESPONSE
+
+    from lrsurgery.data import DataSpec
+    from lrsurgery.fuse import run_fuse
+    from lrsurgery.train import TrainConfig, run_train
+
+    init = run_init(str(tiny_llama), "pissa", tmp_path / "init", {"rank": 2})
+    data = DataSpec(path=str(bbc_small), prompt_template=PROMPT, response_template=RESPONSE, seq_len=48)
+    run = run_train(init, data, TrainConfig(max_steps=1, batch_size=2), tmp_path / "run")
+    report = {"results": {str(run): {"bbc_topic": {"acc": 0.8125, "acc_stderr": 0.1, "n": 16}}}}
+    (run / "results.json").write_text(json.dumps(report))
+    card = (run_fuse(run, tmp_path / "merged") / "README.md").read_text()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert "`pissa`" in card and "rank 2" in card and manifest["data"]["fingerprint"][:16] in card
+    assert manifest["model"]["fingerprint"][:16] in card
+    assert "| bbc_topic | acc | 0.8125 |" in card and "acc_stderr" not in card
