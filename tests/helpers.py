@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+from typer.testing import CliRunner
 
 PROMPT = "Article: {text}\nTopic:"
 RESPONSE = " {label}"
@@ -31,3 +32,13 @@ def outputs(model: torch.nn.Module, tokenizer, texts: list[str] = SAMPLE_TEXTS) 
 
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
+
+
+def cli(*args) -> tuple[int, str]:
+    """Run the lrsurgery CLI in-process; return (exit code, output). A traceback is a bug: re-raised."""
+    from lrsurgery.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output

@@ -5,20 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import cli as run
 from helpers import write_jsonl
-from typer.testing import CliRunner
 
-from lrsurgery.cli import app
 from lrsurgery.surgery import run_init
-
-runner = CliRunner()
-
-
-def run(*args: str):
-    result = runner.invoke(app, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception  # a traceback instead of a clear error is a bug
-    return result.exit_code, result.output
 
 
 @pytest.fixture

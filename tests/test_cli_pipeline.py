@@ -6,20 +6,15 @@ import json
 from pathlib import Path
 
 import yaml
-from typer.testing import CliRunner
+from helpers import cli
 
-from lrsurgery.cli import app
-
-runner = CliRunner()
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def invoke(*args) -> str:
-    result = runner.invoke(app, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    assert result.exit_code == 0, result.output
-    return result.output
+    code, output = cli(*args)
+    assert code == 0, output
+    return output
 
 
 def test_cli_pipeline_with_config_file(tiny_llama, bbc, tmp_path, monkeypatch):
