@@ -31,7 +31,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
-USER_ERRORS: tuple[type[Exception], ...] = (
+USER_ERRORS: tuple[type[Exception], ...] = (  # CalibrationError is a ValueError
     ArtifactError,
     ModelError,
     DataError,
@@ -101,15 +101,32 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 @user_errors
 def calibrate(
     model: str = typer.Argument(DEFAULT_MODEL, help="Model: HF folder, cached hub id, .gguf file or named default."),
-    data: str = typer.Option(None, "--data", help="Calibration data (local file or hub id)."),
-    out: Path = typer.Option(None, "-o", "--out", help="Output statistics folder."),
+    data: str = typer.Option(..., "--data", help="Calibration data: local file or hub id (its `text` column)."),
+    split: str = typer.Option("train", "--split", help="Dataset split."),
+    text_column: str = typer.Option("text", "--text-column", help="Column with the text."),
+    samples: int = typer.Option(32, "--samples", help="Calibration sequences."),
+    seq_len: int = typer.Option(256, "--seq-len", help="Tokens per sequence."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Sequences per forward pass."),
+    collect: str = typer.Option("covariance", "--collect", help="Statistics to collect (covariance)."),
+    dtype: str = typer.Option("fp32", "--dtype", help="Accumulation dtype: fp32 or fp64."),
+    device: str = typer.Option("cpu", "--device", help="Where each block runs: cpu or cuda."),
+    targets: str = typer.Option(None, "--targets", help="Regex over module names (default: block linears)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted calibration."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output statistics folder."),
     config: Path = ConfigOption,
 ) -> None:
-    """Collect input covariances and sensitivities layer by layer (not available in this version)."""
-    _fail(
-        "calibrate is not available in this version of lrsurgery yet; methods that need no statistics "
-        f"({', '.join(method_names())}) work without it"
+    """Collect input-activation covariances of every target linear, block by block."""
+    from lrsurgery.calibrate import CalibrateConfig, run_calibrate
+    from lrsurgery.data import DataSpec
+
+    wanted = {c.strip() for c in collect.split(",") if c.strip()}
+    if wanted - {"covariance"}:
+        _fail(f"--collect {', '.join(sorted(wanted - {'covariance'}))} is not available yet; use covariance")
+    cfg = CalibrateConfig(
+        samples=samples, seq_len=seq_len, batch_size=batch_size, dtype=dtype, device=device, targets=targets
     )
+    with _timed(out):
+        run_calibrate(model, DataSpec(path=data, split=split, text_column=text_column), cfg, out, resume=resume)
 
 
 @app.command()

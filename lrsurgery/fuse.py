@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from lrsurgery.artifacts import ArtifactError, Manifest, atomic_folder, check_same_model, write_text_atomic
-from lrsurgery.models import model_fingerprint, resolve_model
+from lrsurgery.models import default_task, model_fingerprint, resolve_model
 from lrsurgery.progress import progress
 from lrsurgery.shards import LazyWeights, ShardWriter, parse_size
 from lrsurgery.surgery import read_adapters
@@ -52,9 +52,7 @@ def output_model(folder: Path, manifest: Manifest) -> tuple[torch.nn.Module, Any
 
     config = AutoConfig.from_pretrained(folder)
     head = manifest.extra.get("head") or {}
-    task = head.get("task")
-    if task is None:
-        task = "causal" if any(a.endswith("ForCausalLM") for a in (config.architectures or [])) else "base"
+    task = head.get("task") or default_task(folder)
     if task == "classification":
         labels = {int(k): v for k, v in head["id2label"].items()}
         config.num_labels = len(labels)

@@ -169,6 +169,14 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, folder=folder, source=str(spec))
 
 
+def default_task(folder: Path) -> str:
+    """'causal' for a checkpoint saved as a causal LM, else 'base' (the bare backbone)."""
+    import json
+
+    architectures = json.loads((Path(folder) / "config.json").read_text()).get("architectures") or []
+    return "causal" if any(a.endswith("ForCausalLM") for a in architectures) else "base"
+
+
 def backbone(model: nn.Module) -> nn.Module:
     """The transformer backbone (`model.base_model`), the root all module names are relative to."""
     return getattr(model, "base_model", model)

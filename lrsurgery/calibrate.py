@@ -1,0 +1,237 @@
+"""The `calibrate` stage: input-activation covariances of every target linear, layer by layer.
+
+Sequential runner: the inputs of the first transformer block (and the keyword arguments the model
+passes every block: attention mask, rotary position embeddings, ...) are captured once by a pre-hook;
+then each block in turn is moved to the compute device, runs every calibration micro-batch, has its
+statistics accumulated and written, and is moved back. Its outputs, kept on CPU, are the next block's
+inputs. Only one block's weights are ever on the device.
+
+Covariance: for each target linear, Σ xᵀx over the tokens that count (padding excluded) and the token
+count, so C = XᵀX / n and two artifacts of the same model can be merged by adding sums and counts.
+Linears that read the same tensor (q/k/v; gate/up) share one covariance, stored once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lrsurgery.artifacts import ArtifactError, Manifest, read_manifest, save_tensors, write_manifest
+from lrsurgery.data import DataSpec, build_examples, collate
+from lrsurgery.models import (
+    backbone,
+    block_list,
+    default_task,
+    find_targets,
+    load_model,
+    model_fingerprint,
+    resolve_model,
+)
+from lrsurgery.progress import progress
+from lrsurgery.surgery import model_record
+
+
+class CalibrationError(ValueError):
+    """Calibration cannot run on this model or data."""
+
+
+class _Captured(Exception):
+    """Raised by the first block's pre-hook once its inputs are recorded."""
+
+
+@dataclass
+class CalibrateConfig:
+    samples: int = 32
+    seq_len: int = 256
+    batch_size: int = 4
+    dtype: str = "fp32"
+    device: str = "cpu"
+    targets: str | None = None
+
+
+def _to(value: Any, device: torch.device | str) -> Any:
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    if isinstance(value, list):
+        return [_to(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[dict]) -> list[tuple]:
+    """(hidden states, kwargs) reaching the first block for each micro-batch, on CPU."""
+    captured: list[tuple] = []
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
+        captured.append((hidden.detach().cpu(), _to(kwargs, "cpu"), tuple(_to(a, "cpu") for a in args[1:])))
+        raise _Captured
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+class CovarianceCollector:
+    """Forward hooks on one block's target linears accumulating Σ xᵀx over non-padding tokens."""
+
+    def __init__(self, modules: dict[str, nn.Linear], dtype: torch.dtype):
+        self.modules = modules
+        self.dtype = dtype
+        self.sums: dict[str, torch.Tensor] = {}
+        self.tokens = 0
+        self.share: dict[str, str] = {}  # module name → the module whose covariance it shares
+        self.mask: torch.Tensor | None = None
+        self._seen: dict[tuple, tuple[str, torch.Tensor]] = {}
+        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            x = args[0]
+            # the same tensor object feeds q/k/v (gate/up); holding it for the batch keeps its address
+            # from being reused by a later, different tensor
+            key = (x.data_ptr(), tuple(x.shape), x.stride())
+            owner, _ = self._seen.setdefault(key, (name, x))
+            if name not in self.share:
+                self.share[name] = owner
+            if owner != name:
+                return
+            rows = x.reshape(-1, x.shape[-1])
+            if self.mask is not None:
+                rows = rows[self.mask.reshape(-1).to(rows.device)]
+            rows = rows.to(self.dtype)
+            if not torch.isfinite(rows).all():
+                raise CalibrationError(f"activations entering {name} contain NaN or Inf")
+            update = rows.T @ rows
+            self.sums[name] = self.sums[name] + update if name in self.sums else update
+
+        return hook
+
+    def start_batch(self, mask: torch.Tensor) -> None:
+        self.mask = mask.bool()
+        self.tokens += int(self.mask.sum())
+        self._seen = {}
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _block_output(result: Any) -> torch.Tensor:
+    return result[0] if isinstance(result, (tuple, list)) else result
+
+
+def run_calibrate(model: str, data: DataSpec, cfg: CalibrateConfig, out: Path, resume: bool = False) -> Path:
+    """Collect per-module input covariances into a stats artifact at `out` (resumable by block)."""
+    dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(cfg.dtype)
+    if dtype is None:
+        raise CalibrationError(f"--dtype must be fp32 or fp64, got {cfg.dtype!r}")
+    loaded = load_model(model, task=default_task(resolve_model(model)))
+    limit = getattr(loaded.model.config, "max_position_embeddings", None)
+    if limit and cfg.seq_len > limit:
+        raise CalibrationError(f"--seq-len {cfg.seq_len} is longer than the model allows ({limit})")
+    examples = build_examples(DataSpec(**{**asdict(data), "seq_len": cfg.seq_len}), loaded.tokenizer)
+    if len(examples) < cfg.samples:
+        raise CalibrationError(
+            f"the data gives {len(examples)} examples of {cfg.seq_len} tokens; --samples {cfg.samples} were asked for"
+        )
+    rows = examples.rows[: cfg.samples]
+    pad = loaded.tokenizer.pad_token_id
+    batches = [collate(rows[i : i + cfg.batch_size], pad, "causal") for i in range(0, len(rows), cfg.batch_size)]
+    prefix, blocks = block_list(loaded.model)
+    targets = find_targets(loaded.model, cfg.targets)
+    fingerprint = model_fingerprint(loaded.folder)
+    manifest = Manifest(
+        kind="stats",
+        config={"collect": ["covariance"], **asdict(cfg), "data": asdict(data)},
+        model={**model_record(loaded), "fingerprint": fingerprint},
+        data={"fingerprint": examples.fingerprint, "samples": len(rows), "path": data.path},
+        extra={"blocks": len(blocks), "completed": 0, "tokens": 0, "modules": {}},
+    )
+    work = _prepare(out, manifest, resume)
+    done = read_manifest(work).extra["completed"]
+    device = torch.device(cfg.device)
+    with torch.no_grad():
+        hidden = capture_block_inputs(loaded.model, blocks, batches)
+        for index in progress(range(len(blocks)), desc="calibrate", unit="block"):
+            block = blocks[index].to(device)
+            names = {n: backbone(loaded.model).get_submodule(n) for n in targets if n.startswith(f"{prefix}.{index}.")}
+            collector = CovarianceCollector(names, dtype) if index >= done else None
+            for b, (states, kwargs, args) in enumerate(hidden):
+                if collector:
+                    collector.start_batch(batches[b]["attention_mask"])
+                result = block(states.to(device), *_to(args, device), **_to(kwargs, device))
+                hidden[b] = (_block_output(result).cpu(), kwargs, args)
+            blocks[index].to("cpu")
+            if collector:
+                collector.close()
+                _write_block(work, index, collector)
+    return _finish(work, out)
+
+
+def _prepare(out: Path, manifest: Manifest, resume: bool) -> Path:
+    work = out.with_name(out.name + ".partial")
+    if out.exists():
+        raise ArtifactError(f"{out} already exists; choose another output")
+    if work.exists():
+        if not resume:
+            raise ArtifactError(f"{work} holds an interrupted calibration; pass --resume to continue it")
+        before = read_manifest(work, "stats")
+        same = (before.model["fingerprint"], before.data["fingerprint"], before.config)
+        if same != (manifest.model["fingerprint"], manifest.data["fingerprint"], manifest.config):
+            raise ArtifactError(f"cannot resume {work}: it was started for another model, data or settings")
+        return work
+    work.mkdir(parents=True)
+    write_manifest(work, manifest)
+    return work
+
+
+def _write_block(work: Path, index: int, collector: CovarianceCollector) -> None:
+    """Write one block's sums atomically, then record it in the manifest (the resume point)."""
+    tensors = {f"cov.{name}": s for name, s in collector.sums.items()}
+    save_tensors(work / f"block_{index:04d}.safetensors", tensors)
+    manifest = read_manifest(work)
+    for name, owner in collector.share.items():
+        manifest.extra["modules"][name] = {
+            "covariance": owner,
+            "file": f"block_{index:04d}.safetensors",
+            "tokens": collector.tokens,
+        }
+    manifest.extra["completed"] = index + 1
+    manifest.extra["tokens"] = collector.tokens
+    write_manifest(work, manifest)
+
+
+def _finish(work: Path, out: Path) -> Path:
+    manifest = read_manifest(work)
+    if manifest.extra["completed"] != manifest.extra["blocks"]:
+        raise ArtifactError(f"{work} is incomplete")
+    work.rename(out)
+    return out
+
+
+def load_covariance(stats: Path, module: str) -> torch.Tensor:
+    """C = XᵀX / n for `module` from a stats artifact (a shared covariance is read from its owner)."""
+    from lrsurgery.artifacts import load_tensors
+
+    manifest = read_manifest(stats, "stats")
+    info = manifest.extra["modules"].get(module)
+    if info is None:
+        raise ArtifactError(f"{stats} has no covariance for module {module}")
+    sums = load_tensors(Path(stats) / info["file"])[f"cov.{info['covariance']}"]
+    return sums / info["tokens"]

@@ -1,0 +1,107 @@
+"""Calibration: sequential block-by-block covariances equal whole-model hooks; dedupe; resume; errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import write_jsonl
+
+from lrsurgery import calibrate as calibration
+from lrsurgery.calibrate import CalibrateConfig, CalibrationError, load_covariance, run_calibrate
+from lrsurgery.data import DataSpec, build_examples, collate
+from lrsurgery.models import backbone, default_task, find_targets, load_model
+
+
+@pytest.fixture(scope="module")
+def lm_data(bbc, tmp_path_factory):
+    """Real BBC articles as plain text for language-model calibration."""
+    rows = [json.loads(x) for x in (bbc / "train.jsonl").read_text().splitlines()[:60]]
+    return write_jsonl(tmp_path_factory.mktemp("cal") / "text.jsonl", [{"text": r["text"]} for r in rows])
+
+
+@torch.no_grad()
+def whole_model_covariances(folder, data_path, cfg):
+    """Reference: plain forward hooks on the whole model, same sequences, C = XᵀX / n."""
+    loaded = load_model(folder, task=default_task(folder))
+    examples = build_examples(DataSpec(path=str(data_path), seq_len=cfg.seq_len), loaded.tokenizer)
+    rows = examples.rows[: cfg.samples]
+    root = backbone(loaded.model)
+    sums, count = {}, [0]
+
+    def hook(name):
+        def fn(module, args, output):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            sums[name] = sums.get(name, 0) + x.T @ x
+
+        return fn
+
+    names = find_targets(loaded.model)
+    handles = [root.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    for i in range(0, len(rows), cfg.batch_size):
+        batch = collate(rows[i : i + cfg.batch_size], loaded.tokenizer.pad_token_id, "causal")
+        loaded.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        count[0] += int(batch["attention_mask"].sum())
+    for h in handles:
+        h.remove()
+    return {n: s / count[0] for n, s in sums.items()}
+
+
+def _check_against_whole_model(folder, data_path, tmp_path, cfg, per_block):
+    stats = run_calibrate(str(folder), DataSpec(path=str(data_path)), cfg, tmp_path / "stats")
+    reference = whole_model_covariances(folder, data_path, cfg)
+    manifest = json.loads((stats / "manifest.json").read_text())
+    owners = {m["covariance"] for m in manifest["extra"]["modules"].values()}
+    assert len(owners) == per_block * manifest["extra"]["blocks"]
+    for name, expected in reference.items():
+        got = load_covariance(stats, name).double()
+        assert float((got - expected).norm() / expected.norm()) <= 1e-5, name
+
+
+def test_sequential_equals_whole_model_tiny(tiny_llama, lm_data, tmp_path):
+    _check_against_whole_model(tiny_llama, lm_data, tmp_path, CalibrateConfig(samples=6, seq_len=32, batch_size=4), 4)
+
+
+@pytest.mark.slow
+def test_sequential_equals_whole_model_smollm2(smollm2, lm_data, tmp_path):
+    """q/k/v and gate/up read one tensor each: 4 covariances per Llama block, not 7."""
+    _check_against_whole_model(smollm2, lm_data, tmp_path, CalibrateConfig(samples=8, seq_len=64, batch_size=4), 4)
+
+
+@pytest.mark.slow
+def test_sequential_equals_whole_model_minilm(minilm, lm_data, tmp_path):
+    """BERT: query/key/value share; attention.output.dense, intermediate.dense, output.dense do not."""
+    _check_against_whole_model(minilm, lm_data, tmp_path, CalibrateConfig(samples=8, seq_len=64, batch_size=4), 4)
+
+
+def test_resume_after_interruption_gives_identical_files(tiny_llama, lm_data, tmp_path, monkeypatch):
+    cfg = CalibrateConfig(samples=6, seq_len=32, batch_size=4)
+    whole = run_calibrate(str(tiny_llama), DataSpec(path=str(lm_data)), cfg, tmp_path / "whole")
+    original = calibration._write_block
+
+    def crash_on_second(work, index, collector):
+        if index == 1:
+            raise KeyboardInterrupt
+        original(work, index, collector)
+
+    monkeypatch.setattr(calibration, "_write_block", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_calibrate(str(tiny_llama), DataSpec(path=str(lm_data)), cfg, tmp_path / "again")
+    monkeypatch.setattr(calibration, "_write_block", original)
+    assert json.loads((tmp_path / "again.partial" / "manifest.json").read_text())["extra"]["completed"] == 1
+    with pytest.raises(Exception, match="--resume"):
+        run_calibrate(str(tiny_llama), DataSpec(path=str(lm_data)), cfg, tmp_path / "again")
+    again = run_calibrate(str(tiny_llama), DataSpec(path=str(lm_data)), cfg, tmp_path / "again", resume=True)
+    for file in sorted(whole.glob("block_*.safetensors")):
+        assert (again / file.name).read_bytes() == file.read_bytes()
+
+
+def test_clear_errors(tiny_llama, lm_data, tmp_path):
+    with pytest.raises(CalibrationError, match="--samples 100000 were asked for"):
+        run_calibrate(
+            str(tiny_llama), DataSpec(path=str(lm_data)), CalibrateConfig(samples=100000, seq_len=32), tmp_path / "a"
+        )
+    with pytest.raises(CalibrationError, match="longer than the model allows"):
+        run_calibrate(str(tiny_llama), DataSpec(path=str(lm_data)), CalibrateConfig(seq_len=100000), tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
