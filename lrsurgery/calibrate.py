@@ -117,8 +117,10 @@ class CovarianceCollector:
             rows = rows.to(self.dtype)
             if not torch.isfinite(rows).all():
                 raise CalibrationError(f"activations entering {name} contain NaN or Inf")
-            update = rows.T @ rows
-            self.sums[name] = self.sums[name] + update if name in self.sums else update
+            if name in self.sums:
+                self.sums[name].addmm_(rows.T, rows)
+            else:
+                self.sums[name] = rows.T @ rows
 
         return hook
 

@@ -1,0 +1,70 @@
+"""Benchmark: covariance calibration vs one plain no-grad forward pass over the same tokens.
+
+  python pipelines/bench_calibrate.py [--model smollm2-135m] [--samples 32] [--seq-len 256]
+
+Both use the same sequences and micro-batch size; the plain pass is run first as warm-up and timed
+again after the calibration, and the faster of its two timings is the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--data", default=None, help="text JSONL (default: the BBC News articles)")
+    args = parser.parse_args()
+
+    from lrsurgery.assets import bbc_news
+    from lrsurgery.calibrate import CalibrateConfig, run_calibrate
+    from lrsurgery.data import DataSpec, build_examples, collate
+    from lrsurgery.models import default_task, load_model, resolve_model
+
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        data = args.data
+        if data is None:
+            bbc_news(work / "bbc")
+            rows = [json.loads(x) for x in (work / "bbc" / "train.jsonl").read_text().splitlines()]
+            data = work / "text.jsonl"
+            data.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows[:400]))
+        spec = DataSpec(path=str(data), seq_len=args.seq_len)
+        loaded = load_model(args.model, task=default_task(resolve_model(args.model)))
+        examples = build_examples(spec, loaded.tokenizer).rows[: args.samples]
+        batches = [
+            collate(examples[i : i + args.batch_size], loaded.tokenizer.pad_token_id, "causal")
+            for i in range(0, len(examples), args.batch_size)
+        ]
+
+        def plain_forward() -> float:
+            began = time.perf_counter()
+            with torch.no_grad():
+                for b in batches:
+                    loaded.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
+            return time.perf_counter() - began
+
+        first = plain_forward()
+        cfg = CalibrateConfig(samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size)
+        began = time.perf_counter()
+        run_calibrate(args.model, spec, cfg, work / "stats")
+        calibrate_s = time.perf_counter() - began
+        baseline = min(first, plain_forward())
+    tokens = args.samples * args.seq_len
+    print(f"{args.model}: {args.samples} x {args.seq_len} tokens ({tokens}), batch {args.batch_size}, CPU fp32")
+    print(f"plain no-grad forward      {baseline:8.2f} s")
+    print(f"calibrate (covariance)     {calibrate_s:8.2f} s   ratio {calibrate_s / baseline:.2f}x (target <= 1.5x)")
+
+
+if __name__ == "__main__":
+    main()
