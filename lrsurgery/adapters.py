@@ -106,17 +106,6 @@ class AdaptedLinear(nn.Module):
             edits=[(b.clone(), a.clone()) for b, a in self.edits],
         )
 
-    def merged_linear(self) -> nn.Linear:
-        """A plain nn.Linear holding W0 + edits + s·B·diag(E)·A (edits are already in base.weight)."""
-        out = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None)
-        out = out.to(device=self.base.weight.device, dtype=self.base.weight.dtype)
-        with torch.no_grad():
-            update = low_rank_product(self.lora_B, self.lora_A, self.scale, self.lora_E)
-            out.weight.copy_((self.base.weight.double() + update).to(out.weight.dtype))
-            if self.base.bias is not None:
-                out.bias.copy_(self.base.bias)
-        return out
-
 
 def freeze_model(model: nn.Module) -> None:
     for p in model.parameters():
@@ -144,15 +133,6 @@ def inject(model: nn.Module, adapters: dict[str, ModuleAdapter]) -> None:
 def adapted_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
     """Every AdaptedLinear in the model, by name relative to the backbone."""
     return {n: m for n, m in backbone(model).named_modules() if isinstance(m, AdaptedLinear)}
-
-
-def merge_into_model(model: nn.Module) -> None:
-    """Replace every AdaptedLinear with a plain nn.Linear holding the merged weight, in place."""
-    root = backbone(model)
-    for name, layer in adapted_layers(model).items():
-        parent_name, _, child = name.rpartition(".")
-        parent = root.get_submodule(parent_name) if parent_name else root
-        setattr(parent, child, layer.merged_linear())
 
 
 def head_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

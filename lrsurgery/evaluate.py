@@ -307,8 +307,12 @@ def run_eval(
     models_info = {}
     for spec in models:
         results[spec] = {}
+        cache: dict[bool, tuple[LoadedModel, dict[str, Any]]] = {}  # one load per model and head kind
         for task in tasks:
-            loaded, info = load_for_eval(spec, task)
+            kind = task.output_type == "classification"
+            if kind not in cache:
+                cache[kind] = load_for_eval(spec, task)
+            loaded, info = cache[kind]
             models_info[spec] = info
             docs = task.docs(limit)
             metrics = SCORERS[task.output_type](task, loaded, docs, batch_size)

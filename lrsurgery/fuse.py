@@ -18,7 +18,7 @@ from lrsurgery.artifacts import ArtifactError, Manifest, atomic_folder, check_sa
 from lrsurgery.models import default_task, model_fingerprint, resolve_model
 from lrsurgery.progress import progress
 from lrsurgery.shards import LazyWeights, ShardWriter, parse_size
-from lrsurgery.surgery import read_adapters
+from lrsurgery.surgery import base_source, read_adapters
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SIDE_FILES = (
@@ -37,10 +37,7 @@ SIDE_FILES = (
 
 def base_folder(manifest: Manifest, model: str | None, force: bool) -> Path:
     """The artifact's base model folder (or `model`), checked against the recorded fingerprint."""
-    recorded = manifest.model.get("folder")
-    source = model or (recorded if recorded and Path(recorded).is_dir() else manifest.model.get("source"))
-    if not source:
-        raise ArtifactError("the artifact does not say which base model it was made from; pass --model")
+    source = base_source(manifest, model)
     folder = resolve_model(source)
     check_same_model(manifest, model_fingerprint(folder), str(source), force)
     return folder

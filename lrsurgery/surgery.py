@@ -113,8 +113,7 @@ def load_adapted(
     head_info = manifest.extra.get("head") or {}
     task = task or head_info.get("task", "causal")
     num_labels = num_labels or head_info.get("num_labels")
-    recorded = manifest.model.get("folder")
-    source = model or (recorded if recorded and Path(recorded).is_dir() else manifest.model["source"])
+    source = base_source(manifest, model)
     loaded = load_model(source, task=task, num_labels=num_labels)
     check_same_model(manifest, model_fingerprint(loaded.folder), source, force)
     inject(loaded.model, adapters)
@@ -124,6 +123,19 @@ def load_adapted(
         loaded.model.config.id2label = {int(k): v for k, v in head_info["id2label"].items()}
         loaded.model.config.label2id = {v: int(k) for k, v in head_info["id2label"].items()}
     return loaded, manifest
+
+
+def base_source(manifest: Manifest, model: str | None = None) -> str:
+    """The base model to load for an artifact: `model` if given, else the recorded folder while it
+    exists, else the recorded source (a named model re-materialises)."""
+    if model:
+        return model
+    recorded = manifest.model.get("folder")
+    if recorded and Path(recorded).is_dir():
+        return recorded
+    if not manifest.model.get("source"):
+        raise ArtifactError("the artifact does not say which base model it was made from; pass --model")
+    return manifest.model["source"]
 
 
 def load_head(model: nn.Module, head: dict[str, torch.Tensor]) -> None:
