@@ -237,3 +237,67 @@ def load_covariance(stats: Path, module: str) -> torch.Tensor:
         raise ArtifactError(f"{stats} has no covariance for module {module}")
     sums = load_tensors(Path(stats) / info["file"])[f"cov.{info['covariance']}"]
     return sums / info["tokens"]
+
+
+def merge_stats(inputs: list[Path], out: Path, force: bool = False) -> Path:
+    """Add the covariance sums and token counts of stats artifacts from one model into `out`.
+
+    The result equals one calibration over the union of their sequences (up to summation order).
+    """
+    from lrsurgery.artifacts import atomic_folder, load_tensors
+
+    if len(inputs) < 2:
+        raise CalibrationError("merging needs at least two stats artifacts")
+    manifests = [read_manifest(p, "stats") for p in inputs]
+    first = manifests[0]
+    for path, m in zip(inputs[1:], manifests[1:], strict=True):
+        if m.model["fingerprint"] != first.model["fingerprint"] and not force:
+            raise ArtifactError(
+                f"{path} was calibrated on another model than {inputs[0]}; pass --force to merge anyway"
+            )
+        if m.extra["modules"].keys() != first.extra["modules"].keys() or m.config["dtype"] != first.config["dtype"]:
+            raise ArtifactError(f"{path} covers other modules or another dtype than {inputs[0]}")
+    modules = {
+        name: {**info, "tokens": sum(m.extra["modules"][name]["tokens"] for m in manifests)}
+        for name, info in first.extra["modules"].items()
+    }
+    merged = Manifest(
+        kind="stats",
+        config={**first.config, "merged_from": [str(Path(p).resolve()) for p in inputs]},
+        model=first.model,
+        data={
+            "fingerprint": [m.data["fingerprint"] for m in manifests],
+            "samples": sum(m.data["samples"] for m in manifests),
+        },
+        extra={**first.extra, "modules": modules, "tokens": sum(m.extra["tokens"] for m in manifests)},
+    )
+    with atomic_folder(out) as tmp:
+        for file in sorted(Path(inputs[0]).glob("block_*.safetensors")):
+            parts = [load_tensors(Path(p) / file.name) for p in inputs]
+            save_tensors(tmp / file.name, {k: sum(part[k] for part in parts) for k in parts[0]})
+        write_manifest(tmp, merged)
+    return out
+
+
+def summarise(stats: Path) -> list[dict[str, Any]]:
+    """Per stored covariance: trace, effective rank (exp of the eigenvalue entropy) and condition number."""
+    manifest = read_manifest(stats, "stats")
+    rows = []
+    for name, info in manifest.extra["modules"].items():
+        if info["covariance"] != name:
+            continue
+        eig = torch.linalg.eigvalsh(load_covariance(stats, name).double()).clamp_min(0)
+        p = eig / eig.sum()
+        entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
+        shared = sorted(n for n, i in manifest.extra["modules"].items() if i["covariance"] == name)
+        rows.append(
+            {
+                "covariance": name,
+                "shared_by": shared,
+                "dim": eig.numel(),
+                "trace": float(eig.sum()),
+                "effective_rank": float(torch.tensor(entropy).exp()),
+                "condition": float(eig.max() / eig.min()) if eig.min() > 0 else float("inf"),
+            }
+        )
+    return rows

@@ -129,6 +129,36 @@ def calibrate(
         run_calibrate(model, DataSpec(path=data, split=split, text_column=text_column), cfg, out, resume=resume)
 
 
+@app.command("merge-stats")
+@user_errors
+def merge_stats_cmd(
+    stats: list[Path] = typer.Argument(..., help="Two or more stats artifacts of the same model."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output statistics folder."),
+    force: bool = typer.Option(False, "--force", help="Merge even if the model fingerprints differ."),
+) -> None:
+    """Add calibration statistics gathered on different data (sums and token counts add)."""
+    from lrsurgery.calibrate import merge_stats
+
+    with _timed(out):
+        merge_stats(stats, out, force=force)
+
+
+@app.command()
+@user_errors
+def inspect(stats: Path = typer.Argument(..., help="A stats artifact (from `lrsurgery calibrate`).")) -> None:
+    """Summarise a stats artifact: per covariance its trace, effective rank and condition number."""
+    from lrsurgery.calibrate import summarise
+
+    typer.echo("| covariance | shared by | dim | trace | effective rank | condition |")
+    typer.echo("|---|---|---|---|---|---|")
+    for row in summarise(stats):
+        shared = ", ".join(n.rsplit(".", 1)[-1] for n in row["shared_by"])
+        typer.echo(
+            f"| {row['covariance']} | {shared} | {row['dim']} | {row['trace']:.4g} | "
+            f"{row['effective_rank']:.1f} | {row['condition']:.3g} |"
+        )
+
+
 @app.command()
 @user_errors
 def init(

@@ -22,8 +22,8 @@ def lm_data(bbc, tmp_path_factory):
 
 
 @torch.no_grad()
-def whole_model_covariances(folder, data_path, cfg):
-    """Reference: plain forward hooks on the whole model, same sequences, C = XᵀX / n."""
+def whole_model_covariances(folder, data_path, cfg, normalise=True):
+    """Reference: plain forward hooks on the whole model, same sequences, C = XᵀX / n (or sums, n)."""
     loaded = load_model(folder, task=default_task(folder))
     examples = build_examples(DataSpec(path=str(data_path), seq_len=cfg.seq_len), loaded.tokenizer)
     rows = examples.rows[: cfg.samples]
@@ -45,7 +45,7 @@ def whole_model_covariances(folder, data_path, cfg):
         count[0] += int(batch["attention_mask"].sum())
     for h in handles:
         h.remove()
-    return {n: s / count[0] for n, s in sums.items()}
+    return {n: s / count[0] for n, s in sums.items()} if normalise else (sums, count[0])
 
 
 def _check_against_whole_model(folder, data_path, tmp_path, cfg, per_block):
@@ -105,3 +105,56 @@ def test_clear_errors(tiny_llama, lm_data, tmp_path):
     with pytest.raises(CalibrationError, match="longer than the model allows"):
         run_calibrate(str(tiny_llama), DataSpec(path=str(lm_data)), CalibrateConfig(seq_len=100000), tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_merged_stats_equal_one_run_over_the_union(tiny_llama, bbc, tmp_path):
+    from lrsurgery.calibrate import merge_stats
+
+    rows = [json.loads(x)["text"] for x in (bbc / "train.jsonl").read_text().splitlines()[:40]]
+    part_a = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in rows[:20]])
+    part_b = write_jsonl(tmp_path / "b.jsonl", [{"text": t} for t in rows[20:]])
+    cfg = CalibrateConfig(samples=6, seq_len=32, batch_size=3)
+    a = run_calibrate(str(tiny_llama), DataSpec(path=str(part_a)), cfg, tmp_path / "sa")
+    b = run_calibrate(str(tiny_llama), DataSpec(path=str(part_b)), cfg, tmp_path / "sb")
+    merged = merge_stats([a, b], tmp_path / "merged")
+    (sums_a, n_a), (sums_b, n_b) = (
+        whole_model_covariances(tiny_llama, p, cfg, normalise=False) for p in (part_a, part_b)
+    )
+    for name in sums_a:
+        union = (sums_a[name] + sums_b[name]) / (n_a + n_b)
+        got = load_covariance(merged, name).double()
+        assert float((got - union).norm() / union.norm()) <= 1e-5, name
+    manifest = json.loads((merged / "manifest.json").read_text())
+    assert manifest["data"]["samples"] == 12 and len(manifest["data"]["fingerprint"]) == 2
+
+
+def test_merge_refuses_another_model(tiny_llama, tiny_llama_other, lm_data, tmp_path):
+    from lrsurgery.artifacts import ArtifactError
+    from lrsurgery.calibrate import merge_stats
+
+    cfg = CalibrateConfig(samples=3, seq_len=32, batch_size=3)
+    a = run_calibrate(str(tiny_llama), DataSpec(path=str(lm_data)), cfg, tmp_path / "a")
+    b = run_calibrate(str(tiny_llama_other), DataSpec(path=str(lm_data)), cfg, tmp_path / "b")
+    with pytest.raises(ArtifactError, match="another model"):
+        merge_stats([a, b], tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+def test_inspect_summary(tiny_llama, lm_data, tmp_path):
+    from helpers import cli
+
+    from lrsurgery.calibrate import summarise
+
+    stats = run_calibrate(
+        str(tiny_llama), DataSpec(path=str(lm_data)), CalibrateConfig(samples=6, seq_len=32), tmp_path / "s"
+    )
+    rows = summarise(stats)
+    assert len(rows) == 8  # 2 blocks x 4 distinct inputs
+    for row in rows:
+        cov = load_covariance(stats, row["covariance"]).double()
+        assert row["trace"] == pytest.approx(float(cov.trace()), rel=1e-6)
+        assert 1 <= row["effective_rank"] <= row["dim"] and row["condition"] >= 1
+    qkv = next(r for r in rows if r["covariance"].endswith("q_proj"))
+    assert [n.rsplit(".", 1)[-1] for n in qkv["shared_by"]] == ["k_proj", "q_proj", "v_proj"]
+    code, out = cli("inspect", stats)
+    assert code == 0 and "| layers.0.self_attn.q_proj | k_proj, q_proj, v_proj | 32 |" in out
