@@ -51,6 +51,16 @@ class CalibrateConfig:
     dtype: str = "fp32"
     device: str = "cpu"
     targets: str | None = None
+    collect: tuple[str, ...] = ("covariance",)
+    sensitivity_path: str = "sequential"
+
+    def __post_init__(self) -> None:
+        self.collect = tuple(self.collect)
+        unknown = set(self.collect) - {"covariance", "sensitivity"}
+        if unknown or not self.collect:
+            raise CalibrationError(f"--collect takes covariance and/or sensitivity, got {', '.join(self.collect)}")
+        if self.sensitivity_path not in ("sequential", "whole"):
+            raise CalibrationError(f"--sensitivity-path must be sequential or whole, got {self.sensitivity_path!r}")
 
 
 def _to(value: Any, device: torch.device | str) -> Any:
@@ -160,7 +170,7 @@ def run_calibrate(model: str, data: DataSpec, cfg: CalibrateConfig, out: Path, r
     fingerprint = model_fingerprint(loaded.folder)
     manifest = Manifest(
         kind="stats",
-        config={"collect": ["covariance"], **asdict(cfg), "data": asdict(data)},
+        config={**asdict(cfg), "collect": list(cfg.collect), "data": asdict(data)},
         model={**model_record(loaded), "fingerprint": fingerprint},
         data={"fingerprint": examples.fingerprint, "samples": len(rows), "path": data.path},
         extra={"blocks": len(blocks), "completed": 0, "tokens": 0, "modules": {}},
@@ -168,9 +178,12 @@ def run_calibrate(model: str, data: DataSpec, cfg: CalibrateConfig, out: Path, r
     work = _prepare(out, manifest, resume)
     done = read_manifest(work).extra["completed"]
     device = torch.device(cfg.device)
+    if "covariance" not in cfg.collect:
+        done = len(blocks)
     with torch.no_grad():
-        hidden = capture_block_inputs(loaded.model, blocks, batches)
-        for index in progress(range(len(blocks)), desc="calibrate", unit="block"):
+        hidden = capture_block_inputs(loaded.model, blocks, batches) if done < len(blocks) else []
+        # finished blocks still run: their outputs are the inputs of the blocks after them
+        for index in progress(range(len(blocks) if hidden else 0), desc="calibrate", unit="block"):
             block = blocks[index].to(device)
             names = {n: backbone(loaded.model).get_submodule(n) for n in targets if n.startswith(f"{prefix}.{index}.")}
             collector = CovarianceCollector(names, dtype) if index >= done else None
@@ -183,7 +196,33 @@ def run_calibrate(model: str, data: DataSpec, cfg: CalibrateConfig, out: Path, r
             if collector:
                 collector.close()
                 _write_block(work, index, collector)
+    if "sensitivity" in cfg.collect:
+        _collect_sensitivity(loaded, rows, pad, targets, cfg, work)
     return _finish(work, out)
+
+
+def _collect_sensitivity(loaded, rows, pad, targets, cfg: CalibrateConfig, work: Path) -> None:
+    """Per-sample |W ⊙ ∇W| reductions for every target (see sensitivity.py), written as one file."""
+    from lrsurgery import sensitivity
+
+    if default_task(loaded.folder) != "causal":
+        raise CalibrationError("--collect sensitivity needs a causal language model (the loss is its LM loss)")
+    samples = [collate([r], pad, "causal") for r in rows]
+    if cfg.sensitivity_path == "whole":
+        tensors = sensitivity.whole_model(loaded.model, samples, targets)
+    else:
+        _, blocks = block_list(loaded.model)
+        with torch.no_grad():
+            captured = capture_block_inputs(loaded.model, blocks, samples)
+        tensors = sensitivity.sequential(loaded.model, samples, targets, captured, cfg.device)
+    save_tensors(work / "sensitivity.safetensors", tensors)
+    manifest = read_manifest(work)
+    manifest.extra["sensitivity"] = {
+        "file": "sensitivity.safetensors",
+        "samples": len(samples),
+        "path": cfg.sensitivity_path,
+    }
+    write_manifest(work, manifest)
 
 
 def _prepare(out: Path, manifest: Manifest, resume: bool) -> Path:
@@ -221,10 +260,24 @@ def _write_block(work: Path, index: int, collector: CovarianceCollector) -> None
 
 def _finish(work: Path, out: Path) -> Path:
     manifest = read_manifest(work)
-    if manifest.extra["completed"] != manifest.extra["blocks"]:
+    covariance_done = "covariance" not in manifest.config["collect"] or (
+        manifest.extra["completed"] == manifest.extra["blocks"]
+    )
+    if not covariance_done or ("sensitivity" in manifest.config["collect"] and "sensitivity" not in manifest.extra):
         raise ArtifactError(f"{work} is incomplete")
     work.rename(out)
     return out
+
+
+def load_sensitivity(stats: Path) -> dict[str, float]:
+    """S(W) per module from a stats artifact collected with sensitivity."""
+    from lrsurgery.artifacts import load_tensors
+
+    manifest = read_manifest(stats, "stats")
+    if "sensitivity" not in manifest.extra:
+        raise ArtifactError(f"{stats} has no sensitivities (calibrate with --collect covariance,sensitivity)")
+    tensors = load_tensors(Path(stats) / manifest.extra["sensitivity"]["file"])
+    return {k[len("sens.") :]: float(v) for k, v in tensors.items() if k.startswith("sens.")}
 
 
 def load_covariance(stats: Path, module: str) -> torch.Tensor:

@@ -107,7 +107,12 @@ def calibrate(
     samples: int = typer.Option(32, "--samples", help="Calibration sequences."),
     seq_len: int = typer.Option(256, "--seq-len", help="Tokens per sequence."),
     batch_size: int = typer.Option(4, "--batch-size", help="Sequences per forward pass."),
-    collect: str = typer.Option("covariance", "--collect", help="Statistics to collect (covariance)."),
+    collect: str = typer.Option(
+        "covariance", "--collect", help="Statistics to collect: covariance, sensitivity or both (comma-separated)."
+    ),
+    sensitivity_path: str = typer.Option(
+        "sequential", "--sensitivity-path", help="sequential: one block resident at a time; whole: whole model."
+    ),
     dtype: str = typer.Option("fp32", "--dtype", help="Accumulation dtype: fp32 or fp64."),
     device: str = typer.Option("cpu", "--device", help="Where each block runs: cpu or cuda."),
     targets: str = typer.Option(None, "--targets", help="Regex over module names (default: block linears)."),
@@ -115,15 +120,20 @@ def calibrate(
     out: Path = typer.Option(..., "-o", "--out", help="Output statistics folder."),
     config: Path = ConfigOption,
 ) -> None:
-    """Collect input-activation covariances of every target linear, block by block."""
+    """Collect input-activation covariances and/or sensitivities of every target linear, block by block."""
     from lrsurgery.calibrate import CalibrateConfig, run_calibrate
     from lrsurgery.data import DataSpec
 
-    wanted = {c.strip() for c in collect.split(",") if c.strip()}
-    if wanted - {"covariance"}:
-        _fail(f"--collect {', '.join(sorted(wanted - {'covariance'}))} is not available yet; use covariance")
+    wanted = tuple(c.strip() for c in collect.split(",") if c.strip())
     cfg = CalibrateConfig(
-        samples=samples, seq_len=seq_len, batch_size=batch_size, dtype=dtype, device=device, targets=targets
+        samples=samples,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        dtype=dtype,
+        device=device,
+        targets=targets,
+        collect=wanted,
+        sensitivity_path=sensitivity_path,
     )
     with _timed(out):
         run_calibrate(model, DataSpec(path=data, split=split, text_column=text_column), cfg, out, resume=resume)

@@ -125,11 +125,11 @@ def test_not_an_artifact(tiny_llama, tmp_path):
     assert code == 1 and "not an lrsurgery artifact" in out
 
 
-def test_calibrate_sensitivity_says_not_available(tmp_path):
+def test_calibrate_unknown_statistic(tmp_path):
     code, out = run(
-        "calibrate", "smollm2-135m", "--data", "x.jsonl", "--collect", "covariance,sensitivity", "-o", tmp_path / "s"
+        "calibrate", "smollm2-135m", "--data", "x.jsonl", "--collect", "covariance,fisher", "-o", tmp_path / "s"
     )
-    assert code == 1 and "sensitivity is not available yet" in out
+    assert code == 1 and "--collect takes covariance and/or sensitivity" in out
 
 
 def test_config_file_and_flag_override(tiny_llama, tmp_path):

@@ -158,3 +158,28 @@ def test_inspect_summary(tiny_llama, lm_data, tmp_path):
     assert [n.rsplit(".", 1)[-1] for n in qkv["shared_by"]] == ["k_proj", "q_proj", "v_proj"]
     code, out = cli("inspect", stats)
     assert code == 0 and "| layers.0.self_attn.q_proj | k_proj, q_proj, v_proj | 32 |" in out
+
+
+@pytest.mark.parametrize("path", ["sequential", "whole"])
+def test_calibrate_collects_sensitivity(tiny_llama, lm_data, tmp_path, path):
+    """The artifact's sensitivities equal the whole-model computation on the same samples."""
+    from lrsurgery.calibrate import load_sensitivity
+    from lrsurgery.sensitivity import whole_model
+
+    cfg = CalibrateConfig(samples=3, seq_len=24, collect=("covariance", "sensitivity"), sensitivity_path=path)
+    stats = run_calibrate(str(tiny_llama), DataSpec(path=str(lm_data)), cfg, tmp_path / "s")
+    got = load_sensitivity(stats)
+    loaded = load_model(tiny_llama)
+    rows = build_examples(DataSpec(path=str(lm_data), seq_len=24), loaded.tokenizer).rows[:3]
+    samples = [collate([r], loaded.tokenizer.pad_token_id, "causal") for r in rows]
+    expected = whole_model(loaded.model, samples, find_targets(loaded.model))
+    assert len(got) == 14
+    for name, value in got.items():
+        assert value == pytest.approx(float(expected[f"sens.{name}"]), rel=1e-4)
+    assert load_covariance(stats, "layers.0.mlp.up_proj").shape == (32, 32)
+
+
+def test_sensitivity_needs_a_causal_lm(tiny_bert, lm_data, tmp_path):
+    cfg = CalibrateConfig(samples=2, seq_len=24, collect=("sensitivity",))
+    with pytest.raises(CalibrationError, match="causal language model"):
+        run_calibrate(str(tiny_bert), DataSpec(path=str(lm_data)), cfg, tmp_path / "s")
