@@ -1,9 +1,12 @@
-"""Benchmark: covariance calibration vs one plain no-grad forward pass over the same tokens.
+"""Benchmark: calibration vs plain passes over the same tokens.
+
+Covariance calibration is compared with one no-grad forward pass, sensitivity calibration (whole-model
+and sequential paths, per-sample gradients) with one forward+backward pass in micro-batches.
 
   python pipelines/bench_calibrate.py [--model smollm2-135m] [--samples 32] [--seq-len 256]
 
-Both use the same sequences and micro-batch size; the plain pass is run first as warm-up and timed
-again after the calibration, and the faster of its two timings is the baseline.
+All use the same sequences; the plain forward is run first as warm-up and timed again after the
+covariance calibration, and the faster of its two timings is the baseline.
 """
 
 from __future__ import annotations
@@ -54,16 +57,44 @@ def main() -> None:
                     loaded.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
             return time.perf_counter() - began
 
+        def forward_backward() -> float:
+            for p in loaded.model.parameters():
+                p.requires_grad_(True)
+            began = time.perf_counter()
+            for b in batches:
+                loaded.model(**b, use_cache=False).loss.backward()
+                loaded.model.zero_grad(set_to_none=True)
+            for p in loaded.model.parameters():
+                p.requires_grad_(False)
+            return time.perf_counter() - began
+
+        def timed_calibrate(name: str, **options) -> float:
+            cfg = CalibrateConfig(samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size, **options)
+            began = time.perf_counter()
+            run_calibrate(args.model, spec, cfg, work / name)
+            return time.perf_counter() - began
+
         first = plain_forward()
-        cfg = CalibrateConfig(samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size)
-        began = time.perf_counter()
-        run_calibrate(args.model, spec, cfg, work / "stats")
-        calibrate_s = time.perf_counter() - began
-        baseline = min(first, plain_forward())
+        covariance_s = timed_calibrate("cov")
+        forward_s = min(first, plain_forward())
+        fwd_bwd_s = forward_backward()
+        sensitivity_s = {
+            p: timed_calibrate(f"sens-{p}", collect=("sensitivity",), sensitivity_path=p)
+            for p in ("whole", "sequential")
+        }
     tokens = args.samples * args.seq_len
     print(f"{args.model}: {args.samples} x {args.seq_len} tokens ({tokens}), batch {args.batch_size}, CPU fp32")
-    print(f"plain no-grad forward      {baseline:8.2f} s")
-    print(f"calibrate (covariance)     {calibrate_s:8.2f} s   ratio {calibrate_s / baseline:.2f}x (target <= 1.5x)")
+    print(f"plain no-grad forward            {forward_s:8.2f} s")
+    print(
+        f"calibrate covariance             {covariance_s:8.2f} s   {covariance_s / forward_s:.2f}x forward "
+        "(target <= 1.5x)"
+    )
+    print(f"plain forward+backward           {fwd_bwd_s:8.2f} s")
+    for path, seconds in sensitivity_s.items():
+        print(
+            f"calibrate sensitivity ({path:<10}) {seconds:6.2f} s   {seconds / fwd_bwd_s:.2f}x forward+backward "
+            "(target <= 1.5x)"
+        )
 
 
 if __name__ == "__main__":
