@@ -53,12 +53,15 @@ class CalibrateConfig:
     targets: str | None = None
     collect: tuple[str, ...] = ("covariance",)
     sensitivity_path: str = "sequential"
+    offload: str = "cpu"
 
     def __post_init__(self) -> None:
         self.collect = tuple(self.collect)
         unknown = set(self.collect) - {"covariance", "sensitivity"}
         if unknown or not self.collect:
             raise CalibrationError(f"--collect takes covariance and/or sensitivity, got {', '.join(self.collect)}")
+        if self.offload not in ("cpu", "disk"):
+            raise CalibrationError(f"--offload must be cpu or disk, got {self.offload!r}")
         if self.sensitivity_path not in ("sequential", "whole"):
             raise CalibrationError(f"--sensitivity-path must be sequential or whole, got {self.sensitivity_path!r}")
 
@@ -153,7 +156,15 @@ def run_calibrate(model: str, data: DataSpec, cfg: CalibrateConfig, out: Path, r
     dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(cfg.dtype)
     if dtype is None:
         raise CalibrationError(f"--dtype must be fp32 or fp64, got {cfg.dtype!r}")
-    loaded = load_model(model, task=default_task(resolve_model(model)))
+    loader = None
+    if cfg.offload == "disk":
+        if "sensitivity" in cfg.collect:
+            raise CalibrationError("--offload disk collects covariances only in this version; use --offload cpu")
+        from lrsurgery.offload import load_offloaded
+
+        loaded, loader = load_offloaded(model)
+    else:
+        loaded = load_model(model, task=default_task(resolve_model(model)))
     limit = getattr(loaded.model.config, "max_position_embeddings", None)
     if limit and cfg.seq_len > limit:
         raise CalibrationError(f"--seq-len {cfg.seq_len} is longer than the model allows ({limit})")
@@ -184,7 +195,7 @@ def run_calibrate(model: str, data: DataSpec, cfg: CalibrateConfig, out: Path, r
         hidden = capture_block_inputs(loaded.model, blocks, batches) if done < len(blocks) else []
         # finished blocks still run: their outputs are the inputs of the blocks after them
         for index in progress(range(len(blocks) if hidden else 0), desc="calibrate", unit="block"):
-            block = blocks[index].to(device)
+            block = loader.load(index, device) if loader else blocks[index].to(device)
             names = {n: backbone(loaded.model).get_submodule(n) for n in targets if n.startswith(f"{prefix}.{index}.")}
             collector = CovarianceCollector(names, dtype) if index >= done else None
             for b, (states, kwargs, args) in enumerate(hidden):
@@ -192,7 +203,10 @@ def run_calibrate(model: str, data: DataSpec, cfg: CalibrateConfig, out: Path, r
                     collector.start_batch(batches[b]["attention_mask"])
                 result = block(states.to(device), *_to(args, device), **_to(kwargs, device))
                 hidden[b] = (_block_output(result).cpu(), kwargs, args)
-            blocks[index].to("cpu")
+            if loader:
+                loader.release(index)
+            else:
+                blocks[index].to("cpu")
             if collector:
                 collector.close()
                 _write_block(work, index, collector)

@@ -115,6 +115,9 @@ def calibrate(
     ),
     dtype: str = typer.Option("fp32", "--dtype", help="Accumulation dtype: fp32 or fp64."),
     device: str = typer.Option("cpu", "--device", help="Where each block runs: cpu or cuda."),
+    offload: str = typer.Option(
+        "cpu", "--offload", help="cpu: model in RAM; disk: each block read from the safetensors when it runs."
+    ),
     targets: str = typer.Option(None, "--targets", help="Regex over module names (default: block linears)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted calibration."),
     out: Path = typer.Option(..., "-o", "--out", help="Output statistics folder."),
@@ -134,6 +137,7 @@ def calibrate(
         targets=targets,
         collect=wanted,
         sensitivity_path=sensitivity_path,
+        offload=offload,
     )
     with _timed(out):
         run_calibrate(model, DataSpec(path=data, split=split, text_column=text_column), cfg, out, resume=resume)

@@ -9,6 +9,7 @@ import torch
 from helpers import write_jsonl
 
 from lrsurgery import calibrate as calibration
+from lrsurgery.artifacts import load_tensors
 from lrsurgery.calibrate import CalibrateConfig, CalibrationError, load_covariance, run_calibrate
 from lrsurgery.data import DataSpec, build_examples, collate
 from lrsurgery.models import backbone, default_task, find_targets, load_model
@@ -183,3 +184,23 @@ def test_sensitivity_needs_a_causal_lm(tiny_bert, lm_data, tmp_path):
     cfg = CalibrateConfig(samples=2, seq_len=24, collect=("sensitivity",))
     with pytest.raises(CalibrationError, match="causal language model"):
         run_calibrate(str(tiny_bert), DataSpec(path=str(lm_data)), cfg, tmp_path / "s")
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_llama", "tiny_bert"])
+def test_disk_offload_gives_the_same_covariances(request, model_fixture, lm_data, tmp_path):
+    """Blocks read from the safetensors one at a time give the covariances of the in-memory run."""
+    folder = request.getfixturevalue(model_fixture)
+    memory = run_calibrate(
+        str(folder), DataSpec(path=str(lm_data)), CalibrateConfig(samples=4, seq_len=32), tmp_path / "cpu"
+    )
+    disk = run_calibrate(
+        str(folder),
+        DataSpec(path=str(lm_data)),
+        CalibrateConfig(samples=4, seq_len=32, offload="disk"),
+        tmp_path / "disk",
+    )
+    for file in sorted(memory.glob("block_*.safetensors")):
+        a, b = load_tensors(file), load_tensors(disk / file.name)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.allclose(a[key], b[key], rtol=1e-6, atol=1e-7), key

@@ -1,0 +1,73 @@
+"""Disk offload: a model whose transformer blocks stay empty until needed, one block read at a time.
+
+Everything outside the block list (embeddings, final norm, head, rotary buffers) is loaded normally;
+the blocks' parameters live on the meta device (no memory) and `BlockLoader.load(i)` reads block i's
+tensors from the safetensors files, `release(i)` empties it again. Peak memory is the non-block part
+plus one block, so a model larger than RAM can be calibrated.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+
+from lrsurgery.fuse import map_key, module_prefix
+from lrsurgery.models import LoadedModel, block_list, default_task, resolve_model
+from lrsurgery.shards import LazyWeights
+
+
+class BlockLoader:
+    """Reads one transformer block's weights from disk into an otherwise empty model."""
+
+    def __init__(self, loaded: LoadedModel):
+        self.model = loaded.model
+        self.weights = LazyWeights(loaded.folder)
+        keys = set(self.model.state_dict())
+        prefix = module_prefix(self.model)
+        self.block_prefix, self.blocks = block_list(self.model)
+        self.by_block: dict[int, list[tuple[str, str]]] = {}
+        self.rest: list[tuple[str, str]] = []
+        head = f"{prefix}{self.block_prefix}."
+        for key in self.weights.keys():
+            name = map_key(key, keys, prefix)
+            if name is None:
+                continue
+            if name.startswith(head):
+                self.by_block.setdefault(int(name[len(head) :].split(".")[0]), []).append((key, name))
+            else:
+                self.rest.append((key, name))
+
+    def load_rest(self) -> None:
+        for key, name in self.rest:
+            set_module_tensor_to_device(self.model, name, "cpu", value=self.weights.get(key))
+        self.model.tie_weights()
+
+    def load(self, index: int, device: torch.device | str) -> torch.nn.Module:
+        for key, name in self.by_block.get(index, []):
+            set_module_tensor_to_device(self.model, name, device, value=self.weights.get(key))
+        return self.blocks[index]
+
+    def release(self, index: int) -> None:
+        self.blocks[index].to("meta")
+
+
+def load_offloaded(spec: str) -> tuple[LoadedModel, BlockLoader]:
+    """The model of `spec` with empty blocks (see module doc) and the loader that fills them."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve_model(spec)
+    config = AutoConfig.from_pretrained(folder)
+    cls = AutoModelForCausalLM if default_task(folder) == "causal" else AutoModel
+    with init_empty_weights(include_buffers=False):
+        model = cls.from_config(config)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, folder=Path(folder), source=str(spec))
+    loader = BlockLoader(loaded)
+    loader.load_rest()
+    return loaded, loader
