@@ -1,14 +1,19 @@
-"""The `calibrate` stage: input-activation covariances of every target linear, layer by layer.
+"""The `calibrate` stage: covariances and sensitivities of every target linear, block by block.
 
-Sequential runner: the inputs of the first transformer block (and the keyword arguments the model
-passes every block: attention mask, rotary position embeddings, ...) are captured once by a pre-hook;
-then each block in turn is moved to the compute device, runs every calibration micro-batch, has its
-statistics accumulated and written, and is moved back. Its outputs, kept on CPU, are the next block's
-inputs. Only one block's weights are ever on the device.
+Forward: the inputs of the first transformer block (and the keyword arguments the model passes every
+block: attention mask, rotary position embeddings, ...) are captured once by a pre-hook; then each
+block in turn is brought to the compute device (from RAM, or read from the safetensors files with
+`--offload disk`), runs every calibration micro-batch, has its covariances accumulated and written,
+and is released. Its outputs, kept on CPU, are the next block's inputs.
 
-Covariance: for each target linear, Σ xᵀx over the tokens that count (padding excluded) and the token
-count, so C = XᵀX / n and two artifacts of the same model can be merged by adding sums and counts.
-Linears that read the same tensor (q/k/v; gate/up) share one covariance, stored once.
+Backward (sensitivity, sequential path): the model's own head turns the last block's outputs into the
+per-sample losses, whose gradient is then carried down block by block in reverse: each block is
+recomputed from its stored input with gradients on, back-propagated, and its per-sample |W ⊙ ∇W|
+reduced (sensitivity.py). One block's weights are resident at a time in both passes.
+
+Everything is written per block as the block finishes (covariance sums, sensitivity reductions and the
+gradient at the block boundary), with the manifest recording how far each pass got, so an interrupted
+run continues with `--resume` from the last finished block.
 """
 
 from __future__ import annotations
@@ -20,23 +25,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from lrsurgery.artifacts import ArtifactError, Manifest, read_manifest, save_tensors, write_manifest
-from lrsurgery.data import DataSpec, build_examples, collate
-from lrsurgery.models import (
-    backbone,
-    block_list,
-    default_task,
-    find_targets,
-    load_model,
-    model_fingerprint,
-    resolve_model,
-)
+from lrsurgery.artifacts import ArtifactError, Manifest, load_tensors, read_manifest, save_tensors, write_manifest
+from lrsurgery.covariance import CalibrationError, CovarianceCollector
+from lrsurgery.data import IGNORE, DataSpec, build_examples, collate
+from lrsurgery.models import backbone, block_list, default_task, find_targets, load_model, resolve_model
 from lrsurgery.progress import progress
+from lrsurgery.sensitivity import SensitivityCollector, per_sample_loss, whole_model
 from lrsurgery.surgery import model_record
 
-
-class CalibrationError(ValueError):
-    """Calibration cannot run on this model or data."""
+__all__ = ["CalibrateConfig", "CalibrationError", "capture_block_inputs", "run_calibrate"]
 
 
 class _Captured(Exception):
@@ -54,6 +51,7 @@ class CalibrateConfig:
     collect: tuple[str, ...] = ("covariance",)
     sensitivity_path: str = "sequential"
     offload: str = "cpu"
+    tokens: str = "all"
 
     def __post_init__(self) -> None:
         self.collect = tuple(self.collect)
@@ -64,6 +62,12 @@ class CalibrateConfig:
             raise CalibrationError(f"--offload must be cpu or disk, got {self.offload!r}")
         if self.sensitivity_path not in ("sequential", "whole"):
             raise CalibrationError(f"--sensitivity-path must be sequential or whole, got {self.sensitivity_path!r}")
+        if self.tokens not in ("all", "response"):
+            raise CalibrationError(f"--tokens must be all or response, got {self.tokens!r}")
+        if self.offload == "disk" and "sensitivity" in self.collect and self.sensitivity_path == "whole":
+            raise CalibrationError("--sensitivity-path whole needs the whole model in memory; use --offload cpu")
+        if self.dtype not in ("fp32", "fp64"):
+            raise CalibrationError(f"--dtype must be fp32 or fp64, got {self.dtype!r}")
 
 
 def _to(value: Any, device: torch.device | str) -> Any:
@@ -79,7 +83,7 @@ def _to(value: Any, device: torch.device | str) -> Any:
 
 
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[dict]) -> list[tuple]:
-    """(hidden states, kwargs) reaching the first block for each micro-batch, on CPU."""
+    """(hidden states, kwargs, extra args) reaching the first block for each micro-batch, on CPU."""
     captured: list[tuple] = []
 
     def hook(module, args, kwargs):
@@ -100,74 +104,57 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[
     return captured
 
 
-class CovarianceCollector:
-    """Forward hooks on one block's target linears accumulating Σ xᵀx over non-padding tokens."""
-
-    def __init__(self, modules: dict[str, nn.Linear], dtype: torch.dtype):
-        self.modules = modules
-        self.dtype = dtype
-        self.sums: dict[str, torch.Tensor] = {}
-        self.tokens = 0
-        self.share: dict[str, str] = {}  # module name → the module whose covariance it shares
-        self.mask: torch.Tensor | None = None
-        self._seen: dict[tuple, tuple[str, torch.Tensor]] = {}
-        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
-
-    def _hook(self, name: str):
-        def hook(module, args, output):
-            x = args[0]
-            # the same tensor object feeds q/k/v (gate/up); holding it for the batch keeps its address
-            # from being reused by a later, different tensor
-            key = (x.data_ptr(), tuple(x.shape), x.stride())
-            owner, _ = self._seen.setdefault(key, (name, x))
-            if name not in self.share:
-                self.share[name] = owner
-            if owner != name:
-                return
-            rows = x.reshape(-1, x.shape[-1])
-            if self.mask is not None:
-                rows = rows[self.mask.reshape(-1).to(rows.device)]
-            rows = rows.to(self.dtype)
-            if not torch.isfinite(rows).all():
-                raise CalibrationError(f"activations entering {name} contain NaN or Inf")
-            if name in self.sums:
-                self.sums[name].addmm_(rows.T, rows)
-            else:
-                self.sums[name] = rows.T @ rows
-
-        return hook
-
-    def start_batch(self, mask: torch.Tensor) -> None:
-        self.mask = mask.bool()
-        self.tokens += int(self.mask.sum())
-        self._seen = {}
-
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-
 def _block_output(result: Any) -> torch.Tensor:
     return result[0] if isinstance(result, (tuple, list)) else result
 
 
+class BlockRunner:
+    """Brings block i onto the compute device (from RAM or, with a disk loader, from the files) and back."""
+
+    def __init__(self, model: nn.Module, device: torch.device, loader: Any = None):
+        self.model = model
+        self.prefix, self.blocks = block_list(model)
+        self.root = backbone(model)
+        self.device = device
+        self.loader = loader
+        self.tuple_output = True
+
+    def load(self, index: int) -> nn.Module:
+        block = self.loader.load(index, self.device) if self.loader else self.blocks[index].to(self.device)
+        return block.requires_grad_(False)
+
+    def release(self, index: int) -> None:
+        if self.loader:
+            self.loader.release(index)
+        else:
+            self.blocks[index].to("cpu")
+
+    def targets(self, index: int, targets: list[str]) -> dict[str, nn.Linear]:
+        return {n: self.root.get_submodule(n) for n in targets if n.startswith(f"{self.prefix}.{index}.")}
+
+    def run(self, block: nn.Module, hidden: torch.Tensor, kwargs: dict, args: tuple) -> torch.Tensor:
+        result = block(hidden.to(self.device), *_to(args, self.device), **_to(kwargs, self.device))
+        self.tuple_output = isinstance(result, (tuple, list))
+        return _block_output(result)
+
+
 def run_calibrate(model: str, data: DataSpec, cfg: CalibrateConfig, out: Path, resume: bool = False) -> Path:
-    """Collect per-module input covariances into a stats artifact at `out` (resumable by block)."""
-    dtype = {"fp32": torch.float32, "fp64": torch.float64}.get(cfg.dtype)
-    if dtype is None:
-        raise CalibrationError(f"--dtype must be fp32 or fp64, got {cfg.dtype!r}")
+    """Collect per-module statistics (see module doc) into a stats artifact at `out`; return `out`."""
     loader = None
     if cfg.offload == "disk":
-        if "sensitivity" in cfg.collect:
-            raise CalibrationError("--offload disk collects covariances only in this version; use --offload cpu")
         from lrsurgery.offload import load_offloaded
 
         loaded, loader = load_offloaded(model)
     else:
         loaded = load_model(model, task=default_task(resolve_model(model)))
+    loaded.model.requires_grad_(False)
     limit = getattr(loaded.model.config, "max_position_embeddings", None)
     if limit and cfg.seq_len > limit:
         raise CalibrationError(f"--seq-len {cfg.seq_len} is longer than the model allows ({limit})")
+    if "sensitivity" in cfg.collect and default_task(loaded.folder) != "causal":
+        raise CalibrationError("--collect sensitivity needs a causal language model (the loss is its LM loss)")
+    if cfg.tokens == "response" and not data.prompt_template:
+        raise CalibrationError("--tokens response needs prompt/response data (--prompt-template, --response-template)")
     examples = build_examples(DataSpec(**{**asdict(data), "seq_len": cfg.seq_len}), loaded.tokenizer)
     if len(examples) < cfg.samples:
         raise CalibrationError(
@@ -176,67 +163,118 @@ def run_calibrate(model: str, data: DataSpec, cfg: CalibrateConfig, out: Path, r
     rows = examples.rows[: cfg.samples]
     pad = loaded.tokenizer.pad_token_id
     batches = [collate(rows[i : i + cfg.batch_size], pad, "causal") for i in range(0, len(rows), cfg.batch_size)]
-    prefix, blocks = block_list(loaded.model)
+    for batch in batches:
+        batch["count"] = batch["attention_mask"] if cfg.tokens == "all" else batch["labels"] != IGNORE
     targets = find_targets(loaded.model, cfg.targets)
-    fingerprint = model_fingerprint(loaded.folder)
+    runner = BlockRunner(loaded.model, torch.device(cfg.device), loader)
+    blocks = len(runner.blocks)
     manifest = Manifest(
         kind="stats",
         config={**asdict(cfg), "collect": list(cfg.collect), "data": asdict(data)},
-        model={**model_record(loaded), "fingerprint": fingerprint},
+        model=model_record(loaded),
         data={"fingerprint": examples.fingerprint, "samples": len(rows), "path": data.path},
-        extra={"blocks": len(blocks), "completed": 0, "tokens": 0, "modules": {}},
+        extra={"blocks": blocks, "completed": 0, "tokens": 0, "modules": {}},
     )
     work = _prepare(out, manifest, resume)
-    done = read_manifest(work).extra["completed"]
-    device = torch.device(cfg.device)
-    if "covariance" not in cfg.collect:
-        done = len(blocks)
-    with torch.no_grad():
-        hidden = capture_block_inputs(loaded.model, blocks, batches) if done < len(blocks) else []
-        # finished blocks still run: their outputs are the inputs of the blocks after them
-        for index in progress(range(len(blocks) if hidden else 0), desc="calibrate", unit="block"):
-            block = loader.load(index, device) if loader else blocks[index].to(device)
-            names = {n: backbone(loaded.model).get_submodule(n) for n in targets if n.startswith(f"{prefix}.{index}.")}
-            collector = CovarianceCollector(names, dtype) if index >= done else None
-            for b, (states, kwargs, args) in enumerate(hidden):
-                if collector:
-                    collector.start_batch(batches[b]["attention_mask"])
-                result = block(states.to(device), *_to(args, device), **_to(kwargs, device))
-                hidden[b] = (_block_output(result).cpu(), kwargs, args)
-            if loader:
-                loader.release(index)
-            else:
-                blocks[index].to("cpu")
-            if collector:
-                collector.close()
-                _write_block(work, index, collector)
-    if "sensitivity" in cfg.collect:
-        _collect_sensitivity(loaded, rows, pad, targets, cfg, work)
+    state = read_manifest(work).extra
+    covariance_from = state["completed"] if "covariance" in cfg.collect else blocks
+    wants_sensitivity = "sensitivity" in cfg.collect and "sensitivity" not in state
+    if wants_sensitivity and cfg.sensitivity_path == "whole":
+        _save_sensitivity(work, whole_model(loaded.model, batches, targets), batches, "whole")
+        wants_sensitivity = False
+    backward_from = state.get("sensitivity_next", blocks) if wants_sensitivity else 0
+    forward_to = blocks if covariance_from < blocks or backward_from == blocks else backward_from - 1
+    kept, hidden = _forward(runner, batches, targets, cfg, work, covariance_from, forward_to, backward_from)
+    if wants_sensitivity:
+        _backward(loaded.model, runner, batches, targets, work, kept, hidden, backward_from)
     return _finish(work, out)
 
 
-def _collect_sensitivity(loaded, rows, pad, targets, cfg: CalibrateConfig, work: Path) -> None:
-    """Per-sample |W ⊙ ∇W| reductions for every target (see sensitivity.py), written as one file."""
-    from lrsurgery import sensitivity
+def _forward(runner, batches, targets, cfg, work, covariance_from, forward_to, keep_to):
+    """Run blocks [0, forward_to), collecting covariances from block `covariance_from` on, and keep
+    the inputs of blocks [0, keep_to) for the backward pass.
 
-    if default_task(loaded.folder) != "causal":
-        raise CalibrationError("--collect sensitivity needs a causal language model (the loss is its LM loss)")
-    samples = [collate([r], pad, "causal") for r in rows]
-    if cfg.sensitivity_path == "whole":
-        tensors = sensitivity.whole_model(loaded.model, samples, targets)
+    Returns (kept[block][batch] hidden states, [(hidden, kwargs, args)] per batch after the last block run).
+    """
+    dtype = torch.float64 if cfg.dtype == "fp64" else torch.float32
+    kept: list[list[torch.Tensor]] = []
+    if max(forward_to, keep_to) <= 0:
+        return kept, []
+    with torch.no_grad():
+        hidden = capture_block_inputs(runner.model, runner.blocks, batches)
+        for index in progress(range(forward_to), desc="calibrate forward", unit="block"):
+            if index < keep_to:
+                kept.append([h for h, _, _ in hidden])
+            block = runner.load(index)
+            collector = CovarianceCollector(runner.targets(index, targets), dtype) if index >= covariance_from else None
+            for b, (states, kwargs, args) in enumerate(hidden):
+                if collector:
+                    collector.start_batch(batches[b]["count"])
+                hidden[b] = (runner.run(block, states, kwargs, args).cpu(), kwargs, args)
+            runner.release(index)
+            if collector:
+                collector.close()
+                _write_block(work, index, collector)
+        if forward_to < keep_to:
+            kept.append([h for h, _, _ in hidden])
+    return kept, hidden
+
+
+class _Replay(nn.Module):
+    """Stands in for the block list's only entry: returns a stored hidden state, ignoring its input."""
+
+    def __init__(self, hidden: torch.Tensor, as_tuple: bool):
+        super().__init__()
+        self.hidden = hidden
+        self.as_tuple = as_tuple
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return (self.hidden,) if self.as_tuple else self.hidden
+
+
+def _head_gradients(model: nn.Module, runner: BlockRunner, batches: list[dict], hidden: list[tuple]) -> list:
+    """∂(Σ per-sample losses)/∂(last block output) per micro-batch, from the model's own head."""
+    parent_name, _, attr = runner.prefix.rpartition(".")
+    parent = runner.root.get_submodule(parent_name) if parent_name else runner.root
+    original = getattr(parent, attr)
+    grads = []
+    try:
+        for batch, (states, _, _) in zip(batches, hidden, strict=True):
+            last = states.clone().requires_grad_(True)
+            setattr(parent, attr, nn.ModuleList([_Replay(last, runner.tuple_output)]))
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            per_sample_loss(out.logits, batch["labels"])[0].backward()
+            grads.append(last.grad)
+    finally:
+        setattr(parent, attr, original)
+    return grads
+
+
+def _backward(model, runner, batches, targets, work, kept, hidden, backward_from) -> None:
+    """Sequential sensitivity: carry the loss gradient down blocks [0, backward_from) in reverse."""
+    if backward_from == len(runner.blocks):
+        grads = _head_gradients(model, runner, batches, hidden)
     else:
-        _, blocks = block_list(loaded.model)
-        with torch.no_grad():
-            captured = capture_block_inputs(loaded.model, blocks, samples)
-        tensors = sensitivity.sequential(loaded.model, samples, targets, captured, cfg.device)
-    save_tensors(work / "sensitivity.safetensors", tensors)
-    manifest = read_manifest(work)
-    manifest.extra["sensitivity"] = {
-        "file": "sensitivity.safetensors",
-        "samples": len(samples),
-        "path": cfg.sensitivity_path,
-    }
-    write_manifest(work, manifest)
+        saved = load_tensors(work / f"grad_{backward_from:04d}.safetensors")
+        grads = [saved[f"batch.{b}"] for b in range(len(batches))]
+    for index in progress(reversed(range(backward_from)), desc="calibrate backward", total=backward_from, unit="block"):
+        block = runner.load(index)
+        collector = SensitivityCollector(runner.targets(index, targets))
+        below = []
+        for b, (batch, (_, kwargs, args)) in enumerate(zip(batches, hidden, strict=True)):
+            x = kept[index][b].to(runner.device).requires_grad_(True)
+            runner.run(block, x, kwargs, args).backward(grads[b].to(runner.device))
+            below.append(x.grad.cpu())
+            collector.samples += per_sample_count(batch["labels"])
+        runner.release(index)
+        grads = below
+        _write_sensitivity_block(work, index, collector.close(), grads)
+    _save_sensitivity(work, _gather_sensitivity(work), batches, "sequential")
+
+
+def per_sample_count(labels: torch.Tensor) -> int:
+    """Samples in a micro-batch with at least one predicted token (those the sensitivity averages over)."""
+    return int(((labels[:, 1:] != IGNORE).sum(dim=1) > 0).sum())
 
 
 def _prepare(out: Path, manifest: Manifest, resume: bool) -> Path:
@@ -272,6 +310,34 @@ def _write_block(work: Path, index: int, collector: CovarianceCollector) -> None
     write_manifest(work, manifest)
 
 
+def _write_sensitivity_block(work: Path, index: int, tensors: dict, grads: list[torch.Tensor]) -> None:
+    """Write block `index`'s sensitivities and the gradient entering it, then move the resume point."""
+    save_tensors(work / f"sens_{index:04d}.safetensors", tensors)
+    save_tensors(work / f"grad_{index:04d}.safetensors", {f"batch.{b}": g for b, g in enumerate(grads)})
+    manifest = read_manifest(work)
+    manifest.extra["sensitivity_next"] = index
+    write_manifest(work, manifest)
+    (work / f"grad_{index + 1:04d}.safetensors").unlink(missing_ok=True)
+
+
+def _gather_sensitivity(work: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(work.glob("sens_*.safetensors")):
+        tensors.update(load_tensors(file))
+    return tensors
+
+
+def _save_sensitivity(work: Path, tensors: dict, batches: list[dict], path: str) -> None:
+    save_tensors(work / "sensitivity.safetensors", tensors)
+    manifest = read_manifest(work)
+    samples = sum(per_sample_count(b["labels"]) for b in batches)
+    manifest.extra["sensitivity"] = {"file": "sensitivity.safetensors", "samples": samples, "path": path}
+    manifest.extra.pop("sensitivity_next", None)
+    write_manifest(work, manifest)
+    for file in [*work.glob("sens_*.safetensors"), *work.glob("grad_*.safetensors")]:
+        file.unlink()
+
+
 def _finish(work: Path, out: Path) -> Path:
     manifest = read_manifest(work)
     covariance_done = "covariance" not in manifest.config["collect"] or (
@@ -281,90 +347,3 @@ def _finish(work: Path, out: Path) -> Path:
         raise ArtifactError(f"{work} is incomplete")
     work.rename(out)
     return out
-
-
-def load_sensitivity(stats: Path) -> dict[str, float]:
-    """S(W) per module from a stats artifact collected with sensitivity."""
-    from lrsurgery.artifacts import load_tensors
-
-    manifest = read_manifest(stats, "stats")
-    if "sensitivity" not in manifest.extra:
-        raise ArtifactError(f"{stats} has no sensitivities (calibrate with --collect covariance,sensitivity)")
-    tensors = load_tensors(Path(stats) / manifest.extra["sensitivity"]["file"])
-    return {k[len("sens.") :]: float(v) for k, v in tensors.items() if k.startswith("sens.")}
-
-
-def load_covariance(stats: Path, module: str) -> torch.Tensor:
-    """C = XᵀX / n for `module` from a stats artifact (a shared covariance is read from its owner)."""
-    from lrsurgery.artifacts import load_tensors
-
-    manifest = read_manifest(stats, "stats")
-    info = manifest.extra["modules"].get(module)
-    if info is None:
-        raise ArtifactError(f"{stats} has no covariance for module {module}")
-    sums = load_tensors(Path(stats) / info["file"])[f"cov.{info['covariance']}"]
-    return sums / info["tokens"]
-
-
-def merge_stats(inputs: list[Path], out: Path, force: bool = False) -> Path:
-    """Add the covariance sums and token counts of stats artifacts from one model into `out`.
-
-    The result equals one calibration over the union of their sequences (up to summation order).
-    """
-    from lrsurgery.artifacts import atomic_folder, load_tensors
-
-    if len(inputs) < 2:
-        raise CalibrationError("merging needs at least two stats artifacts")
-    manifests = [read_manifest(p, "stats") for p in inputs]
-    first = manifests[0]
-    for path, m in zip(inputs[1:], manifests[1:], strict=True):
-        if m.model["fingerprint"] != first.model["fingerprint"] and not force:
-            raise ArtifactError(
-                f"{path} was calibrated on another model than {inputs[0]}; pass --force to merge anyway"
-            )
-        if m.extra["modules"].keys() != first.extra["modules"].keys() or m.config["dtype"] != first.config["dtype"]:
-            raise ArtifactError(f"{path} covers other modules or another dtype than {inputs[0]}")
-    modules = {
-        name: {**info, "tokens": sum(m.extra["modules"][name]["tokens"] for m in manifests)}
-        for name, info in first.extra["modules"].items()
-    }
-    merged = Manifest(
-        kind="stats",
-        config={**first.config, "merged_from": [str(Path(p).resolve()) for p in inputs]},
-        model=first.model,
-        data={
-            "fingerprint": [m.data["fingerprint"] for m in manifests],
-            "samples": sum(m.data["samples"] for m in manifests),
-        },
-        extra={**first.extra, "modules": modules, "tokens": sum(m.extra["tokens"] for m in manifests)},
-    )
-    with atomic_folder(out) as tmp:
-        for file in sorted(Path(inputs[0]).glob("block_*.safetensors")):
-            parts = [load_tensors(Path(p) / file.name) for p in inputs]
-            save_tensors(tmp / file.name, {k: sum(part[k] for part in parts) for k in parts[0]})
-        write_manifest(tmp, merged)
-    return out
-
-
-def summarise(stats: Path) -> list[dict[str, Any]]:
-    """Per stored covariance: trace, effective rank (exp of the eigenvalue entropy) and condition number."""
-    manifest = read_manifest(stats, "stats")
-    rows = []
-    for name, info in manifest.extra["modules"].items():
-        if info["covariance"] != name:
-            continue
-        eig = torch.linalg.eigvalsh(load_covariance(stats, name).double()).clamp_min(0)
-        p = eig / eig.sum()
-        entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
-        shared = sorted(n for n, i in manifest.extra["modules"].items() if i["covariance"] == name)
-        rows.append(
-            {
-                "covariance": name,
-                "shared_by": shared,
-                "dim": eig.numel(),
-                "trace": float(eig.sum()),
-                "effective_rank": float(torch.tensor(entropy).exp()),
-                "condition": float(eig.max() / eig.min()) if eig.min() > 0 else float("inf"),
-            }
-        )
-    return rows

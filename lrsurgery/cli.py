@@ -104,6 +104,13 @@ def calibrate(
     data: str = typer.Option(..., "--data", help="Calibration data: local file or hub id (its `text` column)."),
     split: str = typer.Option("train", "--split", help="Dataset split."),
     text_column: str = typer.Option("text", "--text-column", help="Column with the text."),
+    prompt_template: str = typer.Option(
+        None, "--prompt-template", help="Prompt/response data: prompt in Python format syntax (as for train)."
+    ),
+    response_template: str = typer.Option(None, "--response-template", help="Response template (as for train)."),
+    tokens: str = typer.Option(
+        "all", "--tokens", help="Tokens whose activations count: all, or response (prompt/response data)."
+    ),
     samples: int = typer.Option(32, "--samples", help="Calibration sequences."),
     seq_len: int = typer.Option(256, "--seq-len", help="Tokens per sequence."),
     batch_size: int = typer.Option(4, "--batch-size", help="Sequences per forward pass."),
@@ -138,9 +145,17 @@ def calibrate(
         collect=wanted,
         sensitivity_path=sensitivity_path,
         offload=offload,
+        tokens=tokens,
+    )
+    spec = DataSpec(
+        path=data,
+        split=split,
+        text_column=text_column,
+        prompt_template=prompt_template,
+        response_template=response_template,
     )
     with _timed(out):
-        run_calibrate(model, DataSpec(path=data, split=split, text_column=text_column), cfg, out, resume=resume)
+        run_calibrate(model, spec, cfg, out, resume=resume)
 
 
 @app.command("merge-stats")
@@ -151,7 +166,7 @@ def merge_stats_cmd(
     force: bool = typer.Option(False, "--force", help="Merge even if the model fingerprints differ."),
 ) -> None:
     """Add calibration statistics gathered on different data (sums and token counts add)."""
-    from lrsurgery.calibrate import merge_stats
+    from lrsurgery.stats import merge_stats
 
     with _timed(out):
         merge_stats(stats, out, force=force)
@@ -159,18 +174,33 @@ def merge_stats_cmd(
 
 @app.command()
 @user_errors
-def inspect(stats: Path = typer.Argument(..., help="A stats artifact (from `lrsurgery calibrate`).")) -> None:
-    """Summarise a stats artifact: per covariance its trace, effective rank and condition number."""
-    from lrsurgery.calibrate import summarise
+def inspect(
+    stats: Path = typer.Argument(..., help="A stats artifact (from `lrsurgery calibrate`)."),
+    top: int = typer.Option(10, "--top", help="Modules shown in the sensitivity ranking (0: all)."),
+    heatmap: Path = typer.Option(None, "--heatmap", help="Also write a PNG of sensitivity by block x module."),
+) -> None:
+    """Summarise a stats artifact: covariance trace, effective rank and condition; sensitivity ranking."""
+    from lrsurgery.artifacts import read_manifest
+    from lrsurgery.stats import load_sensitivity, save_heatmap, summarise
 
-    typer.echo("| covariance | shared by | dim | trace | effective rank | condition |")
-    typer.echo("|---|---|---|---|---|---|")
-    for row in summarise(stats):
-        shared = ", ".join(n.rsplit(".", 1)[-1] for n in row["shared_by"])
-        typer.echo(
-            f"| {row['covariance']} | {shared} | {row['dim']} | {row['trace']:.4g} | "
-            f"{row['effective_rank']:.1f} | {row['condition']:.3g} |"
-        )
+    manifest = read_manifest(stats, "stats")
+    if "covariance" in manifest.config["collect"]:
+        typer.echo("| covariance | shared by | dim | trace | effective rank | condition |")
+        typer.echo("|---|---|---|---|---|---|")
+        for row in summarise(stats):
+            shared = ", ".join(n.rsplit(".", 1)[-1] for n in row["shared_by"])
+            typer.echo(
+                f"| {row['covariance']} | {shared} | {row['dim']} | {row['trace']:.4g} | "
+                f"{row['effective_rank']:.1f} | {row['condition']:.3g} |"
+            )
+    if "sensitivity" in manifest.extra:
+        ranking = sorted(load_sensitivity(stats).items(), key=lambda kv: -kv[1])
+        total = sum(v for _, v in ranking)
+        typer.echo("\n| rank | module | sensitivity | share |\n|---|---|---|---|")
+        for i, (name, value) in enumerate(ranking[: top or None], start=1):
+            typer.echo(f"| {i} | {name} | {value:.4g} | {value / total:.1%} |")
+    if heatmap:
+        typer.echo(f"heatmap written to {save_heatmap(stats, heatmap)}")
 
 
 @app.command()

@@ -114,7 +114,7 @@ def run_fuse(
         check_disk(out, writer.total_size)
         for name, _, _ in progress(plan, desc="fuse", unit="tensor"):
             if name in by_key:
-                writer.write(name, cast(name, weights.get(sources[name]).double() + by_key[name].delta(), target))
+                writer.write(name, cast(name, weights.get(sources[name], torch.float64) + by_key[name].delta(), target))
             elif name in sources:  # untouched: copied in row blocks, never whole
                 writer.write(name, (cast(name, block, target) for block in weights.row_chunks(sources[name])))
             else:

@@ -42,13 +42,18 @@ class BlockLoader:
 
     def load_rest(self) -> None:
         for key, name in self.rest:
-            set_module_tensor_to_device(self.model, name, "cpu", value=self.weights.get(key))
+            set_module_tensor_to_device(self.model, name, "cpu", value=self.weights.get(key, self._dtype(name)))
         self.model.tie_weights()
 
     def load(self, index: int, device: torch.device | str) -> torch.nn.Module:
         for key, name in self.by_block.get(index, []):
-            set_module_tensor_to_device(self.model, name, device, value=self.weights.get(key))
+            set_module_tensor_to_device(self.model, name, device, value=self.weights.get(key, self._dtype(name)))
         return self.blocks[index]
+
+    def _dtype(self, name: str) -> torch.dtype:
+        """The dtype the empty model declares for tensor `name` (the file's may differ, e.g. bf16)."""
+        module, _, attr = name.rpartition(".")
+        return getattr(self.model.get_submodule(module), attr).dtype
 
     def release(self, index: int) -> None:
         self.blocks[index].to("meta")

@@ -75,8 +75,18 @@ class LazyWeights:
     def dtype(self, key: str) -> torch.dtype:
         return CODE_DTYPES[self.entries[key][2]["dtype"]]
 
-    def get(self, key: str) -> torch.Tensor:
-        return torch.cat(list(self.row_chunks(key, max_bytes=None))) if self.shape(key) else self._read(key, 0, 1)
+    def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The whole tensor, converted to `dtype` (default: as stored) row block by row block, so the
+        only extra memory beyond the result is one block of rows."""
+        shape = self.shape(key)
+        if not shape:
+            return self._read(key, 0, 1).to(dtype or self.dtype(key))
+        out = torch.empty(shape, dtype=dtype or self.dtype(key))
+        first = 0
+        for block in self.row_chunks(key):
+            out[first : first + block.shape[0]] = block
+            first += block.shape[0]
+        return out
 
     def row_chunks(self, key: str, max_bytes: int | None = 16 * 2**20) -> Iterator[torch.Tensor]:
         """Yield the tensor in blocks of whole rows of at most `max_bytes` (one block if None)."""

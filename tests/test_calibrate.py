@@ -10,9 +10,10 @@ from helpers import write_jsonl
 
 from lrsurgery import calibrate as calibration
 from lrsurgery.artifacts import load_tensors
-from lrsurgery.calibrate import CalibrateConfig, CalibrationError, load_covariance, run_calibrate
+from lrsurgery.calibrate import CalibrateConfig, CalibrationError, run_calibrate
 from lrsurgery.data import DataSpec, build_examples, collate
 from lrsurgery.models import backbone, default_task, find_targets, load_model
+from lrsurgery.stats import load_covariance
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +110,7 @@ def test_clear_errors(tiny_llama, lm_data, tmp_path):
 
 
 def test_merged_stats_equal_one_run_over_the_union(tiny_llama, bbc, tmp_path):
-    from lrsurgery.calibrate import merge_stats
+    from lrsurgery.stats import merge_stats
 
     rows = [json.loads(x)["text"] for x in (bbc / "train.jsonl").read_text().splitlines()[:40]]
     part_a = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in rows[:20]])
@@ -131,7 +132,7 @@ def test_merged_stats_equal_one_run_over_the_union(tiny_llama, bbc, tmp_path):
 
 def test_merge_refuses_another_model(tiny_llama, tiny_llama_other, lm_data, tmp_path):
     from lrsurgery.artifacts import ArtifactError
-    from lrsurgery.calibrate import merge_stats
+    from lrsurgery.stats import merge_stats
 
     cfg = CalibrateConfig(samples=3, seq_len=32, batch_size=3)
     a = run_calibrate(str(tiny_llama), DataSpec(path=str(lm_data)), cfg, tmp_path / "a")
@@ -144,7 +145,7 @@ def test_merge_refuses_another_model(tiny_llama, tiny_llama_other, lm_data, tmp_
 def test_inspect_summary(tiny_llama, lm_data, tmp_path):
     from helpers import cli
 
-    from lrsurgery.calibrate import summarise
+    from lrsurgery.stats import summarise
 
     stats = run_calibrate(
         str(tiny_llama), DataSpec(path=str(lm_data)), CalibrateConfig(samples=6, seq_len=32), tmp_path / "s"
@@ -164,8 +165,8 @@ def test_inspect_summary(tiny_llama, lm_data, tmp_path):
 @pytest.mark.parametrize("path", ["sequential", "whole"])
 def test_calibrate_collects_sensitivity(tiny_llama, lm_data, tmp_path, path):
     """The artifact's sensitivities equal the whole-model computation on the same samples."""
-    from lrsurgery.calibrate import load_sensitivity
     from lrsurgery.sensitivity import whole_model
+    from lrsurgery.stats import load_sensitivity
 
     cfg = CalibrateConfig(samples=3, seq_len=24, collect=("covariance", "sensitivity"), sensitivity_path=path)
     stats = run_calibrate(str(tiny_llama), DataSpec(path=str(lm_data)), cfg, tmp_path / "s")
@@ -204,3 +205,46 @@ def test_disk_offload_gives_the_same_covariances(request, model_fixture, lm_data
         assert a.keys() == b.keys()
         for key in a:
             assert torch.allclose(a[key], b[key], rtol=1e-6, atol=1e-7), key
+
+
+def test_response_tokens_only(tiny_llama, bbc_small, tmp_path):
+    """--tokens response: the covariance sums only the response tokens' activations."""
+    from helpers import PROMPT, RESPONSE
+
+    spec = DataSpec(path=str(bbc_small), seq_len=128, prompt_template=PROMPT, response_template=RESPONSE)
+    cfg = CalibrateConfig(samples=4, seq_len=128, batch_size=2, tokens="response")
+    stats = run_calibrate(str(tiny_llama), spec, cfg, tmp_path / "s")
+    loaded = load_model(tiny_llama)
+    rows = build_examples(spec, loaded.tokenizer).rows[:4]
+    name = "layers.1.mlp.down_proj"
+    captured = []
+    handle = backbone(loaded.model).get_submodule(name).register_forward_hook(lambda m, a, o: captured.append(a[0]))
+    with torch.no_grad():
+        for row in rows:  # one sequence at a time: no padding at all
+            loaded.model(input_ids=torch.tensor([row["input_ids"]]))
+    handle.remove()
+    x = torch.cat([h[0][torch.tensor(r["labels"]) != -100] for h, r in zip(captured, rows, strict=True)]).double()
+    assert 0 < x.shape[0] < sum(len(r["input_ids"]) for r in rows)
+    expected = x.T @ x / x.shape[0]
+    got = load_covariance(stats, name).double()
+    assert float((got - expected).norm() / expected.norm()) <= 1e-5
+    with pytest.raises(CalibrationError, match="--tokens response needs prompt/response data"):
+        run_calibrate(str(tiny_llama), DataSpec(path=str(bbc_small)), cfg, tmp_path / "t")
+
+
+def test_inspect_ranks_sensitivity_and_draws_a_heatmap(tiny_llama, lm_data, tmp_path):
+    from helpers import cli
+
+    from lrsurgery.stats import load_sensitivity, sensitivity_grid
+
+    cfg = CalibrateConfig(samples=2, seq_len=24, collect=("sensitivity",))
+    stats = run_calibrate(str(tiny_llama), DataSpec(path=str(lm_data)), cfg, tmp_path / "s")
+    values = load_sensitivity(stats)
+    blocks, kinds, grid = sensitivity_grid(stats)
+    assert blocks == ["0", "1"] and len(kinds) == 7 and "mlp.down_proj" in kinds
+    assert float(grid[1, kinds.index("mlp.down_proj")]) == values["layers.1.mlp.down_proj"]
+    code, out = cli("inspect", stats, "--top", 3, "--heatmap", tmp_path / "sens.png")
+    best = max(values, key=values.get)
+    assert code == 0 and f"| 1 | {best} |" in out and "| 4 |" not in out and "| covariance |" not in out
+    png = (tmp_path / "sens.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000

@@ -1,53 +1,104 @@
-"""Sensitivity |w · ∂L/∂w|: the sequential block-by-block backward equals the whole-model one."""
+"""Sensitivity mean |w · ∂L/∂w|: per-sample gradients from batched passes, sequential = whole model."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from helpers import PROMPT, RESPONSE
 
-from lrsurgery.calibrate import capture_block_inputs
+from lrsurgery import calibrate as calibration
+from lrsurgery.artifacts import load_tensors
+from lrsurgery.calibrate import CalibrateConfig, run_calibrate
 from lrsurgery.data import DataSpec, build_examples, collate
-from lrsurgery.models import block_list, find_targets, load_model
-from lrsurgery.sensitivity import sequential, whole_model
+from lrsurgery.models import find_targets, load_model
+from lrsurgery.sensitivity import whole_model
+from lrsurgery.stats import sensitivity_tensors
+
+BOTH = ("covariance", "sensitivity")
 
 
-def _samples(folder, data_path, n, seq_len):
-    loaded = load_model(folder)
-    rows = build_examples(DataSpec(path=str(data_path), seq_len=seq_len), loaded.tokenizer).rows[:n]
-    return loaded, [collate([r], loaded.tokenizer.pad_token_id, "causal") for r in rows]
-
-
-def _compare(folder, data_path, n, seq_len):
-    loaded, samples = _samples(folder, data_path, n, seq_len)
-    targets = find_targets(loaded.model)
-    reference = whole_model(loaded.model, samples, targets)
-    _, blocks = block_list(loaded.model)
-    with torch.no_grad():
-        captured = capture_block_inputs(loaded.model, blocks, samples)
-    got = sequential(loaded.model, samples, targets, captured)
-    assert reference.keys() == got.keys() and len(reference) == 3 * len(targets)
-    for key, expected in reference.items():
-        assert float((got[key] - expected).norm() / expected.norm()) <= 1e-4, key
-    return reference, loaded, samples, targets
-
-
-def test_sequential_equals_whole_model_tiny(tiny_llama, bbc_small):
-    reference, loaded, samples, targets = _compare(tiny_llama, bbc_small, n=3, seq_len=24)
-    # against a direct computation: mean over samples of mean |w * grad|
-    name = targets[-1]
+def direct(loaded, rows, name):
+    """Reference: one backward per sample on the real weight gradient, |w · g| averaged over samples."""
     weight = loaded.model.base_model.get_submodule(name).weight
     total = torch.zeros_like(weight, dtype=torch.float64)
-    for sample in samples:
+    for row in rows:
         weight.requires_grad_(True)
         weight.grad = None
-        loaded.model(**sample).loss.backward()
+        loaded.model(**collate([row], loaded.tokenizer.pad_token_id, "causal")).loss.backward()
         total += (weight.detach() * weight.grad).abs().double()
         weight.requires_grad_(False)
-    assert float(reference[f"sens.{name}"]) == pytest.approx(float(total.mean() / len(samples)), rel=1e-5)
-    rows = total.mean(dim=1) / len(samples)
-    assert torch.allclose(reference[f"sens_rows.{name}"].double(), rows, rtol=1e-5)
+    return total / len(rows)
+
+
+@pytest.mark.parametrize("data", ["lm", "sft"])
+def test_batched_per_sample_sensitivity_equals_one_backward_per_sample(tiny_llama, bbc_small, data):
+    """Batches of 3 (padded, for SFT) give the per-sample |w · g| of one backward per sample."""
+    loaded = load_model(tiny_llama)
+    spec = DataSpec(path=str(bbc_small), seq_len=24)
+    if data == "sft":
+        spec = DataSpec(path=str(bbc_small), seq_len=128, prompt_template=PROMPT, response_template=RESPONSE)
+    rows = build_examples(spec, loaded.tokenizer).rows[:6]
+    if data == "sft":
+        assert len({len(r["input_ids"]) for r in rows}) > 1  # padding really happens
+    batches = [collate(rows[i : i + 3], loaded.tokenizer.pad_token_id, "causal") for i in (0, 3)]
+    targets = find_targets(loaded.model)
+    got = whole_model(loaded.model, batches, targets)
+    for name in (targets[0], targets[-1]):
+        expected = direct(loaded, rows, name)
+        assert float(got[f"sens.{name}"]) == pytest.approx(float(expected.mean()), rel=1e-5)
+        assert torch.allclose(got[f"sens_rows.{name}"].double(), expected.mean(dim=1), rtol=1e-5)
+        assert torch.allclose(got[f"sens_cols.{name}"].double(), expected.mean(dim=0), rtol=1e-5)
+
+
+def _sequential_vs_whole(folder, data, tmp_path, **options):
+    cfg = dict(samples=4, seq_len=32, batch_size=2, collect=BOTH)
+    whole = run_calibrate(
+        str(folder), DataSpec(path=str(data)), CalibrateConfig(**cfg, sensitivity_path="whole"), tmp_path / "w"
+    )
+    seq = run_calibrate(str(folder), DataSpec(path=str(data)), CalibrateConfig(**cfg, **options), tmp_path / "s")
+    reference, got = sensitivity_tensors(whole), sensitivity_tensors(seq)
+    assert reference.keys() == got.keys()
+    for key, expected in reference.items():
+        assert float((got[key] - expected).norm() / expected.norm()) <= 1e-4, key
+    return seq
+
+
+def test_sequential_equals_whole_model_tiny(tiny_llama, bbc_small, tmp_path):
+    stats = _sequential_vs_whole(tiny_llama, bbc_small, tmp_path)
+    assert len(sensitivity_tensors(stats)) == 3 * 14
+    assert not list(stats.glob("grad_*")) and not list(stats.glob("sens_*"))  # working files removed
 
 
 @pytest.mark.slow
-def test_sequential_equals_whole_model_smollm2(smollm2, bbc_small):
-    _compare(smollm2, bbc_small, n=2, seq_len=32)
+def test_sequential_equals_whole_model_smollm2(smollm2, bbc_small, tmp_path):
+    _sequential_vs_whole(smollm2, bbc_small, tmp_path)
+
+
+def test_sequential_with_disk_offload_equals_whole_model(tiny_llama, bbc_small, tmp_path):
+    _sequential_vs_whole(tiny_llama, bbc_small, tmp_path, offload="disk")
+
+
+def test_sensitivity_resumes_from_the_last_finished_block(tiny_llama, bbc_small, tmp_path, monkeypatch):
+    cfg = CalibrateConfig(samples=4, seq_len=32, batch_size=2, collect=BOTH)
+    data = DataSpec(path=str(bbc_small))
+    whole = run_calibrate(str(tiny_llama), data, cfg, tmp_path / "once")
+    original = calibration._write_sensitivity_block
+
+    def crash_at_block_zero(work, index, tensors, grads):
+        if index == 0:
+            raise KeyboardInterrupt
+        original(work, index, tensors, grads)
+
+    monkeypatch.setattr(calibration, "_write_sensitivity_block", crash_at_block_zero)
+    with pytest.raises(KeyboardInterrupt):
+        run_calibrate(str(tiny_llama), data, cfg, tmp_path / "again")
+    monkeypatch.setattr(calibration, "_write_sensitivity_block", original)
+    extra = json.loads((tmp_path / "again.partial" / "manifest.json").read_text())["extra"]
+    assert extra["completed"] == 2 and extra["sensitivity_next"] == 1
+    again = run_calibrate(str(tiny_llama), data, cfg, tmp_path / "again", resume=True)
+    for file in ["sensitivity.safetensors", *(f.name for f in whole.glob("block_*"))]:
+        assert load_tensors(again / file).keys() == load_tensors(whole / file).keys()
+        for key, value in load_tensors(whole / file).items():
+            assert torch.equal(load_tensors(again / file)[key], value), (file, key)

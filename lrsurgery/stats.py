@@ -1,0 +1,189 @@
+"""Reading, merging and summarising a stats artifact (written by `lrsurgery calibrate`).
+
+Layout: `manifest.json` (`extra.modules[name]` = {covariance owner, file, tokens}; `extra.sensitivity`
+= {file, samples, path}), `block_NNNN.safetensors` holding `cov.{owner}` = Σ xᵀx per block, and
+`sensitivity.safetensors` holding `sens.{name}` (1,), `sens_rows.{name}` (d_out), `sens_cols.{name}` (d_in).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lrsurgery.artifacts import (
+    ArtifactError,
+    Manifest,
+    atomic_file,
+    atomic_folder,
+    load_tensors,
+    read_manifest,
+    save_tensors,
+    write_manifest,
+)
+from lrsurgery.covariance import CalibrationError
+
+
+def has_covariance(manifest: Manifest) -> bool:
+    return "covariance" in manifest.config["collect"]
+
+
+def load_sensitivity(stats: Path) -> dict[str, float]:
+    """S(W) per module from a stats artifact collected with sensitivity."""
+    return {k[len("sens.") :]: float(v) for k, v in sensitivity_tensors(stats).items() if k.startswith("sens.")}
+
+
+def sensitivity_tensors(stats: Path) -> dict[str, torch.Tensor]:
+    """Every stored sensitivity tensor (scalars, row and column means) of a stats artifact."""
+    manifest = read_manifest(stats, "stats")
+    if "sensitivity" not in manifest.extra:
+        raise ArtifactError(f"{stats} has no sensitivities (calibrate with --collect covariance,sensitivity)")
+    return load_tensors(Path(stats) / manifest.extra["sensitivity"]["file"])
+
+
+class CovarianceReader:
+    """Reads C = XᵀX / n of any module of a stats artifact, one stored tensor at a time."""
+
+    def __init__(self, stats: Path):
+        self.stats = Path(stats)
+        self.modules = read_manifest(stats, "stats").extra["modules"]
+
+    def get(self, module: str) -> torch.Tensor:
+        """C for `module`, (d_in, d_in) in the stored dtype (a shared covariance is read from its owner)."""
+        from safetensors import safe_open
+
+        info = self.modules.get(module)
+        if info is None:
+            raise ArtifactError(f"{self.stats} has no covariance for module {module}")
+        path = self.stats / info["file"]
+        try:
+            with safe_open(str(path), "pt") as handle:
+                sums = handle.get_tensor(f"cov.{info['covariance']}")
+        except Exception as exc:  # missing, truncated or damaged file
+            raise ArtifactError(f"{path} is missing, corrupt or lacks the covariance of {module}: {exc}") from exc
+        return sums / info["tokens"]
+
+
+def load_covariance(stats: Path, module: str) -> torch.Tensor:
+    """C = XᵀX / n, (d_in, d_in), for `module` (a shared covariance is read from its owner)."""
+    return CovarianceReader(stats).get(module)
+
+
+def merge_stats(inputs: list[Path], out: Path, force: bool = False) -> Path:
+    """Add the statistics of stats artifacts from one model into `out`.
+
+    Covariance sums and token counts add; sensitivities (means over samples) are averaged weighted by
+    their sample counts. The result equals one calibration over the union of the sequences (up to
+    summation order).
+    """
+    if len(inputs) < 2:
+        raise CalibrationError("merging needs at least two stats artifacts")
+    manifests = [read_manifest(p, "stats") for p in inputs]
+    first = manifests[0]
+    for path, m in zip(inputs[1:], manifests[1:], strict=True):
+        if m.model["fingerprint"] != first.model["fingerprint"] and not force:
+            raise ArtifactError(
+                f"{path} was calibrated on another model than {inputs[0]}; pass --force to merge anyway"
+            )
+        same = (m.extra["modules"].keys(), m.config["dtype"], m.config["collect"])
+        if same != (first.extra["modules"].keys(), first.config["dtype"], first.config["collect"]):
+            raise ArtifactError(f"{path} covers other modules, statistics or dtype than {inputs[0]}")
+    extra = {**first.extra, "tokens": sum(m.extra["tokens"] for m in manifests)}
+    extra["modules"] = {
+        name: {**info, "tokens": sum(m.extra["modules"][name]["tokens"] for m in manifests)}
+        for name, info in first.extra["modules"].items()
+    }
+    with atomic_folder(out) as tmp:
+        for file in sorted(Path(inputs[0]).glob("block_*.safetensors")):
+            parts = [load_tensors(Path(p) / file.name) for p in inputs]
+            save_tensors(tmp / file.name, {k: sum(part[k] for part in parts) for k in parts[0]})
+        if "sensitivity" in first.extra:
+            counts = [m.extra["sensitivity"]["samples"] for m in manifests]
+            parts = [sensitivity_tensors(p) for p in inputs]
+            merged = {k: sum(part[k].double() * n for part, n in zip(parts, counts, strict=True)) for k in parts[0]}
+            save_tensors(tmp / "sensitivity.safetensors", {k: (v / sum(counts)).float() for k, v in merged.items()})
+            extra["sensitivity"] = {**first.extra["sensitivity"], "file": "sensitivity.safetensors"}
+            extra["sensitivity"]["samples"] = sum(counts)
+        manifest = Manifest(
+            kind="stats",
+            config={**first.config, "merged_from": [str(Path(p).resolve()) for p in inputs]},
+            model=first.model,
+            data={
+                "fingerprint": [m.data["fingerprint"] for m in manifests],
+                "samples": sum(m.data["samples"] for m in manifests),
+            },
+            extra=extra,
+        )
+        write_manifest(tmp, manifest)
+    return out
+
+
+def summarise(stats: Path) -> list[dict[str, Any]]:
+    """Per stored covariance: trace, effective rank (exp of the eigenvalue entropy) and condition number."""
+    manifest = read_manifest(stats, "stats")
+    rows = []
+    for name, info in manifest.extra["modules"].items():
+        if info["covariance"] != name:
+            continue
+        eig = torch.linalg.eigvalsh(load_covariance(stats, name).double()).clamp_min(0)
+        p = eig / eig.sum()
+        entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
+        shared = sorted(n for n, i in manifest.extra["modules"].items() if i["covariance"] == name)
+        rows.append(
+            {
+                "covariance": name,
+                "shared_by": shared,
+                "dim": eig.numel(),
+                "trace": float(eig.sum()),
+                "effective_rank": float(torch.tensor(entropy).exp()),
+                "condition": float(eig.max() / eig.min()) if eig.min() > 0 else float("inf"),
+            }
+        )
+    return rows
+
+
+def sensitivity_grid(stats: Path) -> tuple[list[str], list[str], torch.Tensor]:
+    """S(W) arranged as (block index, module type): the block labels, the type labels and the grid.
+
+    A module `…{prefix}.{i}.{rest}` goes to row i and column `rest`; cells without a module are NaN.
+    """
+    values = load_sensitivity(stats)
+    cells: dict[tuple[int, str], float] = {}
+    for name, value in values.items():
+        parts = name.split(".")
+        index = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+        if index is None:
+            continue
+        cells[(int(parts[index]), ".".join(parts[index + 1 :]))] = value
+    blocks = sorted({b for b, _ in cells})
+    kinds = sorted({k for _, k in cells})
+    grid = torch.full((len(blocks), len(kinds)), float("nan"))
+    for (b, k), value in cells.items():
+        grid[blocks.index(b), kinds.index(k)] = value
+    return [str(b) for b in blocks], kinds, grid
+
+
+def save_heatmap(stats: Path, png: Path) -> Path:
+    """Write a PNG heatmap of sensitivity by block × module type (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise CalibrationError("--heatmap needs matplotlib: pip install matplotlib") from exc
+    blocks, kinds, grid = sensitivity_grid(stats)
+    fig, ax = plt.subplots(figsize=(2.0 + 0.9 * len(kinds), 2.5 + 0.22 * len(blocks)))
+    image = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right")
+    ax.set_yticks(range(len(blocks)), blocks)
+    ax.set_xlabel("module")
+    ax.set_ylabel("block")
+    ax.set_title("sensitivity mean |w · ∂L/∂w|")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    with atomic_file(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return png
