@@ -216,6 +216,14 @@ def init(
     ),
     svd: str = typer.Option(None, "--svd", help="SVD for SVD-based methods: exact (default) or randomized."),
     seed: int = typer.Option(0, "--seed", help="Seed for random initialisations."),
+    stats: Path = typer.Option(None, "--stats", help="tlora: statistics folder from `lrsurgery calibrate`."),
+    variant: str = typer.Option(None, "--variant", help="tlora: wc (A from SVD of W·C, default) or theory (Eq. 3)."),
+    a_init: str = typer.Option(None, "--a-init", help="tlora: frozen A from wc (default), w (SVD of W) or random."),
+    no_rank_adapt: bool = typer.Option(False, "--no-rank-adapt", help="tlora: every module gets --rank."),
+    no_alpha_adapt: bool = typer.Option(False, "--no-alpha-adapt", help="tlora: every module gets --alpha."),
+    min_rank: int = typer.Option(None, "--min-rank", help="tlora: smallest rank a module gets (0 may drop it)."),
+    damping: float = typer.Option(None, "--damping", help="tlora theory: C eigenvalues + damping x their mean."),
+    force: bool = typer.Option(False, "--force", help="Use statistics calibrated on another model."),
     out: Path = typer.Option(..., "-o", "--out", help="Output init artifact folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     config: Path = ConfigOption,
@@ -223,10 +231,22 @@ def init(
     """Cut adapters out of a model's weights and write an init artifact."""
     from lrsurgery.surgery import run_init
 
-    given = {"rank": rank, "alpha": alpha, "dropout": dropout, "svd": svd}
+    given = {
+        "rank": rank,
+        "alpha": alpha,
+        "dropout": dropout,
+        "svd": svd,
+        "stats": str(stats.resolve()) if stats else None,
+        "variant": variant,
+        "a_init": a_init,
+        "rank_adapt": False if no_rank_adapt else None,
+        "alpha_adapt": False if no_alpha_adapt else None,
+        "min_rank": min_rank,
+        "damping": damping,
+    }
     options = {k: v for k, v in given.items() if v is not None or k == "alpha"}
     with _timed(out):
-        run_init(model, method, out, options, targets=targets, seed=seed, overwrite=overwrite)
+        run_init(model, method, out, options, targets=targets, seed=seed, overwrite=overwrite, force=force)
 
 
 @app.command()

@@ -3,7 +3,9 @@
 Every weight change lrsurgery makes is low-rank, so for each module the whole change
 Δ = Σ_k B_k A_k (edit log) + s·B·diag(E)·A  is one product  B_cat · A_cat  of concatenated factors:
 B_cat = [B_1 … B_K, s·B·diag(E)],  A_cat = [A_1; …; A_K; A].  The module's PEFT rank is the total
-rank of that concatenation, and its alpha equals its rank so PEFT's scale α/r is 1; both go into
+rank of that concatenation, and its alpha equals its rank so PEFT's scale α/r is 1. A module with an
+empty edit log (LoRA, TLoRA) is exported as it is instead: its own A, B·diag(E), rank r and alpha s·r,
+so the per-module ranks and alphas an init chose (TLoRA's allocation) are the export's. Both go into
 `rank_pattern` / `alpha_pattern`. `max_rank` compresses Δ to its best rank-K approximation
 (QR of both factors, SVD of the small core) and reports the relative Frobenius error.
 """
@@ -81,9 +83,15 @@ def run_export_peft(
     ranks: dict[str, int] = {}
     errors: dict[str, float] = {}
     dropped = total = 0.0
+    alphas: dict[str, float] = {}
     for name, spec in adapters.items():
         full = prefix + name
         packed = compress(*concatenated_factors(spec), max_rank)
+        alphas[full] = float(packed.A.shape[0])
+        if not spec.edits and (max_rank is None or max_rank >= spec.rank):  # the adapter as it is
+            gate = spec.E.double() if spec.E is not None else 1.0
+            packed.B, packed.A = spec.B.double() * gate, spec.A.double()
+            alphas[full] = spec.scale * spec.rank
         tensors[f"base_model.model.{full}.lora_A.weight"] = packed.A.to(target)
         tensors[f"base_model.model.{full}.lora_B.weight"] = packed.B.to(target)
         ranks[full] = packed.A.shape[0]
@@ -99,7 +107,7 @@ def run_export_peft(
         "r": common,
         "lora_alpha": common,
         "rank_pattern": ranks,
-        "alpha_pattern": {k: float(v) for k, v in ranks.items()},
+        "alpha_pattern": alphas,
         "target_modules": sorted(ranks),
         "lora_dropout": 0.0,
         "bias": "none",

@@ -25,7 +25,7 @@ from lrsurgery.artifacts import (
 )
 from lrsurgery.methods import get_method
 from lrsurgery.models import LoadedModel, backbone, find_targets, load_model, model_fingerprint
-from lrsurgery.progress import progress
+from lrsurgery.progress import bar as progress_bar
 
 ADAPTER_FILE = "adapter.safetensors"
 ADAPTED_KINDS = ("init", "train")
@@ -51,28 +51,46 @@ def run_init(
     targets: str | None = None,
     seed: int = 0,
     overwrite: bool = False,
+    force: bool = False,
 ) -> Path:
     """Cut adapters out of `model` with `method` and write an init artifact to `out`; return `out`."""
     config = get_method(method, **options)
     loaded = load_model(model, task="base")
     names = find_targets(loaded.model, targets)
     root = backbone(loaded.model)
+    modules = {name: root.get_submodule(name) for name in names}
+    record = model_record(loaded)
+    planned = config.prepare({n: tuple(m.weight.shape) for n, m in modules.items()}, record, force)
     generator = torch.Generator().manual_seed(seed)
     adapters: dict[str, ModuleAdapter] = {}
-    for name in progress(names, desc=f"init {method}", unit="module"):
-        weight = root.get_submodule(name).weight.detach().float()
-        adapters[name] = config.init_module(name, weight, generator)
+    bar = progress_bar(len(names), desc=f"init {method}", unit="module")
+    for group in _init_groups(modules, config.batch_by_shape):
+        weights = {name: modules[name].weight.detach().float() for name in group}
+        adapters.update(config.init_modules(weights, generator))
+        bar.update(len(group))
+    bar.close()
+    adapters = {name: adapters[name] for name in names if name in adapters}
     tensors, meta = to_tensors(adapters)
     manifest = Manifest(
         kind="init",
         config={"method": method, "options": options, "targets": targets, "seed": seed},
-        model=model_record(loaded),
-        extra={"modules": meta, "trainable_parameters": trainable_count(meta)},
+        model=record,
+        extra={"modules": meta, "trainable_parameters": trainable_count(meta), "method": planned},
     )
     with atomic_folder(out, overwrite=overwrite) as tmp:
         save_tensors(tmp / ADAPTER_FILE, tensors)
         write_manifest(tmp, manifest)
     return out
+
+
+def _init_groups(modules: dict[str, nn.Module], by_shape: bool, size: int = 16) -> list[list[str]]:
+    """Module names in model order, one at a time, or in chunks of up to `size` same-shaped modules."""
+    if not by_shape:
+        return [[name] for name in modules]
+    shapes: dict[tuple, list[str]] = {}
+    for name, module in modules.items():
+        shapes.setdefault(tuple(module.weight.shape), []).append(name)
+    return [names[i : i + size] for names in shapes.values() for i in range(0, len(names), size)]
 
 
 def trainable_count(meta: dict[str, Any]) -> int:

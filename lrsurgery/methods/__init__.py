@@ -6,8 +6,10 @@ from __future__ import annotations
 from lrsurgery.methods.base import Method, MethodError, TrainHooks, get_method, method_names, register
 from lrsurgery.methods.lora import LoRA
 from lrsurgery.methods.pissa import PiSSA
+from lrsurgery.methods.tlora import TLoRA
 
 register(LoRA)
 register(PiSSA)
+register(TLoRA)
 
 __all__ = ["Method", "MethodError", "TrainHooks", "get_method", "method_names", "register"]

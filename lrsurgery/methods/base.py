@@ -63,6 +63,19 @@ class Method:
         if not torch.isfinite(weight).all():
             raise MethodError(f"module {name} has NaN or Inf weights")
 
+    # True: `init_modules` receives modules grouped by weight shape (so it can batch), else in model order
+    batch_by_shape: ClassVar[bool] = False
+
+    def prepare(self, shapes: dict[str, tuple[int, int]], model: dict[str, Any], force: bool = False) -> dict[str, Any]:
+        """Called once before any module is initialised with every target's (d_out, d_in) and the
+        model's manifest record (source, fingerprint: to check statistics against); returns what the
+        init manifest should record about the method's choices."""
+        return {}
+
+    def init_modules(self, weights: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, ModuleAdapter]:
+        """Adapters for several modules from their (d_out, d_in) fp32 weights; a module may be left out."""
+        return {name: self.init_module(name, weight, generator) for name, weight in weights.items()}
+
     def init_module(self, name: str, weight: torch.Tensor, generator: torch.Generator) -> ModuleAdapter:
         """Build the adapter for one module from its (d_out, d_in) fp32 weight."""
         raise NotImplementedError

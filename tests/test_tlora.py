@@ -1,0 +1,232 @@
+"""TLoRA: budgeted rank/alpha allocation, frozen task-aware A from W·C, output unchanged, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import PROMPT, RESPONSE, cli, max_abs, outputs
+
+from lrsurgery.allocation import AllocationError, allocate_alphas, allocate_ranks
+from lrsurgery.artifacts import ArtifactError, load_tensors, save_tensors
+from lrsurgery.calibrate import CalibrateConfig, run_calibrate
+from lrsurgery.data import DataSpec
+from lrsurgery.linalg import psd_power, subspace_distance
+from lrsurgery.methods import MethodError, TrainHooks
+from lrsurgery.models import backbone, load_model
+from lrsurgery.stats import load_covariance, load_sensitivity
+from lrsurgery.surgery import read_adapters, run_init
+from lrsurgery.train import TrainConfig, run_train
+
+BOTH = ("covariance", "sensitivity")
+
+
+def test_rank_allocation_matches_a_hand_computed_table():
+    scores = {"a": 8.0, "b": 4.0, "c": 2.0, "d": 1.0, "e": 1.0}
+    caps = dict.fromkeys(scores, 100)
+    # budget 2 x 5 = 10; shares 10·S/16 = 5, 2.5, 1.25, .625, .625 → d, e raised to 1; the 8 left go
+    # 8·(8, 4, 2)/14 = 4.571, 2.286, 1.143 → floors 4, 2, 1 and the missing rank to a (largest remainder)
+    assert allocate_ranks(scores, 10, caps, min_rank=1) == {"a": 5, "b": 2, "c": 1, "d": 1, "e": 1}
+    # a capped at 4: the 4 left for b, c go 4·(4, 2)/6 = 2.667, 1.333 → 2, 1, remainder to b
+    assert allocate_ranks(scores, 10, {**caps, "a": 4}, min_rank=1) == {"a": 4, "b": 3, "c": 1, "d": 1, "e": 1}
+    # min_rank 0: d and e can drop out; 10·S/16 = 5, 2.5, 1.25, .625, .625 → floors 5, 2, 1, 0, 0 and
+    # the two missing ranks to the largest remainders (.625, .625; tie on score → name order: d, e)
+    assert allocate_ranks(scores, 10, caps, min_rank=0) == {"a": 5, "b": 2, "c": 1, "d": 1, "e": 1}
+    # budget 8: 4, 2, 1, .5, .5 → floors 4, 2, 1, 0, 0; the one missing rank breaks the d/e tie by name
+    assert allocate_ranks(scores, 8, caps, min_rank=0) == {"a": 4, "b": 2, "c": 1, "d": 1, "e": 0}
+    # Eq. 7: α_i = r_i · (α·5 / r_init) · S_i / ΣS with α = 16, r_init = 2
+    alphas = allocate_alphas(scores, {"a": 5, "b": 2, "c": 1, "d": 1, "e": 1}, alpha=16, rank=2)
+    assert alphas == pytest.approx({"a": 100.0, "b": 20.0, "c": 5.0, "d": 2.5, "e": 2.5})
+
+
+def test_rank_allocation_refuses_impossible_budgets():
+    scores = {"a": 1.0, "b": 1.0}
+    with pytest.raises(AllocationError, match="cannot give each of 2 modules --min-rank 3"):
+        allocate_ranks(scores, 5, {"a": 8, "b": 8}, min_rank=3)
+    with pytest.raises(AllocationError, match="exceeds what the modules can hold"):
+        allocate_ranks(scores, 17, {"a": 8, "b": 8})
+    with pytest.raises(AllocationError, match="finite"):
+        allocate_ranks({"a": float("nan"), "b": 1.0}, 4, {"a": 8, "b": 8})
+
+
+@pytest.mark.parametrize("budget", [7, 30, 61, 160])
+def test_rank_allocation_invariants(budget):
+    generator = torch.Generator().manual_seed(budget)
+    values = torch.rand(30, generator=generator).pow(3).tolist()
+    scores = {f"m{i}": v for i, v in enumerate(values)}
+    caps = {f"m{i}": 2 + i % 9 for i in range(30)}
+    ranks = allocate_ranks(scores, budget, caps, min_rank=0 if budget < 30 else 1)
+    assert sum(ranks.values()) == budget
+    assert all(0 <= ranks[n] <= caps[n] for n in scores)
+    free = [n for n in scores if 1 < ranks[n] < caps[n]]
+    for a in free:  # among unbounded modules a higher score never gets a lower rank
+        assert all(ranks[a] >= ranks[b] for b in free if scores[a] > scores[b])
+
+
+@pytest.fixture(scope="module")
+def tiny_stats(tiny_llama, bbc_small, tmp_path_factory):
+    cfg = CalibrateConfig(samples=4, seq_len=32, batch_size=2, collect=BOTH)
+    return run_calibrate(str(tiny_llama), DataSpec(path=str(bbc_small)), cfg, tmp_path_factory.mktemp("s") / "stats")
+
+
+def _modules(init):
+    return json.loads((init / "manifest.json").read_text())["extra"]
+
+
+def test_tlora_init_allocates_freezes_a_and_records_ranks(tiny_llama, tiny_stats, tmp_path):
+    init = run_init(str(tiny_llama), "tlora", tmp_path / "i", {"rank": 4, "alpha": 8, "stats": str(tiny_stats)})
+    extra = _modules(init)
+    ranks = {n: m["rank"] for n, m in extra["modules"].items()}
+    assert sum(ranks.values()) == 4 * 14 and len(set(ranks.values())) > 1
+    assert ranks == extra["method"]["ranks"]
+    sens = load_sensitivity(tiny_stats)
+    assert max(ranks, key=ranks.get) == max(sens, key=sens.get)
+    expected_alphas = allocate_alphas(sens, ranks, alpha=8, rank=4)
+    for name, info in extra["modules"].items():
+        assert info["alpha"] == pytest.approx(expected_alphas[name])
+        assert info["scale"] == pytest.approx(expected_alphas[name] / ranks[name])
+        assert info["frozen"] == ["A"]
+    assert extra["trainable_parameters"] == sum(ranks[n] * m["shape"][0] for n, m in extra["modules"].items())
+    _, adapters, _ = read_adapters(init)
+    for adapter in adapters.values():
+        assert torch.count_nonzero(adapter.B) == 0
+        assert torch.allclose(adapter.A @ adapter.A.T, torch.eye(adapter.rank), atol=1e-5)  # orthonormal rows
+
+
+def test_ablation_switches(tiny_llama, tiny_stats, tmp_path):
+    options = {"rank": 4, "alpha": 8, "stats": str(tiny_stats)}
+    fixed = _modules(run_init(str(tiny_llama), "tlora", tmp_path / "a", {**options, "rank_adapt": False}))
+    assert {m["rank"] for m in fixed["modules"].values()} == {4}
+    assert len({round(m["alpha"], 6) for m in fixed["modules"].values()}) > 1  # alphas still adapt
+    plain = _modules(run_init(str(tiny_llama), "tlora", tmp_path / "b", {**options, "alpha_adapt": False}))
+    assert {m["alpha"] for m in plain["modules"].values()} == {8.0}
+    # no rank or alpha adaptation and A from W alone: no statistics needed at all
+    bare = {"rank": 4, "rank_adapt": False, "alpha_adapt": False}
+    for a_init in ("w", "random"):
+        extra = _modules(run_init(str(tiny_llama), "tlora", tmp_path / a_init, {**bare, "a_init": a_init}))
+        assert extra["method"]["a"]["init"] == a_init and extra["trainable_parameters"] == 4 * sum(
+            m["shape"][0] for m in extra["modules"].values()
+        )
+
+
+def test_w_and_theory_variants_match_their_definitions(tiny_llama, tiny_stats, tmp_path):
+    name = "layers.1.mlp.down_proj"
+    weight = backbone(load_model(tiny_llama).model).get_submodule(name).weight.detach().double()
+    fixed = {"rank": 3, "rank_adapt": False, "alpha_adapt": False, "stats": str(tiny_stats)}
+    _, w_init, _ = read_adapters(run_init(str(tiny_llama), "tlora", tmp_path / "w", {**fixed, "a_init": "w"}))
+    assert subspace_distance(w_init[name].A, torch.linalg.svd(weight)[2][:3]) < 1e-6
+    theory = run_init(str(tiny_llama), "tlora", tmp_path / "t", {**fixed, "variant": "theory", "damping": 0.01})
+    c = load_covariance(tiny_stats, name).double()
+    vh = torch.linalg.svd(weight @ psd_power(c, 0.5, 0.01))[2][:3]
+    expected = vh @ psd_power(c, -0.5, 0.01)  # Eq. 3, rows up to sign
+    got = read_adapters(theory)[1][name].A.double()
+    signs = torch.sign((got * expected).sum(dim=1, keepdim=True))
+    assert float((got - signs * expected).norm() / expected.norm()) < 1e-4
+
+
+@pytest.mark.slow
+def test_a_spans_the_top_subspace_of_wc_and_output_is_unchanged_smollm2(smollm2, bbc_small, tmp_path):
+    cfg = CalibrateConfig(samples=4, seq_len=64, batch_size=2, collect=BOTH)
+    stats = run_calibrate(str(smollm2), DataSpec(path=str(bbc_small)), cfg, tmp_path / "stats")
+    init = run_init(str(smollm2), "tlora", tmp_path / "init", {"rank": 8, "alpha": 16, "stats": str(stats)})
+    manifest, adapters, _ = read_adapters(init)
+    assert sum(a.rank for a in adapters.values()) == 8 * 210
+    root = backbone(load_model(smollm2).model)
+    names = [n for n in adapters if n.startswith(("layers.0.", "layers.14.", "layers.29."))]
+    for name in names:
+        weight = root.get_submodule(name).weight.detach().double()
+        product = weight @ load_covariance(stats, name).double()
+        vh = torch.linalg.svd(product, full_matrices=False)[2][: adapters[name].rank]  # exact fp64 reference
+        assert subspace_distance(adapters[name].A, vh) <= 1e-5, name
+    from lrsurgery.surgery import load_adapted
+
+    adapted, _ = load_adapted(init)
+    plain = load_model(smollm2)
+    assert max_abs(outputs(adapted.model, adapted.tokenizer), outputs(plain.model, plain.tokenizer)) <= 1e-4
+
+
+class OptimizerSpy(TrainHooks):
+    def __init__(self):
+        self.params: set[int] = set()
+
+    def after_step(self, model, step, optimizer):
+        self.params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        self.a_ids = {id(m.lora_A) for m in model.modules() if hasattr(m, "lora_A")}
+        self.b_ids = {id(m.lora_B) for m in model.modules() if hasattr(m, "lora_B")}
+        return {}
+
+
+def test_a_stays_bit_identical_and_out_of_the_optimizer(tiny_llama, tiny_stats, bbc_small, tmp_path):
+    init = run_init(str(tiny_llama), "tlora", tmp_path / "i", {"rank": 4, "alpha": 8, "stats": str(tiny_stats)})
+    data = DataSpec(path=str(bbc_small), prompt_template=PROMPT, response_template=RESPONSE, seq_len=48)
+    spy = OptimizerSpy()
+    run = run_train(init, data, TrainConfig(max_steps=3, batch_size=2, lr=1e-2), tmp_path / "r", hooks=[spy])
+    assert spy.params == spy.b_ids and not spy.params & spy.a_ids
+    before, after = load_tensors(init / "adapter.safetensors"), load_tensors(run / "adapter.safetensors")
+    for key in before:
+        if key.endswith("lora_A"):
+            assert torch.equal(before[key], after[key]), key
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("lora_B"))
+    extra = _modules(run)
+    assert extra["trainable_parameters"] == sum(m["rank"] * m["shape"][0] for m in extra["modules"].values())
+
+
+def test_clear_errors(tiny_llama, tiny_llama_other, tiny_stats, bbc_small, tmp_path):
+    options = {"rank": 4, "stats": str(tiny_stats)}
+    with pytest.raises(ArtifactError, match="stats artifact was made for model .* pass --force"):
+        run_init(str(tiny_llama_other), "tlora", tmp_path / "a", options)
+    run_init(str(tiny_llama_other), "tlora", tmp_path / "forced", options, force=True)
+    with pytest.raises(MethodError, match="needs --stats"):
+        run_init(str(tiny_llama), "tlora", tmp_path / "b", {"rank": 4})
+    covariance_only = run_calibrate(
+        str(tiny_llama), DataSpec(path=str(bbc_small)), CalibrateConfig(samples=2, seq_len=32), tmp_path / "cov"
+    )
+    with pytest.raises(MethodError, match="no sensitivities"):
+        run_init(str(tiny_llama), "tlora", tmp_path / "c", {"rank": 4, "stats": str(covariance_only)})
+    with pytest.raises(MethodError, match="cannot give each of 14 modules --min-rank 5"):
+        run_init(str(tiny_llama), "tlora", tmp_path / "d", {**options, "min_rank": 5})
+    with pytest.raises(MethodError, match="larger than module"):
+        run_init(str(tiny_llama), "tlora", tmp_path / "e", {**options, "rank": 40, "rank_adapt": False})
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(tiny_stats, broken)
+    sens = load_tensors(broken / "sensitivity.safetensors")
+    sens["sens.layers.0.mlp.up_proj"] = torch.tensor([float("nan")])
+    save_tensors(broken / "sensitivity.safetensors", sens)
+    with pytest.raises(MethodError, match="non-finite sensitivity for layers.0.mlp.up_proj"):
+        run_init(str(tiny_llama), "tlora", tmp_path / "f", {"rank": 4, "stats": str(broken)})
+    assert not any((tmp_path / x).exists() for x in "abcdef")
+
+
+def test_cli_init_train_and_peft_export_carry_the_rank_and_alpha_patterns(tiny_llama, tiny_stats, bbc_small, tmp_path):
+    code, out = cli(
+        "init", tiny_llama, "--method", "tlora", "--stats", tiny_stats, "--rank", 4, "--alpha", 8, "-o", tmp_path / "i"
+    )
+    assert code == 0, out
+    data = ["--data", bbc_small, "--prompt-template", PROMPT, "--response-template", RESPONSE, "--seq-len", 48]
+    code, out = cli("train", tmp_path / "i", *data, "--max-steps", 3, "--lr", 1e-2, "-o", tmp_path / "r")
+    assert code == 0, out
+    code, out = cli("fuse", tmp_path / "r", "--format", "peft", "-o", tmp_path / "peft")
+    assert code == 0, out
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    modules = _modules(tmp_path / "i")["modules"]
+    prefix = next(iter(config["rank_pattern"])).rsplit("layers.", 1)[0]
+    for name, info in modules.items():
+        assert config["rank_pattern"][prefix + name] == info["rank"]
+        assert config["alpha_pattern"][prefix + name] == pytest.approx(info["alpha"])
+    # the real peft library on the unmodified base reproduces the trained TLoRA model
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from lrsurgery.surgery import load_adapted
+
+    adapted, _ = load_adapted(tmp_path / "r")
+    expected = outputs(adapted.model, adapted.tokenizer)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    got = outputs(peft.PeftModel.from_pretrained(base, tmp_path / "peft").eval(), adapted.tokenizer)
+    assert max_abs(got, expected) <= 1e-5
+    assert max_abs(outputs(AutoModelForCausalLM.from_pretrained(tiny_llama), adapted.tokenizer), expected) > 1e-4
+    code, out = cli("init", tiny_llama, "--method", "tlora", "--rank", 4, "-o", tmp_path / "j")
+    assert code == 1 and "needs --stats" in out
