@@ -11,6 +11,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from functools import wraps
 from pathlib import Path
 from typing import Any
@@ -279,6 +280,11 @@ def train(
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Trade compute for memory."),
     seed: int = typer.Option(0, "--seed", help="Seed for data order, dropout and a new task head."),
     save_every: int = typer.Option(50, "--save-every", help="Checkpoint every N steps (for --resume)."),
+    eval_data: str = typer.Option(
+        None, "--eval-data", help="Held-out data (same columns and templates): its loss is logged and recorded."
+    ),
+    eval_split: str = typer.Option("train", "--eval-split", help="Split of --eval-data."),
+    eval_every: int = typer.Option(0, "--eval-every", help="Held-out loss every N steps (0: after the last step)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
     out: Path = typer.Option(..., "-o", "--out", help="Output train artifact folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
@@ -314,9 +320,11 @@ def train(
         gradient_checkpointing=gradient_checkpointing,
         seed=seed,
         save_every=save_every,
+        eval_every=eval_every,
     )
+    held_out = replace(spec, path=eval_data, split=eval_split, limit=None) if eval_data else None
     with _timed(out):
-        run_train(init_dir, spec, cfg, out, resume=resume, overwrite=overwrite, force=force)
+        run_train(init_dir, spec, cfg, out, resume=resume, overwrite=overwrite, force=force, eval_data=held_out)
 
 
 @app.command()

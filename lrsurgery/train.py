@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from lrsurgery.adapters import HEAD_PREFIX, adapted_layers, head_parameters, to_tensors
-from lrsurgery.artifacts import ArtifactError, Manifest, save_tensors, write_manifest
+from lrsurgery.artifacts import ArtifactError, Manifest, read_manifest, save_tensors, write_manifest
 from lrsurgery.checkpoint import load_checkpoint, save_checkpoint
 from lrsurgery.data import DataSpec, Examples, build_examples, collate, read_labels
+from lrsurgery.heldout import heldout_loss
 from lrsurgery.methods import TrainHooks, get_method
 from lrsurgery.progress import bar
 from lrsurgery.surgery import ADAPTER_FILE, load_adapted, trainable_count
@@ -50,6 +51,7 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 50
     log_every: int = 1
+    eval_every: int = 0  # with eval data: held-out loss every N steps (0: only after the last step)
 
     def __post_init__(self) -> None:
         if (self.max_steps is None) == (self.epochs is None):
@@ -107,8 +109,13 @@ def run_train(
     overwrite: bool = False,
     force: bool = False,
     hooks: list[TrainHooks] | None = None,
+    eval_data: DataSpec | None = None,
 ) -> Path:
-    """Train the adapters of `init_dir` on `data` and write a train artifact to `out`; return `out`."""
+    """Train the adapters of `init_dir` on `data` and write a train artifact to `out`; return `out`.
+
+    With `eval_data`, the held-out loss (heldout.py) is logged as `eval_loss` every `cfg.eval_every`
+    steps and after the last one, and recorded in the artifact's manifest.
+    """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -127,6 +134,8 @@ def run_train(
     )
     model, tokenizer = loaded.model, loaded.tokenizer
     examples = build_examples(data, tokenizer, labels)
+    held_out = build_examples(eval_data, tokenizer, labels) if eval_data else None
+    evaluated: dict[str, Any] = {}
     head = head_parameters(model) if data.task == "classification" else {}
     for p in head.values():
         p.requires_grad_(True)
@@ -156,6 +165,7 @@ def run_train(
             "train": asdict(cfg),
             "data": asdict(data),
             "data_fingerprint": examples.fingerprint,
+            "eval_data": asdict(eval_data) if eval_data else None,
             "processes": accelerator.num_processes,
         }
         _pin_run_settings(work / "run.json", settings)
@@ -203,6 +213,10 @@ def run_train(
         logged: dict[str, Any] = {}
         for h in method_hooks:
             logged.update(h.after_step(model, step, optimizer))
+        due = step + 1 == total or (cfg.eval_every > 0 and (step + 1) % cfg.eval_every == 0)
+        if held_out and accelerator.is_main_process and due:
+            evaluated = heldout_loss(accelerator.unwrap_model(model), held_out, pad, data.task, cfg.batch_size)
+            logged["eval_loss"] = evaluated["loss"]
         record = {
             "step": step + 1,
             "loss": task_loss,
@@ -224,6 +238,10 @@ def run_train(
     model = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
         _write_run(work, model, head, init_dir, init_manifest, examples, data, cfg, total)
+        if held_out:
+            manifest = read_manifest(work)
+            manifest.extra["eval"] = {**evaluated, "data": asdict(eval_data), "fingerprint": held_out.fingerprint}
+            write_manifest(work, manifest)
         shutil.rmtree(work / "checkpoint", ignore_errors=True)
         (work / "run.json").unlink()
         replaced = out.with_name(f".{out.name}.replaced")

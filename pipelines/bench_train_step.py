@@ -6,7 +6,8 @@ and target modules, with AdamW over the trainable parameters. Variants:
   peft-lora  PEFT's LoRA (needs `pip install peft`)
   <method>   any registered lrsurgery method (lora, pissa, ...)
 Peak memory is CUDA max-allocated on a GPU, and on CPU the rise in peak RSS (VmHWM, reset before the
-timed steps) over the RSS before them. Prints a table with ratios to PEFT LoRA and to the frozen model.
+timed steps) over the RSS before them. Prints a table with ratios to a baseline variant (`--baseline`,
+default peft-lora) and to the frozen model. `--stats` gives TLoRA its calibration folder.
 
   python pipelines/bench_train_step.py --variants frozen,peft-lora,lora --batch-size 4 --seq-len 128
 """
@@ -41,6 +42,7 @@ def build(variant: str, args: argparse.Namespace):
     from lrsurgery.adapters import freeze_model, inject
     from lrsurgery.methods import get_method
     from lrsurgery.models import backbone, find_targets, load_model
+    from lrsurgery.surgery import model_record
 
     loaded = load_model(args.model, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     model = loaded.model.to(args.device)
@@ -56,10 +58,15 @@ def build(variant: str, args: argparse.Namespace):
         config = LoraConfig(r=args.rank, lora_alpha=args.rank, lora_dropout=0.0, target_modules=leaf_names)
         model = get_peft_model(model, config)
         return model, [p for p in model.parameters() if p.requires_grad]
-    method = get_method(variant, rank=args.rank)
+    options = {"rank": args.rank, **({"stats": args.stats} if args.stats and variant == "tlora" else {})}
+    method = get_method(variant, **options)
     root = backbone(model)
+    weights = {n: root.get_submodule(n).weight.detach().float().cpu() for n in targets}
+    method.prepare({n: tuple(w.shape) for n, w in weights.items()}, model_record(loaded))
     gen = torch.Generator().manual_seed(0)
-    adapters = {n: method.init_module(n, root.get_submodule(n).weight.detach().float().cpu(), gen) for n in targets}
+    adapters = {}
+    for name, weight in weights.items():
+        adapters.update(method.init_modules({name: weight}, gen))
     inject(model, adapters)
     return model, [p for p in model.parameters() if p.requires_grad]
 
@@ -119,6 +126,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs per variant, interleaved; medians reported")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--stats", default=None, help="stats folder for methods that need one (tlora)")
+    parser.add_argument("--baseline", default="peft-lora", help="variant the time/memory ratios divide by")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -146,10 +155,11 @@ def main() -> None:
         f"model {args.model}, batch {args.batch_size} x {args.seq_len}, rank {args.rank}, {args.device} "
         f"{args.dtype}, median of {args.repeats} runs x {args.steps} steps"
     )
-    ref = rows.get("peft-lora")
+    ref = rows.get(args.baseline)
+    name = args.baseline.upper() if args.baseline == "lora" else "PEFT" if args.baseline == "peft-lora" else "base"
     floor = rows.get("frozen")
     print(
-        f"{'variant':<12}{'step s':>9}{'peak MB':>10}{'trainable':>11}{'time/PEFT':>11}{'mem/PEFT':>10}"
+        f"{'variant':<12}{'step s':>9}{'peak MB':>10}{'trainable':>11}{'time/' + name:>11}{'mem/' + name:>10}"
         f"{'time/frozen':>13}{'mem/frozen':>12}"
     )
     for v, r in rows.items():

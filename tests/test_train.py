@@ -10,7 +10,7 @@ import torch
 from helpers import PROMPT, RESPONSE
 
 from lrsurgery.artifacts import ArtifactError, load_tensors
-from lrsurgery.data import DataSpec
+from lrsurgery.data import DataSpec, collate
 from lrsurgery.methods import TrainHooks
 from lrsurgery.surgery import ADAPTER_FILE, run_init
 from lrsurgery.train import TrainConfig, lr_at, run_train
@@ -179,3 +179,31 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_llama, tmp_path
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5), key
     assert any(not torch.equal(a[k], load_tensors(init / ADAPTER_FILE)[k]) for k in a if k.endswith("lora_B"))
+
+
+def test_held_out_loss_is_logged_and_recorded(tiny_llama, bbc, bbc_small, tmp_path):
+    from lrsurgery.data import build_examples
+    from lrsurgery.heldout import heldout_loss
+    from lrsurgery.models import load_model
+
+    init = run_init(str(tiny_llama), "lora", tmp_path / "init", {"rank": 4})
+    data = DataSpec(path=str(bbc_small), prompt_template=PROMPT, response_template=RESPONSE, seq_len=64)
+    held = DataSpec(path=str(bbc / "test.jsonl"), prompt_template=PROMPT, response_template=RESPONSE, seq_len=64)
+    cfg = TrainConfig(max_steps=4, batch_size=2, lr=1e-2, eval_every=2)
+    run = run_train(init, data, cfg, tmp_path / "run", eval_data=held)
+    log = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "eval_loss" in r] == [2, 4]
+    recorded = json.loads((run / "manifest.json").read_text())["extra"]["eval"]
+    assert recorded["loss"] == log[-1]["eval_loss"] and recorded["count"] > 0
+    # the definition: token-weighted mean of per-example losses, whatever the batch size
+    loaded = load_model(tiny_llama)
+    examples = build_examples(held, loaded.tokenizer)
+    weighted = tokens = 0.0
+    for row in examples.rows:
+        n = sum(1 for t in row["labels"][1:] if t != -100)
+        with torch.no_grad():
+            weighted += float(loaded.model(**collate([row], loaded.tokenizer.pad_token_id, "causal")).loss) * n
+        tokens += n
+    for batch_size in (1, 3):
+        got = heldout_loss(loaded.model, examples, loaded.tokenizer.pad_token_id, "causal", batch_size)
+        assert got["count"] == tokens and got["loss"] == pytest.approx(weighted / tokens, rel=1e-5)
