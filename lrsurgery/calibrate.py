@@ -210,7 +210,10 @@ def _forward(runner, batches, targets, cfg, work, covariance_from, forward_to, k
             for b, (states, kwargs, args) in enumerate(hidden):
                 if collector:
                     collector.start_batch(batches[b]["count"])
-                hidden[b] = (runner.run(block, states, kwargs, args).cpu(), kwargs, args)
+                out = runner.run(block, states, kwargs, args)
+                if not torch.isfinite(out).all():
+                    raise CalibrationError(f"block {runner.prefix}.{index} outputs NaN or Inf activations")
+                hidden[b] = (out.cpu(), kwargs, args)
             runner.release(index)
             if collector:
                 collector.close()

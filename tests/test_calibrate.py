@@ -248,3 +248,18 @@ def test_inspect_ranks_sensitivity_and_draws_a_heatmap(tiny_llama, lm_data, tmp_
     assert code == 0 and f"| 1 | {best} |" in out and "| 4 |" not in out and "| covariance |" not in out
     png = (tmp_path / "sens.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
+
+
+@pytest.mark.parametrize("collect", [("covariance",), ("sensitivity",)])
+def test_non_finite_activations_name_the_layer(tiny_llama, lm_data, tmp_path, collect):
+    from transformers import AutoTokenizer
+
+    model = load_model(tiny_llama).model
+    model.model.layers[1].mlp.up_proj.weight.data[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "nan")
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(tmp_path / "nan")
+    cfg = CalibrateConfig(samples=2, seq_len=24, collect=collect)
+    where = "layers.1.mlp.down_proj" if collect == ("covariance",) else "block layers.1 "
+    with pytest.raises(CalibrationError, match=where):
+        run_calibrate(str(tmp_path / "nan"), DataSpec(path=str(lm_data)), cfg, tmp_path / "s")
+    assert not (tmp_path / "s").exists()
