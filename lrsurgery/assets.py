@@ -67,3 +67,13 @@ def shakespeare(out: Path, test_plays: int = 2) -> dict[str, int]:
 
 
 DATASETS = {"bbc-news": bbc_news, "shakespeare": shakespeare}
+
+
+def bbc_text(out: Path, limit: int = 400) -> Path:
+    """The first `limit` BBC News training articles as language-modelling data: `out/text.jsonl` with a
+    `text` column (what benchmarks and calibration examples use); returns its path."""
+    bbc_news(out / "bbc")
+    rows = [json.loads(line) for line in (out / "bbc" / "train.jsonl").read_text().splitlines()[:limit]]
+    path = out / "text.jsonl"
+    path.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows))
+    return path

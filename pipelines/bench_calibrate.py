@@ -12,7 +12,6 @@ covariance calibration, and the faster of its two timings is the baseline.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -29,19 +28,14 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="text JSONL (default: the BBC News articles)")
     args = parser.parse_args()
 
-    from lrsurgery.assets import bbc_news
+    from lrsurgery.assets import bbc_text
     from lrsurgery.calibrate import CalibrateConfig, run_calibrate
     from lrsurgery.data import DataSpec, build_examples, collate
     from lrsurgery.models import default_task, load_model, resolve_model
 
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
-        data = args.data
-        if data is None:
-            bbc_news(work / "bbc")
-            rows = [json.loads(x) for x in (work / "bbc" / "train.jsonl").read_text().splitlines()]
-            data = work / "text.jsonl"
-            data.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows[:400]))
+        data = args.data or bbc_text(work)
         spec = DataSpec(path=str(data), seq_len=args.seq_len)
         loaded = load_model(args.model, task=default_task(resolve_model(args.model)))
         examples = build_examples(spec, loaded.tokenizer).rows[: args.samples]

@@ -62,17 +62,14 @@ def main() -> None:
         print(json.dumps({"seconds": seconds}))
         return
 
-    from lrsurgery.assets import bbc_news
+    from lrsurgery.assets import bbc_text
     from lrsurgery.calibrate import CalibrateConfig, run_calibrate
     from lrsurgery.data import DataSpec
 
     env = {**os.environ, "LRSURGERY_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
-        bbc_news(work / "bbc")
-        rows = [json.loads(x) for x in (work / "bbc" / "train.jsonl").read_text().splitlines()[:200]]
-        text = work / "text.jsonl"
-        text.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows))
+        text = bbc_text(work, limit=200)
         cfg = CalibrateConfig(samples=args.samples, seq_len=args.seq_len, collect=("covariance", "sensitivity"))
         stats = run_calibrate(args.model, DataSpec(path=str(text)), cfg, work / "stats")
 
