@@ -67,7 +67,7 @@ def run_init(
         kind="init",
         config={"method": method, "options": options, "targets": targets, "seed": seed},
         model=model_record(loaded),
-        extra={"modules": meta, "trainable_parameters": trainable_count(meta)},
+        extra={"modules": meta, "trainable_parameters": trainable_count(meta), **config.manifest_extra()},
     )
     with atomic_folder(out, overwrite=overwrite) as tmp:
         save_tensors(tmp / ADAPTER_FILE, tensors)
@@ -80,9 +80,12 @@ def trainable_count(meta: dict[str, Any]) -> int:
     total = 0
     for info in meta.values():
         d_out, d_in = info["shape"]
-        r = info["rank"]
-        frozen = set(info.get("frozen", ()))
-        total += (0 if "A" in frozen else r * d_in) + (0 if "B" in frozen else r * d_out)
+        for branch in (info, info.get("expert")):
+            if branch is None:
+                continue
+            r, frozen = branch["rank"], set(branch.get("frozen", ()))
+            total += (0 if "A" in frozen else r * d_in) + (0 if "B" in frozen else r * d_out)
+            total += r if branch.get("gated") and "E" not in frozen else 0
     return total
 
 
