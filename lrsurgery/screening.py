@@ -4,12 +4,13 @@ orthogonality penalty on the expert factors (Eq. 14-15).
 Schedule convention. The paper uses t2 two ways: Eq. 16 decays until t_total − t2 (t2 a length), the text
 fixes the scores "during t ∈ [t2, t_total)" (t2 a time). With Table 1's t2 ratio 0.5 both agree; lrsurgery
 takes the second reading: `t1` and `t2` are fractions of the run, the decay runs from T1 = round(t1·total)
-to T2 = round(t2·total), and the final phase [T2, total) keeps k_final with the scores frozen at T2.
+to T2 = round(t2·total) (rounded half up), and the final phase [T2, total) keeps k_final with the scores frozen at T2.
 Times t count optimizer steps already taken (t = step + 1 after the update of 0-based step `step`).
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
@@ -17,7 +18,7 @@ import torch
 
 def phase_bounds(total: int, t1: float, t2: float) -> tuple[int, int]:
     """(T1, T2) in optimizer steps for a run of `total` steps."""
-    return int(round(t1 * total)), int(round(t2 * total))
+    return math.floor(t1 * total + 0.5), math.floor(t2 * total + 0.5)
 
 
 def k_at(t: int, total: int, k_init: int, k_final: int, t1: float, t2: float) -> int:
@@ -29,7 +30,7 @@ def k_at(t: int, total: int, k_init: int, k_final: int, t1: float, t2: float) ->
     if t >= hi:
         return k_final
     frac = 1.0 - (t - lo) / (hi - lo)
-    return int(round(k_final + (k_init - k_final) * frac**2))
+    return math.floor(k_final + (k_init - k_final) * frac**2 + 0.5)  # rounded half up
 
 
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:

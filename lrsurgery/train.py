@@ -20,12 +20,12 @@ import torch
 from torch import nn
 
 from lrsurgery.adapters import HEAD_PREFIX, adapted_layers, head_parameters, to_tensors
-from lrsurgery.artifacts import ArtifactError, Manifest, save_tensors, write_manifest
+from lrsurgery.artifacts import ArtifactError, Manifest, read_manifest, save_tensors, write_manifest
 from lrsurgery.checkpoint import load_checkpoint, load_checkpoint_extra, save_checkpoint
 from lrsurgery.data import DataSpec, Examples, build_examples, collate, read_labels
 from lrsurgery.methods import TrainHooks, get_method
 from lrsurgery.progress import bar
-from lrsurgery.surgery import ADAPTER_FILE, load_adapted, trainable_count
+from lrsurgery.surgery import ADAPTED_KINDS, ADAPTER_FILE, load_adapted, trainable_count
 
 
 class TrainingDiverged(ValueError):
@@ -125,6 +125,10 @@ def run_train(
         if not overwrite:
             raise ArtifactError(f"{work} holds an interrupted run; pass --resume to continue it or --overwrite")
         shutil.rmtree(work)
+    # method options are checked before anything heavy is loaded
+    recorded = read_manifest(Path(init_dir), ADAPTED_KINDS).config
+    method_options = dict(method_options or {})
+    method_config = get_method(recorded["method"], **{**recorded["options"], **method_options})
     torch.manual_seed(cfg.seed)
     labels = read_labels(data) if data.task == "classification" else None
     loaded, init_manifest = load_adapted(
@@ -135,9 +139,6 @@ def run_train(
     head = head_parameters(model) if data.task == "classification" else {}
     for p in head.values():
         p.requires_grad_(True)
-    method = init_manifest.config["method"]
-    method_options = dict(method_options or {})
-    method_config = get_method(method, **{**init_manifest.config["options"], **method_options})
     method_hooks = [method_config.hooks(), *(hooks or [])]
     if cfg.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x name
