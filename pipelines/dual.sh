@@ -2,7 +2,7 @@
 # Dual (DMC-LoRA) ablation on SmolLM2-135M + BBC News (paper Table 4 rows, plus LoRA at equal total rank):
 #   init (one per row) → train (same steps, data and schedule) → held-out loss on the BBC test split.
 # Usage: pipelines/dual.sh [WORK_DIR]   (default: runs/dual); STEPS, R_SHARE, R_EXPERT, LR, SEQ_LEN, BATCH,
-# DELTA_T override.
+# DELTA_T, CHARS (article characters in the prompt) override.
 set -euo pipefail
 WORK=${1:-runs/dual}
 MODEL=${MODEL:-smollm2-135m}
@@ -10,6 +10,7 @@ STEPS=${STEPS:-30}
 R_SHARE=${R_SHARE:-4}
 R_EXPERT=${R_EXPERT:-4}
 LR=${LR:-5e-4}
+CHARS=${CHARS:-400}
 SEQ_LEN=${SEQ_LEN:-128}
 BATCH=${BATCH:-4}
 DELTA_T=${DELTA_T:-5}
@@ -18,7 +19,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 DATA="$WORK/data"
 
 lrsurgery assets bbc-news -o "$DATA"
-TRAIN=(--data "$DATA/train.jsonl" --prompt-template $'Article: {text:.400}\nTopic:' --response-template ' {label}'
+TRAIN=(--data "$DATA/train.jsonl" --prompt-template $'Article: {text:.'"$CHARS"$'}\nTopic:' --response-template ' {label}'
   --seq-len "$SEQ_LEN" --batch-size "$BATCH" --max-steps "$STEPS" --lr "$LR" --warmup-ratio 0.1 --seed 0)
 SCREEN=(--k-final $(( R_EXPERT * 3 / 4 > 0 ? R_EXPERT * 3 / 4 : 1 )) --t1 0.15 --t2 0.5 --delta-t "$DELTA_T")
 
