@@ -209,7 +209,7 @@ def inject(model: nn.Module, adapters: dict[str, ModuleAdapter]) -> None:
             raise ValueError(
                 f"adapter for {name} has shape {(spec.B.shape[0], spec.A.shape[1])}, the layer is {expected}"
             )
-        setattr(parent, child, AdaptedLinear(base, spec))
+        setattr(parent, child, AdaptedLinear(base, spec).train(base.training))  # keep the model's eval/train mode
 
 
 def adapted_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
