@@ -1,8 +1,12 @@
 """The adapted linear layer every method uses, and moving adapters in and out of a model.
 
-An adapted layer computes  y = x W'ᵀ + b + s · ((dropout(x) Aᵀ) ⊙ E) Bᵀ  where
-W' = W0 + Σ_k B_k A_k is the frozen base weight after the recorded low-rank edits (the *edit log*),
+An adapted layer computes  y = x W'ᵀ + b + s · ((dropout(x) Aᵀ) ⊙ E) Bᵀ [+ the same for an expert branch]
+where W' = W0 + Σ_k B_k A_k is the frozen base weight after the recorded low-rank edits (the *edit log*),
 A is (r, d_in), B is (d_out, r), s the scale and E an optional per-rank gate (r,).
+
+A layer has a main branch (tensors `NAME.lora_A/B/E`) and optionally a second, *expert* branch with its
+own rank, scale, dropout, gate E and 0/1 gate mask (tensors `NAME.expert.lora_A/B/E`, `NAME.expert.mask`),
+used by the dual method. The expert's effective gate is E ⊙ mask; a masked entry contributes exactly 0.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ HEAD_PREFIX = "head."
 
 
 @dataclass
-class ModuleAdapter:
-    """Everything needed to rebuild one adapted layer: factors, scale and the edit log."""
+class LowRank:
+    """One low-rank branch s·B·diag(E ⊙ mask)·A: A (r, d_in), B (d_out, r), gate E and mask (r,) optional."""
 
     A: torch.Tensor
     B: torch.Tensor
@@ -29,16 +33,37 @@ class ModuleAdapter:
     alpha: float
     dropout: float = 0.0
     E: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
     frozen: tuple[str, ...] = ()
-    edits: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
     @property
     def rank(self) -> int:
         return self.A.shape[0]
 
+    def gate(self) -> torch.Tensor | None:
+        """The effective (r,) gate E ⊙ mask, or None for an ungated branch."""
+        if self.E is None:
+            return None
+        return self.E if self.mask is None else self.E * self.mask.to(self.E.dtype)
+
+    def product(self) -> torch.Tensor:
+        """The dense (d_out, d_in) s·B·diag(E ⊙ mask)·A in fp64."""
+        return low_rank_product(self.B, self.A, self.scale, self.gate())
+
+
+@dataclass
+class ModuleAdapter(LowRank):
+    """Everything needed to rebuild one adapted layer: the main branch, an optional expert branch, the edit log."""
+
+    edits: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    expert: LowRank | None = None
+
     def delta(self) -> torch.Tensor:
-        """The dense (d_out, d_in) update s·B·diag(E)·A + Σ B_k A_k, in fp64."""
-        return self.edit_delta() + low_rank_product(self.B, self.A, self.scale, self.E)
+        """The dense (d_out, d_in) update Σ B_k A_k + s·B·diag(E)·A (+ the expert branch), in fp64."""
+        out = self.edit_delta() + self.product()
+        if self.expert is not None:
+            out += self.expert.product()
+        return out
 
     def edit_delta(self) -> torch.Tensor:
         """Σ B_k A_k over the edit log, in fp64 (merges round once, to the weight's dtype)."""
@@ -57,10 +82,16 @@ def low_rank_product(b: torch.Tensor, a: torch.Tensor, scale: float, gate: torch
 
 
 class AdaptedLinear(nn.Module):
-    """A frozen nn.Linear plus one trainable low-rank branch (optionally gated)."""
+    """A frozen nn.Linear plus a trainable low-rank branch (optionally gated) and an optional gated expert branch.
+
+    The expert gate is E ⊙ mask in value; its gradient reaches every entry of E (straight-through for masked
+    entries, see `_expert_gate`), so a masked expert keeps being scored and can be switched back on.
+    """
 
     def __init__(self, base: nn.Linear, spec: ModuleAdapter):
         super().__init__()
+        if spec.mask is not None:
+            raise ValueError("a gate mask is supported on the expert branch only")
         self.base = base
         self.base.weight.requires_grad_(False)
         if self.base.bias is not None:
@@ -78,33 +109,84 @@ class AdaptedLinear(nn.Module):
             getattr(self, f"lora_{name}").requires_grad_(False)
         self.scale = spec.scale
         self.alpha = spec.alpha
-        self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+        self.dropout = _dropout(spec.dropout)
+        self.has_expert = spec.expert is not None
+        if spec.expert is not None:
+            ex = spec.expert
+            self.expert_A = nn.Parameter(ex.A.to(device=device, dtype=dtype).clone())
+            self.expert_B = nn.Parameter(ex.B.to(device=device, dtype=dtype).clone())
+            self.expert_E = nn.Parameter(ex.E.to(device=device, dtype=dtype).clone()) if ex.E is not None else None
+            mask = (ex.mask if ex.mask is not None else torch.ones(ex.rank)).to(device=device, dtype=dtype).clone()
+            self.register_buffer("expert_mask", mask if ex.E is not None else None)
+            for name in ex.frozen:
+                getattr(self, f"expert_{name}").requires_grad_(False)
+            self.expert_scale = ex.scale
+            self.expert_alpha = ex.alpha
+            self.expert_dropout = _dropout(ex.dropout)
 
     @property
     def rank(self) -> int:
         return self.lora_A.shape[0]
+
+    def _expert_gate(self) -> torch.Tensor:
+        """E ⊙ mask in value; ∂/∂E = 1 everywhere, so masked entries still see ∂L/∂gate (straight-through)."""
+        e, mask = self.expert_E, self.expert_mask
+        return e * mask + (e - e.detach()) * (1 - mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         h = F.linear(self.dropout(x), self.lora_A)
         if self.lora_E is not None:
             h = h * self.lora_E
-        return out + F.linear(h, self.lora_B) * self.scale
+        out = out + F.linear(h, self.lora_B) * self.scale
+        if self.has_expert:
+            h = F.linear(self.expert_dropout(x), self.expert_A)
+            if self.expert_E is not None:
+                h = h * self._expert_gate()
+            out = out + F.linear(h, self.expert_B) * self.expert_scale
+        return out
 
     def export(self) -> ModuleAdapter:
-        frozen = tuple(
-            n for n in ("A", "B", "E") if (p := getattr(self, f"lora_{n}")) is not None and not p.requires_grad
-        )
+        expert = None
+        if self.has_expert:
+            expert = LowRank(
+                A=_cpu(self.expert_A),
+                B=_cpu(self.expert_B),
+                E=_cpu(self.expert_E),
+                mask=_cpu(self.expert_mask),
+                scale=self.expert_scale,
+                alpha=self.expert_alpha,
+                dropout=_rate(self.expert_dropout),
+                frozen=_frozen(self, "expert"),
+            )
         return ModuleAdapter(
-            A=self.lora_A.detach().float().cpu().clone(),
-            B=self.lora_B.detach().float().cpu().clone(),
-            E=None if self.lora_E is None else self.lora_E.detach().float().cpu().clone(),
+            A=_cpu(self.lora_A),
+            B=_cpu(self.lora_B),
+            E=_cpu(self.lora_E),
             scale=self.scale,
             alpha=self.alpha,
-            dropout=self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0,
-            frozen=frozen,
+            dropout=_rate(self.dropout),
+            frozen=_frozen(self, "lora"),
             edits=[(b.clone(), a.clone()) for b, a in self.edits],
+            expert=expert,
         )
+
+
+def _dropout(p: float) -> nn.Module:
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
+def _rate(dropout: nn.Module) -> float:
+    return dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+
+
+def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().float().cpu().clone()
+
+
+def _frozen(layer: AdaptedLinear, prefix: str) -> tuple[str, ...]:
+    params = {n: getattr(layer, f"{prefix}_{n}") for n in ("A", "B", "E")}
+    return tuple(n for n, p in params.items() if p is not None and not p.requires_grad)
 
 
 def freeze_model(model: nn.Module) -> None:
@@ -127,7 +209,7 @@ def inject(model: nn.Module, adapters: dict[str, ModuleAdapter]) -> None:
             raise ValueError(
                 f"adapter for {name} has shape {(spec.B.shape[0], spec.A.shape[1])}, the layer is {expected}"
             )
-        setattr(parent, child, AdaptedLinear(base, spec))
+        setattr(parent, child, AdaptedLinear(base, spec).train(base.training))  # keep the model's eval/train mode
 
 
 def adapted_layers(model: nn.Module) -> dict[str, AdaptedLinear]:
@@ -146,23 +228,44 @@ def to_tensors(adapters: dict[str, ModuleAdapter]) -> tuple[dict[str, torch.Tens
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {}
     for name, spec in adapters.items():
-        tensors[f"{name}.lora_A"] = spec.A
-        tensors[f"{name}.lora_B"] = spec.B
-        if spec.E is not None:
-            tensors[f"{name}.lora_E"] = spec.E
+        meta[name] = _branch_tensors(tensors, name, spec)
         for k, (b, a) in enumerate(spec.edits):
             tensors[f"{name}.edit.{k}.B"] = b
             tensors[f"{name}.edit.{k}.A"] = a
-        meta[name] = {
-            "rank": spec.rank,
-            "alpha": spec.alpha,
-            "scale": spec.scale,
-            "dropout": spec.dropout,
-            "frozen": list(spec.frozen),
-            "edits": len(spec.edits),
-            "shape": [spec.B.shape[0], spec.A.shape[1]],
-        }
+        meta[name].update(edits=len(spec.edits), shape=[spec.B.shape[0], spec.A.shape[1]])
+        if spec.expert is not None:
+            meta[name]["expert"] = _branch_tensors(tensors, f"{name}.expert", spec.expert)
     return tensors, meta
+
+
+def _branch_tensors(tensors: dict[str, torch.Tensor], prefix: str, branch: LowRank) -> dict[str, Any]:
+    tensors[f"{prefix}.lora_A"] = branch.A
+    tensors[f"{prefix}.lora_B"] = branch.B
+    if branch.E is not None:
+        tensors[f"{prefix}.lora_E"] = branch.E
+    if branch.mask is not None:
+        tensors[f"{prefix}.mask"] = branch.mask
+    return {
+        "rank": branch.rank,
+        "alpha": branch.alpha,
+        "scale": branch.scale,
+        "dropout": branch.dropout,
+        "frozen": list(branch.frozen),
+        "gated": branch.E is not None,
+    }
+
+
+def _branch(tensors: dict[str, torch.Tensor], prefix: str, info: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "A": tensors[f"{prefix}.lora_A"],
+        "B": tensors[f"{prefix}.lora_B"],
+        "E": tensors.get(f"{prefix}.lora_E"),
+        "mask": tensors.get(f"{prefix}.mask"),
+        "scale": float(info["scale"]),
+        "alpha": float(info["alpha"]),
+        "dropout": float(info.get("dropout", 0.0)),
+        "frozen": tuple(info.get("frozen", ())),
+    }
 
 
 def from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, ModuleAdapter]:
@@ -171,14 +274,9 @@ def from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict
     for name, info in meta.items():
         try:
             out[name] = ModuleAdapter(
-                A=tensors[f"{name}.lora_A"],
-                B=tensors[f"{name}.lora_B"],
-                E=tensors.get(f"{name}.lora_E"),
-                scale=float(info["scale"]),
-                alpha=float(info["alpha"]),
-                dropout=float(info.get("dropout", 0.0)),
-                frozen=tuple(info.get("frozen", ())),
+                **_branch(tensors, name, info),
                 edits=[(tensors[f"{name}.edit.{k}.B"], tensors[f"{name}.edit.{k}.A"]) for k in range(info["edits"])],
+                expert=LowRank(**_branch(tensors, f"{name}.expert", info["expert"])) if "expert" in info else None,
             )
         except KeyError as exc:
             raise KeyError(f"adapter file lacks tensor {exc} for module {name}") from exc

@@ -20,9 +20,16 @@ def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)
 
 
-def save_checkpoint(folder: Path, step: int, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
-    """Write the trainable parameters, optimizer state and RNG state after `step` steps, atomically."""
-    tensors: dict[str, torch.Tensor] = {}
+def save_checkpoint(
+    folder: Path,
+    step: int,
+    params: dict[str, nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write the trainable parameters, optimizer state, RNG state and `extra` tensors (e.g. method state)
+    after `step` steps, atomically."""
+    tensors: dict[str, torch.Tensor] = {f"extra.{k}": v.detach() for k, v in (extra or {}).items()}
     state = _inner(optimizer).state
     for name, p in params.items():
         tensors[f"param.{name}"] = p.detach()
@@ -61,3 +68,9 @@ def load_checkpoint(folder: Path, params: dict[str, nn.Parameter], optimizer: to
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     return int(info["step"])
+
+
+def load_checkpoint_extra(folder: Path) -> dict[str, torch.Tensor]:
+    """The `extra` tensors a checkpoint was saved with."""
+    tensors = load_tensors(folder / STATE_FILE)
+    return {k[len("extra.") :]: v for k, v in tensors.items() if k.startswith("extra.")}

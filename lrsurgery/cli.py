@@ -216,6 +216,12 @@ def init(
         None, "--targets", help="Regex over module names to adapt (default: every nn.Linear in the blocks)."
     ),
     svd: str = typer.Option(None, "--svd", help="SVD for SVD-based methods: exact (default) or randomized."),
+    r_share: int = typer.Option(None, "--r-share", help="dual: rank of the shared (PiSSA) module."),
+    r_expert: int = typer.Option(None, "--r-expert", help="dual: rank of the gated expert module."),
+    expert_dropout: float = typer.Option(None, "--expert-dropout", help="dual: expert-module dropout (default 0.05)."),
+    ablation: str = typer.Option(
+        None, "--ablation", help="dual: all (default), e-only, shared-only or expert-only (paper Table 4)."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed for random initialisations."),
     stats: Path = typer.Option(None, "--stats", help="tlora: statistics folder from `lrsurgery calibrate`."),
     variant: str = typer.Option(None, "--variant", help="tlora: wc (A from SVD of W·C, default) or theory (Eq. 3)."),
@@ -245,6 +251,11 @@ def init(
         "min_rank": min_rank,
         "damping": damping,
     }
+    given.update(r_share=r_share, r_expert=r_expert, expert_dropout=expert_dropout, ablation=ablation)
+    if method == "dual":  # its ranks and dropout are --r-share, --r-expert, --expert-dropout
+        if rank != 8 or dropout != 0.0:
+            _fail("--method dual takes --r-share, --r-expert and --expert-dropout, not --rank or --dropout")
+        del given["rank"], given["dropout"]
     options = {k: v for k, v in given.items() if v is not None or k == "alpha"}
     with _timed(out):
         run_init(model, method, out, options, targets=targets, seed=seed, overwrite=overwrite, force=force)
@@ -286,6 +297,13 @@ def train(
     eval_split: str = typer.Option("train", "--eval-split", help="Split of --eval-data."),
     eval_every: int = typer.Option(0, "--eval-every", help="Held-out loss every N steps (0: after the last step)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
+    k_final: int = typer.Option(None, "--k-final", help="dual: experts kept per module at the end (default 0.75·r)."),
+    t1: float = typer.Option(None, "--t1", help="dual: fraction of the run before screening starts (default 0.15)."),
+    t2: float = typer.Option(None, "--t2", help="dual: fraction at which k reaches k_final, scores freeze (0.5)."),
+    delta_t: int = typer.Option(None, "--delta-t", help="dual: steps between screenings (default 10)."),
+    beta1: float = typer.Option(None, "--beta1", help="dual: sensitivity EMA factor (default 0.85)."),
+    beta2: float = typer.Option(None, "--beta2", help="dual: uncertainty EMA factor (default 0.85)."),
+    orth_weight: float = typer.Option(None, "--orth-weight", help="dual: orthogonality loss weight γ (default 0.1)."),
     out: Path = typer.Option(..., "-o", "--out", help="Output train artifact folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     force: bool = typer.Option(False, "--force", help="Use the artifact even if the model fingerprint differs."),
@@ -323,8 +341,20 @@ def train(
         eval_every=eval_every,
     )
     held_out = replace(spec, path=eval_data, split=eval_split, limit=None) if eval_data else None
+    given = {"k_final": k_final, "t1": t1, "t2": t2, "delta_t": delta_t, "beta1": beta1, "beta2": beta2}
+    method_options = {k: v for k, v in {**given, "orth_weight": orth_weight}.items() if v is not None}
     with _timed(out):
-        run_train(init_dir, spec, cfg, out, resume=resume, overwrite=overwrite, force=force, eval_data=held_out)
+        run_train(
+            init_dir,
+            spec,
+            cfg,
+            out,
+            resume=resume,
+            overwrite=overwrite,
+            force=force,
+            eval_data=held_out,
+            method_options=method_options,
+        )
 
 
 @app.command()

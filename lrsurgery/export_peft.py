@@ -1,11 +1,12 @@
 """Exact export of any lrsurgery artifact as a plain PEFT LoRA adapter on the *unmodified* base model.
 
 Every weight change lrsurgery makes is low-rank, so for each module the whole change
-Δ = Σ_k B_k A_k (edit log) + s·B·diag(E)·A  is one product  B_cat · A_cat  of concatenated factors:
-B_cat = [B_1 … B_K, s·B·diag(E)],  A_cat = [A_1; …; A_K; A].  The module's PEFT rank is the total
-rank of that concatenation, and its alpha equals its rank so PEFT's scale α/r is 1. A module with an
-empty edit log (LoRA, TLoRA) is exported as it is instead: its own A, B·diag(E), rank r and alpha s·r,
-so the per-module ranks and alphas an init chose (TLoRA's allocation) are the export's. Both go into
+Δ = Σ_k B_k A_k (edit log) + s·B·diag(E)·A (+ s_e·B_e·diag(E_e ⊙ mask)·A_e for an expert branch)  is one
+product  B_cat · A_cat  of concatenated factors:  B_cat = [B_1 … B_K, s·B·diag(E), s_e·B_e·diag(E_e ⊙ mask)],
+A_cat = [A_1; …; A_K; A; A_e]  (gates fold into B).  The module's PEFT rank is the total
+rank of that concatenation, and its alpha equals its rank so PEFT's scale α/r is 1. A module with one
+branch and an empty edit log (LoRA, TLoRA) is exported as it is instead: its own A, B·diag(E), rank r
+and alpha s·r, so the per-module ranks and alphas an init chose (TLoRA's allocation) are the export's. Both go into
 `rank_pattern` / `alpha_pattern`. `max_rank` compresses Δ to its best rank-K approximation
 (QR of both factors, SVD of the small core) and reports the relative Frobenius error.
 """
@@ -29,11 +30,14 @@ TASK_TYPES = {"causal": "CAUSAL_LM", "classification": "SEQ_CLS", "base": "FEATU
 
 def concatenated_factors(spec: ModuleAdapter) -> tuple[torch.Tensor, torch.Tensor]:
     """(B_cat (d_out, R), A_cat (R, d_in)) in fp64 with B_cat · A_cat = the module's whole change."""
-    b = spec.B.double() * spec.scale
-    if spec.E is not None:
-        b = b * spec.E.double()
-    bs = [e_b.double() for e_b, _ in spec.edits] + [b]
-    as_ = [e_a.double() for _, e_a in spec.edits] + [spec.A.double()]
+    branches = [spec] if spec.expert is None else [spec, spec.expert]
+    bs = [e_b.double() for e_b, _ in spec.edits]
+    as_ = [e_a.double() for _, e_a in spec.edits]
+    for branch in branches:
+        b = branch.B.double() * branch.scale
+        gate = branch.gate()
+        bs.append(b if gate is None else b * gate.double())
+        as_.append(branch.A.double())
     return torch.cat(bs, dim=1), torch.cat(as_, dim=0)
 
 

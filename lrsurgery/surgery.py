@@ -98,9 +98,12 @@ def trainable_count(meta: dict[str, Any]) -> int:
     total = 0
     for info in meta.values():
         d_out, d_in = info["shape"]
-        r = info["rank"]
-        frozen = set(info.get("frozen", ()))
-        total += (0 if "A" in frozen else r * d_in) + (0 if "B" in frozen else r * d_out)
+        for branch in (info, info.get("expert")):
+            if branch is None:
+                continue
+            r, frozen = branch["rank"], set(branch.get("frozen", ()))
+            total += (0 if "A" in frozen else r * d_in) + (0 if "B" in frozen else r * d_out)
+            total += r if branch.get("gated") and "E" not in frozen else 0
     return total
 
 

@@ -21,12 +21,12 @@ from torch import nn
 
 from lrsurgery.adapters import HEAD_PREFIX, adapted_layers, head_parameters, to_tensors
 from lrsurgery.artifacts import ArtifactError, Manifest, read_manifest, save_tensors, write_manifest
-from lrsurgery.checkpoint import load_checkpoint, save_checkpoint
+from lrsurgery.checkpoint import load_checkpoint, load_checkpoint_extra, save_checkpoint
 from lrsurgery.data import DataSpec, Examples, build_examples, collate, read_labels
 from lrsurgery.heldout import heldout_loss
 from lrsurgery.methods import TrainHooks, get_method
 from lrsurgery.progress import bar
-from lrsurgery.surgery import ADAPTER_FILE, load_adapted, trainable_count
+from lrsurgery.surgery import ADAPTED_KINDS, ADAPTER_FILE, load_adapted, trainable_count
 
 
 class TrainingDiverged(ValueError):
@@ -110,11 +110,14 @@ def run_train(
     force: bool = False,
     hooks: list[TrainHooks] | None = None,
     eval_data: DataSpec | None = None,
+    method_options: dict[str, Any] | None = None,
 ) -> Path:
     """Train the adapters of `init_dir` on `data` and write a train artifact to `out`; return `out`.
 
     With `eval_data`, the held-out loss (heldout.py) is logged as `eval_loss` every `cfg.eval_every`
-    steps and after the last one, and recorded in the artifact's manifest.
+    steps and after the last one, and recorded in the artifact's manifest. `method_options` are
+    train-time options of the artifact's method (e.g. the dual method's screening schedule); they
+    override the init options, are validated by the method and pinned for `--resume`.
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -127,6 +130,10 @@ def run_train(
         if not overwrite:
             raise ArtifactError(f"{work} holds an interrupted run; pass --resume to continue it or --overwrite")
         shutil.rmtree(work)
+    # method options are checked before anything heavy is loaded
+    recorded = read_manifest(Path(init_dir), ADAPTED_KINDS).config
+    method_options = dict(method_options or {})
+    method_config = get_method(recorded["method"], **{**recorded["options"], **method_options})
     torch.manual_seed(cfg.seed)
     labels = read_labels(data) if data.task == "classification" else None
     loaded, init_manifest = load_adapted(
@@ -139,8 +146,7 @@ def run_train(
     head = head_parameters(model) if data.task == "classification" else {}
     for p in head.values():
         p.requires_grad_(True)
-    method = init_manifest.config["method"]
-    method_hooks = [get_method(method, **init_manifest.config["options"]).hooks(), *(hooks or [])]
+    method_hooks = [method_config.hooks(), *(hooks or [])]
     if cfg.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -156,6 +162,8 @@ def run_train(
     optimizer = torch.optim.AdamW(list(named.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     total = total_steps(cfg, len(examples), accelerator.num_processes)
+    for h in method_hooks:
+        h.setup(accelerator.unwrap_model(model), total)
 
     start = 0
     if accelerator.is_main_process:
@@ -167,11 +175,16 @@ def run_train(
             "data_fingerprint": examples.fingerprint,
             "eval_data": asdict(eval_data) if eval_data else None,
             "processes": accelerator.num_processes,
+            "method_options": method_options,
         }
         _pin_run_settings(work / "run.json", settings)
     accelerator.wait_for_everyone()
     if resume and (work / "checkpoint").exists():
         start = load_checkpoint(work / "checkpoint", named, optimizer)
+        extra = load_checkpoint_extra(work / "checkpoint")
+        for i, h in enumerate(method_hooks):
+            prefix = f"hook{i}."
+            h.load_state_dict({k[len(prefix) :]: v for k, v in extra.items() if k.startswith(prefix)})
     _truncate_log(work / "metrics.jsonl", start)
 
     pad = tokenizer.pad_token_id
@@ -203,11 +216,11 @@ def run_train(
             task_loss += loss.item() / cfg.grad_accum
             for k, v in extras.items():
                 extra_logged[k] = extra_logged.get(k, 0.0) + v.item() / cfg.grad_accum
-        for h in method_hooks:
-            h.after_backward(model, step)
         if accelerator.num_processes > 1:  # log the loss of the whole global batch, not of one process
             task_loss = float(accelerator.reduce(torch.tensor(task_loss, device=accelerator.device), "mean"))
         grad_norm = accelerator.clip_grad_norm_(list(named.values()), cfg.max_grad_norm)
+        for h in method_hooks:
+            h.after_backward(model, step)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         logged: dict[str, Any] = {}
@@ -232,12 +245,14 @@ def run_train(
         progress.update(1)
         progress.set_postfix(loss=f"{task_loss:.4f}")
         if accelerator.is_main_process and (step + 1) % cfg.save_every == 0 and step + 1 < total:
-            save_checkpoint(work / "checkpoint", step + 1, named, optimizer)
+            hook_state = {f"hook{i}.{k}": v for i, h in enumerate(method_hooks) for k, v in h.state_dict().items()}
+            save_checkpoint(work / "checkpoint", step + 1, named, optimizer, extra=hook_state)
     progress.close()
 
     model = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
-        _write_run(work, model, head, init_dir, init_manifest, examples, data, cfg, total)
+        summary = {k: v for h in method_hooks for k, v in h.summary().items()}
+        _write_run(work, model, head, init_dir, init_manifest, examples, data, cfg, total, method_options, summary)
         if held_out:
             manifest = read_manifest(work)
             manifest.extra["eval"] = {**evaluated, "data": asdict(eval_data), "fingerprint": held_out.fingerprint}
@@ -296,6 +311,8 @@ def _write_run(
     data: DataSpec,
     cfg: TrainConfig,
     steps: int,
+    method_options: dict[str, Any],
+    summary: dict[str, Any],
 ) -> None:
     adapters = {n: layer.export() for n, layer in adapted_layers(model).items()}
     tensors, meta = to_tensors(adapters)
@@ -307,7 +324,13 @@ def _write_run(
     save_tensors(work / ADAPTER_FILE, tensors)
     manifest = Manifest(
         kind="train",
-        config={**init_manifest.config, "train": asdict(cfg), "data": asdict(data), "steps": steps},
+        config={
+            **init_manifest.config,
+            "train": asdict(cfg),
+            "method_train_options": method_options,
+            "data": asdict(data),
+            "steps": steps,
+        },
         model=init_manifest.model,
         data={"fingerprint": examples.fingerprint, "path": data.path, "split": data.split, "examples": len(examples)},
         parent={"kind": init_manifest.kind, "path": str(Path(init_dir).resolve()), "created": init_manifest.created},
@@ -315,6 +338,7 @@ def _write_run(
             "modules": meta,
             "head": head_info,
             "trainable_parameters": trainable_count(meta) + sum(p.numel() for p in head.values()),
+            **summary,
         },
     )
     write_manifest(work, manifest)

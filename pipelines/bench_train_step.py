@@ -71,14 +71,18 @@ def build(variant: str, args: argparse.Namespace):
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
+def random_batch(model, args: argparse.Namespace) -> torch.Tensor:
+    """A fixed (batch, seq_len) batch of token ids."""
+    gen = torch.Generator().manual_seed(1)
+    return torch.randint(100, model.config.vocab_size, (args.batch_size, args.seq_len), generator=gen).to(args.device)
+
+
 def run_variant(variant: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     model, params = build(variant, args)
     model.train()
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
-    gen = torch.Generator().manual_seed(1)
-    vocab = model.config.vocab_size
-    ids = torch.randint(100, vocab, (args.batch_size, args.seq_len), generator=gen).to(args.device)
+    ids = random_batch(model, args)
 
     def step() -> None:
         loss = model(input_ids=ids, labels=ids).loss
@@ -87,6 +91,12 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
+    return {"variant": variant, **measure(step, args), "trainable": sum(p.numel() for p in params)}
+
+
+def measure(step, args: argparse.Namespace) -> dict:
+    """Median time of `args.steps` calls of `step()` after `args.warmup` untimed ones, and the peak memory
+    they add (CUDA max-allocated, or on CPU the peak-RSS rise), as {"step_s", "peak_mb"}."""
     for _ in range(args.warmup):
         step()
     cuda = args.device.startswith("cuda")
@@ -105,11 +115,24 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - began)
     peak = torch.cuda.max_memory_allocated() if cuda else _rss_kib("VmHWM") * 1024
+    return {"step_s": statistics.median(times), "peak_mb": (peak - before) / 2**20}
+
+
+def run_children(script: str, variants: list[str], repeats: int) -> dict[str, dict]:
+    """Run `script ARGV --child VARIANT` for each variant, `repeats` times interleaved, each in its own process;
+    return per variant the median of each float field of the child's JSON (other fields from its first run)."""
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    env = {**os.environ, "LRSURGERY_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}
+    for _ in range(repeats):
+        for variant in variants:
+            cmd = [sys.executable, script, *sys.argv[1:], "--child", variant]
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if out.returncode != 0:
+                sys.exit(f"variant {variant} failed:\n{out.stderr[-3000:]}")
+            runs[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
     return {
-        "variant": variant,
-        "step_s": statistics.median(times),
-        "peak_mb": (peak - before) / 2**20,
-        "trainable": sum(p.numel() for p in params),
+        v: {k: statistics.median(r[k] for r in rs) if isinstance(x, float) else x for k, x in rs[0].items()}
+        for v, rs in runs.items()
     }
 
 
@@ -133,24 +156,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(run_variant(args.child, args)))
         return
-    variants = args.variants.split(",")
-    runs: dict[str, list[dict]] = {v: [] for v in variants}
-    env = {**os.environ, "LRSURGERY_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}
-    for _ in range(args.repeats):
-        for variant in variants:
-            cmd = [sys.executable, __file__, *sys.argv[1:], "--child", variant]
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if out.returncode != 0:
-                sys.exit(f"variant {variant} failed:\n{out.stderr[-3000:]}")
-            runs[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    rows = {
-        v: {
-            "step_s": statistics.median(r["step_s"] for r in rs),
-            "peak_mb": statistics.median(r["peak_mb"] for r in rs),
-            "trainable": rs[0]["trainable"],
-        }
-        for v, rs in runs.items()
-    }
+    rows = run_children(__file__, args.variants.split(","), args.repeats)
     print(
         f"model {args.model}, batch {args.batch_size} x {args.seq_len}, rank {args.rank}, {args.device} "
         f"{args.dtype}, median of {args.repeats} runs x {args.steps} steps"

@@ -18,16 +18,33 @@ class MethodError(ValueError):
 class TrainHooks:
     """Training-time callbacks a method may override; the defaults do nothing.
 
-    Order within one optimizer step: forward → `extra_loss` added → backward → `after_backward`
-    (gradients final, before clipping and the optimizer) → optimizer step → `after_step`.
+    `setup` runs once before the first step (also on `--resume`, before `load_state_dict`). Order within
+    one optimizer step: forward → `extra_loss` added → backward → gradient clipping → `after_backward`
+    (on exactly the gradients the optimizer applies, identical on every process) → optimizer step →
+    `after_step`. State that changes during training goes through `state_dict`/`load_state_dict` into
+    checkpoints, so a resumed run equals an uninterrupted one; `summary` goes into the run's manifest.
     """
+
+    def setup(self, model: nn.Module, total_steps: int) -> None:
+        """Called once before training with the (unwrapped) model and the run's number of optimizer steps."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors to checkpoint (names without dots at the start)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what `state_dict` returned."""
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able facts about the finished run, stored in the train manifest's `extra`."""
+        return {}
 
     def extra_loss(self, model: nn.Module, step: int) -> dict[str, torch.Tensor]:
         """Named loss terms added to the task loss (logged separately)."""
         return {}
 
     def after_backward(self, model: nn.Module, step: int) -> None:
-        """Called once per optimizer step on the gradients that will be applied."""
+        """Called once per optimizer step, after clipping, on the gradients that will be applied."""
 
     def after_step(self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """Called after the optimizer step; may edit the model and return values to log."""

@@ -31,13 +31,18 @@ class PiSSA(Method):
         if self.svd not in ("exact", "randomized"):
             raise MethodError(f"--svd must be exact or randomized, got {self.svd!r}")
 
+    def principal_factors(
+        self, weight: torch.Tensor, rank: int, scale: float, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B (d_out, rank), A (rank, d_in)) with s·B·A = the top-`rank` SVD part of `weight`."""
+        u, s, vh = truncated_svd(weight, rank, self.svd, self.oversample, self.power_iters, generator)
+        root = torch.sqrt(s / scale)
+        return u * root, root[:, None] * vh
+
     def init_module(self, name: str, weight: torch.Tensor, generator: torch.Generator) -> ModuleAdapter:
         self.check_shape(name, weight, self.rank)
-        u, s, vh = truncated_svd(weight, self.rank, self.svd, self.oversample, self.power_iters, generator)
         scale = self.alpha_value / self.rank
-        root = torch.sqrt(s / scale)
-        b = u * root
-        a = root[:, None] * vh
+        b, a = self.principal_factors(weight, self.rank, scale, generator)
         return ModuleAdapter(
             A=a,
             B=b,

@@ -1,0 +1,118 @@
+"""Benchmark: train-step time and peak memory of the dual method vs LoRA at equal total rank.
+
+Both variants run the same step as `lrsurgery train` (forward, method extra loss, backward, gradient
+clipping, `after_backward`, AdamW, `after_step`) on the same model, batch and targets, each in its own
+subprocess (see bench_train_step.py for how time and memory are measured). LoRA has rank
+r_share + r_expert and dropout p on the whole branch; dual has the PiSSA shared module (rank r_share, no
+dropout) and the gated expert (rank r_expert, dropout p). The dual steps are timed inside the screening
+phase [T1, T2), where importance is updated every step and masks every ΔT steps, which is its most
+expensive phase; the reported time is the mean over the timed steps, so screening steps count.
+
+  python pipelines/bench_dual.py --r-share 8 --r-expert 8 --batch-size 4 --seq-len 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from bench_train_step import measure, random_batch, run_children
+
+
+def build(variant: str, args: argparse.Namespace):
+    """Return (model, trainable parameters, hooks) for `lora` or `dual`."""
+    from lrsurgery.adapters import inject
+    from lrsurgery.methods import TrainHooks, get_method
+    from lrsurgery.models import backbone, find_targets, load_model
+
+    model = load_model(args.model).model.to(args.device)
+    targets = find_targets(model, args.targets)
+    rank = args.r_share + args.r_expert
+    if variant == "lora":
+        method = get_method("lora", rank=rank, dropout=args.dropout)
+    elif variant == "dual":
+        method = get_method("dual", r_share=args.r_share, r_expert=args.r_expert, expert_dropout=args.dropout)
+    else:
+        raise SystemExit(f"unknown variant {variant!r}: lora or dual")
+    root = backbone(model)
+    gen = torch.Generator().manual_seed(0)
+    inject(model, {n: method.init_module(n, root.get_submodule(n).weight.detach().float().cpu(), gen) for n in targets})
+    hooks = method.hooks() if variant == "dual" else TrainHooks()
+    hooks.setup(model, args.total)
+    return model, [p for p in model.parameters() if p.requires_grad], hooks
+
+
+def run_variant(variant: str, args: argparse.Namespace) -> dict:
+    torch.manual_seed(0)
+    model, params, hooks = build(variant, args)
+    model.train()
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    ids = random_batch(model, args)
+    t = getattr(hooks, "lo", 0)  # dual: start at T1, inside the screening phase
+    times: list[float] = []
+
+    def step() -> None:
+        nonlocal t
+        began = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        extras = hooks.extra_loss(model, t)
+        (loss + sum(extras.values())).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        hooks.after_backward(model, t)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        hooks.after_step(model, t, optimizer)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - began)
+        t += 1
+
+    measured = measure(step, args)
+    return {
+        "variant": variant,
+        **measured,
+        "mean_s": statistics.mean(times[args.warmup :]),
+        "trainable": sum(p.numel() for p in params),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--r-share", type=int, default=8)
+    parser.add_argument("--r-expert", type=int, default=8)
+    parser.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout = dual expert dropout")
+    parser.add_argument("--targets", default=None, help="regex over module names (default: all block linears)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (two screenings at ΔT = 10)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--total", type=int, default=1000, help="run length the dual schedule assumes")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per variant, interleaved; medians reported")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_variant(args.child, args)))
+        return
+    rows = run_children(__file__, ["lora", "dual"], args.repeats)
+    print(
+        f"model {args.model}, batch {args.batch_size} x {args.seq_len}, total rank {args.r_share + args.r_expert} "
+        f"(dual {args.r_share}+{args.r_expert}), dropout {args.dropout}, {args.device}, "
+        f"median of {args.repeats} runs x {args.steps} steps"
+    )
+    print(f"{'variant':<8}{'mean s':>9}{'median s':>10}{'peak MB':>10}{'trainable':>11}")
+    for v, r in rows.items():
+        print(f"{v:<8}{r['mean_s']:>9.3f}{r['step_s']:>10.3f}{r['peak_mb']:>10.1f}{r['trainable']:>11}")
+    lora, dual = rows["lora"], rows["dual"]
+    print(
+        f"dual/LoRA: time {dual['mean_s'] / lora['mean_s']:.3f} (mean), {dual['step_s'] / lora['step_s']:.3f} "
+        f"(median); peak memory {dual['peak_mb'] / lora['peak_mb']:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
