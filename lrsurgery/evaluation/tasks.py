@@ -87,10 +87,10 @@ class Task:
     def from_yaml(cls, path: Path, num_fewshot: int | None = None) -> Task:
         """Read a task file (following lm-eval `include:`); `num_fewshot` overrides the file's."""
         raw = _read_yaml(Path(path))
+        _reject_functions(raw, str(path))
         for name in UNSUPPORTED:
             if raw.get(name) is not None:
                 raise TaskError(f"{path}: field '{name}' is not supported by lrsurgery eval")
-        _reject_functions(raw, str(path))
         known = {f.name for f in fields(cls)}
         raw = {k: v for k, v in raw.items() if k in known}
         for required in ("task", "dataset_path"):
@@ -150,12 +150,16 @@ class Task:
         from lrsurgery.progress import quiet_libraries
 
         quiet_libraries()
+        kwargs = _expand(self.dataset_kwargs)
+        files = (kwargs.get("data_files") or {}) if isinstance(kwargs.get("data_files"), dict) else {}
+        paths = [Path(p) for p in ([files[split]] if isinstance(files.get(split), str) else files.get(split) or [])]
+        if paths and all(p.is_file() and p.stat().st_size < 64 and not p.read_text().strip() for p in paths):
+            raise TaskError(f"task {self.task}: split {split!r} is empty ({', '.join(map(str, paths))})")
         try:
-            dataset = datasets.load_dataset(
-                self.dataset_path, self.dataset_name, split=split, **_expand(self.dataset_kwargs)
-            )
-        except (FileNotFoundError, ValueError, KeyError) as exc:
-            raise TaskError(f"task {self.task}: cannot load split {split!r}: {exc}") from exc
+            dataset = datasets.load_dataset(self.dataset_path, self.dataset_name, split=split, **kwargs)
+        except (FileNotFoundError, ValueError, KeyError, datasets.exceptions.DatasetGenerationError) as exc:
+            reason = f"{exc}: {exc.__cause__}" if exc.__cause__ else str(exc)
+            raise TaskError(f"task {self.task}: cannot load split {split!r}: {reason}".splitlines()[0]) from exc
         rows = [dict(r) for r in dataset]
         if not rows:
             raise TaskError(f"task {self.task}: split {split!r} is empty")
