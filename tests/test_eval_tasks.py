@@ -130,8 +130,11 @@ def test_classification_head_metrics_equal_direct_argmax(tiny_bert, tmp_path):
         doc_to_target="label",
         metric_list=[{"metric": m} for m in ("acc", "f1", "mcc")],
     )
-    got = run_eval([str(tiny_bert)], [path], batch_size=3)["results"][str(tiny_bert)]["t"]
-    loaded = load_model(tiny_bert, task="classification", num_labels=2)
+    loaded = load_model(tiny_bert, task="classification", num_labels=2)  # a fresh random head, saved with it
+    folder = tmp_path / "classifier"
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    got = run_eval([str(folder)], [path], batch_size=3)["results"][str(folder)]["t"]
     preds = [int(loaded.model(**loaded.tokenizer(r["s"], return_tensors="pt")).logits.argmax()) for r in rows]
     golds = [r["label"] for r in rows]
     assert got["acc"] == pytest.approx(sum(p == g for p, g in zip(preds, golds, strict=True)) / 7)

@@ -2,7 +2,8 @@
 
 Generation follows lm-eval's HFLM: prompts sorted longest first and batched; the context is
 left-truncated to max_length − max_gen_toks; the EOS string joins the stop strings; the text is cut
-at the first stop string. Greedy unless generation_kwargs set do_sample (then seeded).
+at the first stop string. Greedy unless generation_kwargs set do_sample (then seeded once per task,
+so `repeats` draws different samples and a rerun draws the same ones).
 """
 
 from __future__ import annotations
@@ -69,8 +70,6 @@ def generate(
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     out = [""] * len(prompts)
     progress = bar(len(prompts), desc="generate_until", unit="req")
-    if gen["do_sample"]:
-        torch.manual_seed(GENERATION_SEED)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         width = max(len(encoded[i]) for i in chunk)
@@ -188,6 +187,7 @@ def score_generate(
     prompts = contexts(task, docs)
     window = max_length(loaded, task)
     responses = [[] for _ in docs]
+    torch.manual_seed(GENERATION_SEED)  # sampled generations are reproducible; repeats draw different samples
     for _ in range(task.repeats):
         for i, text in enumerate(generate(loaded, prompts, task.generation_kwargs or {}, batch_size, window)):
             responses[i].append(text)

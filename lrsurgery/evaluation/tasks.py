@@ -33,7 +33,7 @@ DEFAULT_METRICS: dict[str, tuple[str, ...]] = {
     "multiple_choice": ("acc", "acc_norm"),
     "loglikelihood_rolling": ("word_perplexity", "byte_perplexity", "bits_per_byte"),
     "generate_until": ("exact_match",),
-    "classification": ("acc",),
+    "classification": ("acc", "f1_macro"),
 }
 # lm-eval fields whose Python hooks or features this runner does not implement.
 UNSUPPORTED = ("process_docs", "process_results", "use_prompt", "doc_to_image", "doc_to_audio", "gen_prefix")
@@ -150,7 +150,7 @@ class Task:
         from lrsurgery.progress import quiet_libraries
 
         quiet_libraries()
-        kwargs = _expand(self.dataset_kwargs)
+        kwargs = _expand(self.dataset_kwargs or {})
         files = (kwargs.get("data_files") or {}) if isinstance(kwargs.get("data_files"), dict) else {}
         paths = [Path(p) for p in ([files[split]] if isinstance(files.get(split), str) else files.get(split) or [])]
         if paths and all(p.is_file() and p.stat().st_size < 64 and not p.read_text().strip() for p in paths):
