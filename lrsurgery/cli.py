@@ -418,17 +418,32 @@ def eval_(
     models: list[str] = typer.Argument(
         ..., help="Model folders/names or init/train artifacts (several: side by side)."
     ),
-    task: list[Path] = typer.Option(..., "--task", help="Task YAML file (repeatable)."),
+    task: list[Path] = typer.Option(..., "--task", help="Task YAML file, lm-evaluation-harness format (repeatable)."),
     limit: int = typer.Option(None, "--limit", help="Score only the first N documents of each task."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Sequences per forward pass."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Sequences (contexts, prompts) per forward pass."),
+    num_fewshot: int = typer.Option(
+        None, "--num-fewshot", help="Few-shot examples per prompt (overrides the task's num_fewshot)."
+    ),
+    allow_code_execution: bool = typer.Option(
+        False, "--allow-code-execution", help="Run model-written programs (pass@1 tasks such as HumanEval)."
+    ),
     out: Path = typer.Option(None, "-o", "--out", help="Write the results JSON here."),
     config: Path = ConfigOption,
 ) -> None:
     """Score models on tasks and print a Markdown table."""
-    from lrsurgery.evaluate import TaskError, markdown_table, run_eval, write_report
+    from lrsurgery.evaluation import TaskError, markdown_table, run_eval, write_report
 
+    if num_fewshot is not None and num_fewshot < 0:
+        _fail("--num-fewshot must be 0 or more")
     try:
-        report = run_eval(models, task, limit=limit, batch_size=batch_size)
+        report = run_eval(
+            models,
+            task,
+            limit=limit,
+            batch_size=batch_size,
+            num_fewshot=num_fewshot,
+            allow_code_execution=allow_code_execution,
+        )
     except TaskError as exc:
         _fail(str(exc))
     typer.echo(markdown_table(report))

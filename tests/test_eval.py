@@ -1,20 +1,23 @@
-"""Eval: lm-eval definitions of acc / acc_norm / perplexity, checked against direct computations."""
+"""Eval, log-likelihood side: lm-eval's acc / acc_norm / rolling perplexity, checked against direct computations."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from helpers import write_jsonl
+from helpers import PROMPT, RESPONSE, cli, write_jsonl
 
-from lrsurgery.evaluate import Task, continuation_logprobs, encode_pair, run_eval, score_multiple_choice
+from lrsurgery.evaluation.loglik import encode_pair, rolling_windows, score_multiple_choice, score_pairs
+from lrsurgery.evaluation.runner import run_eval
+from lrsurgery.evaluation.tasks import Task
 from lrsurgery.models import load_model
 
 
-def _task(tmp_path, data, **fields):
+def _task(tmp_path, data, name="task.yaml", **fields):
     spec = {
         "task": "t",
         "dataset_path": "json",
@@ -22,33 +25,48 @@ def _task(tmp_path, data, **fields):
         "test_split": "test",
         **fields,
     }
-    path = tmp_path / "task.yaml"
+    path = tmp_path / name
     path.write_text(yaml.safe_dump(spec))
     return path
 
 
+@torch.no_grad()
 def _direct(loaded, context, continuation):
+    """Sum of log p(continuation token | everything before it), one unpadded forward of the pair."""
     ctx, cont = encode_pair(loaded.tokenizer, context, continuation)
     ids = torch.tensor([list(ctx) + cont])
     logprobs = F.log_softmax(loaded.model(ids).logits.float(), -1)[0]
     return sum(float(logprobs[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
 
 
-@torch.no_grad()
-def test_shared_context_scoring_equals_full_forward(tiny_llama):
+REQUESTS = [
+    ("The film won an award.\nTopic:", " entertainment"),
+    ("The film won an award.\nTopic:", " tech"),
+    ("The film won an award.\nTopic:", " a very long answer that spans several tokens"),
+    ("Parliament voted ", "on the budget today"),  # trailing space moves to the continuation
+    ("Short", " x"),
+    ("", "An empty context"),  # conditioned on the prefix (BOS) token
+]
+
+
+def test_encode_pair_moves_trailing_space(tiny_llama):
+    tok = load_model(tiny_llama).tokenizer
+    ctx, cont = encode_pair(tok, "Parliament voted ", "on it")
+    assert ctx == tok("Parliament voted")["input_ids"]
+    assert ctx + cont == tok("Parliament voted on it")["input_ids"]
+    assert encode_pair(tok, "", "hi") == ([tok.bos_token_id], tok("hi")["input_ids"])
+
+
+@pytest.mark.parametrize("share_context", [True, False])
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_batched_scoring_equals_one_full_forward_per_request(tiny_llama, share_context, batch_size):
     loaded = load_model(tiny_llama)
-    requests = [
-        ("The film won an award.\nTopic:", " entertainment"),
-        ("The film won an award.\nTopic:", " tech"),
-        ("Parliament voted ", "on the budget today"),
-        ("", "An empty context"),
-    ]
-    got = continuation_logprobs(loaded, requests, "t")
-    for (context, continuation), value in zip(requests, got, strict=True):
-        assert value == pytest.approx(_direct(loaded, context, continuation), abs=1e-4)
+    pairs = [encode_pair(loaded.tokenizer, c, x) for c, x in REQUESTS]
+    got = score_pairs(loaded, pairs, window=256, batch_size=batch_size, share_context=share_context)
+    for (context, continuation), value in zip(REQUESTS, got, strict=True):
+        assert value == pytest.approx(_direct(loaded, context, continuation), abs=2e-5)
 
 
-@torch.no_grad()
 def test_acc_and_acc_norm_follow_lm_eval(tiny_llama, tmp_path):
     """acc = argmax of summed log-prob; acc_norm = argmax of log-prob / len(choice string)."""
     loaded = load_model(tiny_llama)
@@ -57,62 +75,144 @@ def test_acc_and_acc_norm_follow_lm_eval(tiny_llama, tmp_path):
         for i in range(6)
     ]
     data = write_jsonl(tmp_path / "d.jsonl", docs)
-    task = Task.from_yaml(
-        _task(
-            tmp_path,
-            data,
-            output_type="multiple_choice",
-            doc_to_text="{{q}}",
-            doc_to_choice="{{choices}}",
-            doc_to_target="gold",
-        )
-    )
+    fields = dict(output_type="multiple_choice", doc_to_text="{{q}}", doc_to_choice="{{choices}}", doc_to_target="gold")
+    task = Task.from_yaml(_task(tmp_path, data, **fields, metric_list=[{"metric": "acc"}, {"metric": "acc_norm"}]))
     result = score_multiple_choice(task, loaded, task.docs(), batch_size=4)
     acc, acc_norm = [], []
-    for doc in docs:
+    for doc, got in zip(docs, result["loglikelihoods"], strict=True):
         lls = [_direct(loaded, doc["q"], " " + c) for c in doc["choices"]]
+        assert got == pytest.approx(lls, abs=2e-5)
         acc.append(max(range(3), key=lambda i: lls[i]) == doc["gold"])
         acc_norm.append(max(range(3), key=lambda i: lls[i] / len(doc["choices"][i])) == doc["gold"])
     assert result["acc"] == pytest.approx(sum(acc) / 6)
     assert result["acc_norm"] == pytest.approx(sum(acc_norm) / 6)
+    mean = sum(acc) / 6
+    assert result["acc_stderr"] == pytest.approx(math.sqrt(sum((a - mean) ** 2 for a in acc) / 5 / 6))
     assert result["n"] == 6
+    naive = score_multiple_choice(task, loaded, task.docs(), batch_size=3, share_context=False)
+    assert naive["acc"] == result["acc"] and naive["acc_norm"] == result["acc_norm"]
+
+
+def test_acc_norm_divides_by_characters_not_tokens():
+    """A hand-made case where the length normalisation flips the choice (lm-eval: len(choice))."""
+    from lrsurgery.evaluation.loglik import _argmax
+
+    lls, choices = [-2.0, -6.0], ["no", "yes, absolutely"]  # per char: -1.0 vs -0.4
+    assert _argmax(lls) == 0
+    assert _argmax([s / len(c) for s, c in zip(lls, choices, strict=True)]) == 1
+    assert _argmax([-1.0, -1.0]) == 0  # ties go to the first, as numpy.argmax
+
+
+def test_rolling_windows_are_lm_eval_disjoint_windows():
+    tokens = list(range(10))
+    assert rolling_windows(tokens, prefix=99, max_len=4) == [
+        ([99], [0, 1, 2, 3]),
+        ([3], [4, 5, 6, 7]),
+        ([5, 6, 7], [8, 9]),  # the last window keeps a full-length input
+    ]
+    assert rolling_windows(tokens[:3], prefix=99, max_len=4) == [([99], [0, 1, 2])]
+    assert rolling_windows([], prefix=99, max_len=4) == []
 
 
 @torch.no_grad()
-def test_perplexity_matches_direct_loss(tiny_llama, tmp_path):
+@pytest.mark.parametrize("max_length", [256, 7])
+def test_perplexity_matches_direct_loss(tiny_llama, tmp_path, max_length):
     loaded = load_model(tiny_llama)
-    texts = ["To be, or not to be, that is the question. " * 3, "All the world's a stage."]
+    tok = loaded.tokenizer
+    texts = ["To be, or not to be, that is the question. " * 3, "All the world's a  stage.\n"]
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in texts])
-    report = run_eval(
-        [str(tiny_llama)],
-        [_task(tmp_path, data, output_type="loglikelihood_rolling", doc_to_target="text", max_length=256)],
-    )
-    metrics = report["results"][str(tiny_llama)]["t"]
-    total, tokens = 0.0, 0
-    for text in texts:  # each text fits in one 256-token window, so this is the exact reference
-        ids = torch.tensor([[loaded.tokenizer.eos_token_id] + loaded.tokenizer(text)["input_ids"]])
-        out = loaded.model(ids, labels=ids)
-        total += float(out.loss) * (ids.shape[1] - 1)
-        tokens += ids.shape[1] - 1
-    assert metrics["token_perplexity"] == pytest.approx(math.exp(total / tokens), rel=1e-5)
-    words = sum(len(t.split()) for t in texts)
-    nbytes = sum(len(t.encode()) for t in texts)
-    ll = math.log(metrics["token_perplexity"]) * tokens
-    assert metrics["word_perplexity"] == pytest.approx(math.exp(ll / words), rel=1e-6)
-    assert metrics["bits_per_byte"] == pytest.approx(ll / nbytes / math.log(2), rel=1e-6)
-
-
-def test_template_with_absent_field_is_clear(tiny_llama, tmp_path):
-    from lrsurgery.evaluate import TaskError
-
-    data = write_jsonl(tmp_path / "d.jsonl", [{"q": "x", "gold": 0}])
+    metrics = ["word_perplexity", "byte_perplexity", "bits_per_byte", "token_perplexity"]
     path = _task(
         tmp_path,
         data,
+        output_type="loglikelihood_rolling",
+        doc_to_target="text",
+        max_length=max_length,
+        metric_list=[{"metric": m} for m in metrics],
+    )
+    got = run_eval([str(tiny_llama)], [path])["results"][str(tiny_llama)]["t"]
+    total, tokens = 0.0, 0
+    for text in texts:
+        ids = tok(text)["input_ids"]
+        if max_length == 256:  # fits one window: one forward of [BOS] + text is the exact reference
+            seq = torch.tensor([[tok.bos_token_id] + ids])
+            total -= float(loaded.model(seq, labels=seq).loss) * len(ids)
+        else:  # several windows: each scored by a direct forward of its (context, continuation)
+            for ctx, cont in rolling_windows(ids, tok.bos_token_id, max_length):
+                assert len(ctx) + len(cont) - 1 <= max_length
+                seq = torch.tensor([ctx + cont])
+                logprobs = F.log_softmax(loaded.model(seq).logits.float(), -1)[0]
+                total += sum(float(logprobs[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
+        tokens += len(ids)
+    words = (30 + 1) + (5 + 1)  # lm-eval's re.split(r"\s+") counts the "" after trailing whitespace too
+    nbytes = sum(len(t.encode()) for t in texts)
+    assert got["token_perplexity"] == pytest.approx(math.exp(-total / tokens), rel=1e-5)
+    assert got["word_perplexity"] == pytest.approx(math.exp(-total / words), rel=1e-5)
+    assert got["byte_perplexity"] == pytest.approx(math.exp(-total / nbytes), rel=1e-5)
+    assert got["bits_per_byte"] == pytest.approx(-total / nbytes / math.log(2), rel=1e-5)
+    assert got["word_perplexity_stderr"] is None and got["n"] == 2
+
+
+def test_unmerged_artifact_scores_like_its_fused_folder(tiny_llama, bbc_small, tmp_path):
+    from lrsurgery.data import DataSpec
+    from lrsurgery.fuse import run_fuse
+    from lrsurgery.surgery import run_init
+    from lrsurgery.train import TrainConfig, run_train
+
+    init = run_init(str(tiny_llama), "pissa", tmp_path / "init", {"rank": 4})
+    data = DataSpec(path=str(bbc_small), prompt_template=PROMPT, response_template=RESPONSE, seq_len=64)
+    run = run_train(init, data, TrainConfig(max_steps=3, batch_size=2, lr=1e-2), tmp_path / "run")
+    fused = run_fuse(run, tmp_path / "merged")
+    rows = [json.loads(line) for line in bbc_small.read_text().splitlines()[:8]]
+    mc = _task(
+        tmp_path,
+        write_jsonl(tmp_path / "mc.jsonl", rows),
+        "mc.yaml",
+        task="mc",
         output_type="multiple_choice",
-        doc_to_text="{{question}}",
-        doc_to_choice=["a", "b"],
+        doc_to_text="Article: {{text}}\nTopic:",
+        doc_to_target="label",
+        doc_to_choice=["business", "entertainment", "politics", "sport", "tech"],
+        metric_list=[{"metric": "acc"}, {"metric": "acc_norm"}, {"metric": "mcc"}],
+    )
+    ppl = _task(
+        tmp_path,
+        write_jsonl(tmp_path / "ppl.jsonl", rows),
+        "ppl.yaml",
+        task="ppl",
+        output_type="loglikelihood_rolling",
+        doc_to_target="text",
+    )
+    report = run_eval([str(run), str(fused), str(tiny_llama)], [mc, ppl])
+    adapted, merged, base = (report["results"][m] for m in (str(run), str(fused), str(tiny_llama)))
+    for metric in ("acc", "acc_norm", "mcc"):
+        assert adapted["mc"][metric] == pytest.approx(merged["mc"][metric], abs=1e-9)
+    assert adapted["ppl"]["byte_perplexity"] == pytest.approx(merged["ppl"]["byte_perplexity"], rel=1e-5)
+    tuned, untuned = adapted["ppl"]["byte_perplexity"], base["ppl"]["byte_perplexity"]
+    assert abs(tuned - untuned) > 1e-4 * untuned  # 10x the tolerance above: the adapter is really applied
+    assert report["models"][str(run)]["artifact"] == "train"
+    assert report["models"][str(run)]["base_fingerprint"] == report["models"][str(tiny_llama)]["fingerprint"]
+
+
+def test_cli_side_by_side_table_and_json(tiny_llama, tiny_llama_other, tmp_path):
+    rows = [{"q": f"Is {i} even?", "gold": "yes" if i % 2 == 0 else "no"} for i in range(5)]
+    path = _task(
+        tmp_path,
+        write_jsonl(tmp_path / "d.jsonl", rows),
+        output_type="multiple_choice",
+        doc_to_text="Q: {{q}}\nA:",
+        doc_to_choice=["yes", "no"],
         doc_to_target="gold",
     )
-    with pytest.raises(TaskError, match="question"):
-        run_eval([str(tiny_llama)], [path])
+    out = tmp_path / "results.json"
+    code, text = cli("eval", tiny_llama, tiny_llama_other, "--task", path, "--limit", 4, "-o", out)
+    assert code == 0, text
+    header, rule, *body = text.strip().splitlines()
+    assert header == f"| task | metric | {tiny_llama} | {tiny_llama_other} |"
+    assert [line.split(" | ")[1] for line in body] == ["acc", "acc_norm"] and "±" in body[0]
+    report = json.loads(out.read_text())
+    entry = report["results"][str(tiny_llama)]["t"]
+    assert entry["n"] == 4 and len(entry["config_hash"]) == 16 and entry["num_fewshot"] == 0
+    assert set(entry) >= {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}
+    assert report["models"][str(tiny_llama)]["fingerprint"] != report["models"][str(tiny_llama_other)]["fingerprint"]
+    assert report["lrsurgery_version"]
