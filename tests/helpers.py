@@ -42,3 +42,13 @@ def cli(*args) -> tuple[int, str]:
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result.exit_code, result.output
+
+
+def assert_same_tensors(file_a: Path, file_b: Path) -> None:
+    """Two safetensors files hold the same names and bit-identical tensors."""
+    from lrsurgery.artifacts import load_tensors
+
+    a, b = load_tensors(file_a), load_tensors(file_b)
+    assert a.keys() == b.keys(), (file_a, file_b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), (file_a, key)

@@ -7,11 +7,11 @@ import json
 
 import pytest
 import torch
-from helpers import PROMPT, RESPONSE, cli, max_abs, outputs
+from helpers import PROMPT, RESPONSE, assert_same_tensors, cli, max_abs, outputs
 from test_train import Interrupt
 
 from lrsurgery.adapters import adapted_layers
-from lrsurgery.artifacts import ArtifactError, load_tensors
+from lrsurgery.artifacts import ArtifactError
 from lrsurgery.data import DataSpec
 from lrsurgery.importance import ImportanceEMA, triplet_scores
 from lrsurgery.methods import MethodError, get_method
@@ -211,10 +211,7 @@ def test_resumed_dual_run_equals_uninterrupted(tiny_llama, bbc_small, tmp_path):
     with pytest.raises(ArtifactError, match=r"different settings \(method_options.k_final\)"):
         run_train(init, data, cfg, tmp_path / "resumed", resume=True, method_options={**SCHEDULE, "k_final": 3})
     resumed = run_train(init, data, cfg, tmp_path / "resumed", resume=True, method_options=SCHEDULE)
-    a, b = load_tensors(whole / ADAPTER_FILE), load_tensors(resumed / ADAPTER_FILE)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_same_tensors(whole / ADAPTER_FILE, resumed / ADAPTER_FILE)
     log_a = [json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()]
     log_b = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
     drop = ("step_time",)

@@ -6,10 +6,9 @@ import json
 
 import pytest
 import torch
-from helpers import PROMPT, RESPONSE
+from helpers import PROMPT, RESPONSE, assert_same_tensors
 
 from lrsurgery import calibrate as calibration
-from lrsurgery.artifacts import load_tensors
 from lrsurgery.calibrate import CalibrateConfig, run_calibrate
 from lrsurgery.data import DataSpec, build_examples, collate
 from lrsurgery.models import find_targets, load_model
@@ -99,6 +98,4 @@ def test_sensitivity_resumes_from_the_last_finished_block(tiny_llama, bbc_small,
     assert extra["completed"] == 2 and extra["sensitivity_next"] == 1
     again = run_calibrate(str(tiny_llama), data, cfg, tmp_path / "again", resume=True)
     for file in ["sensitivity.safetensors", *(f.name for f in whole.glob("block_*"))]:
-        assert load_tensors(again / file).keys() == load_tensors(whole / file).keys()
-        for key, value in load_tensors(whole / file).items():
-            assert torch.equal(load_tensors(again / file)[key], value), (file, key)
+        assert_same_tensors(whole / file, again / file)

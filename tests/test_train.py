@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import PROMPT, RESPONSE
+from helpers import PROMPT, RESPONSE, assert_same_tensors
 
 from lrsurgery.artifacts import ArtifactError, load_tensors
 from lrsurgery.data import DataSpec, collate
@@ -43,10 +43,8 @@ def _resume_matches_uninterrupted(model_folder, data_path, tmp_path, steps, save
     with pytest.raises(ArtifactError, match=r"different settings \(train.lr\)"):
         run_train(init, data, TrainConfig(**{**cfg.__dict__, "lr": 1e-3}), tmp_path / "resumed", resume=True)
     resumed = run_train(init, data, cfg, tmp_path / "resumed", resume=True)
-    a, b = load_tensors(whole / ADAPTER_FILE), load_tensors(resumed / ADAPTER_FILE)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_same_tensors(whole / ADAPTER_FILE, resumed / ADAPTER_FILE)
+    a = load_tensors(whole / ADAPTER_FILE)
     log_a = [json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()]
     log_b = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log_b] == list(range(1, steps + 1))
