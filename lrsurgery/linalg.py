@@ -5,6 +5,62 @@ from __future__ import annotations
 import torch
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """True when no entry is NaN or ±Inf; one reduction, far cheaper than `isfinite(t).all()`.
+
+    A sum is non-finite exactly when an entry is, or when finite entries are so large that the sum
+    overflows, which for weights, activations and their statistics means they are unusable anyway.
+    """
+    work = tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
+    return bool(torch.isfinite(work.sum()))
+
+
+def stack_fp64(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Same-shaped tensors as one fp64 (batch, ...) stack, converted in a single pass."""
+    out = torch.empty((len(tensors), *tensors[0].shape), dtype=torch.float64)
+    for slot, tensor in zip(out, tensors, strict=True):
+        slot.copy_(tensor)
+    return out
+
+
+def _panel(d: int) -> int:
+    """Column-panel width for `add_gram_upper`: up to 6 panels of at least 96 columns."""
+    return -(-d // max(1, min(6, d // 96)))
+
+
+def add_gram_upper(total: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+    """`total` + rowsᵀ·rows for a (t, d) matrix or a (batch, t, d) stack, computed on and above the
+    diagonal only; what lies below it is not kept (`symmetrize_upper_` fills it in).
+
+    The d columns are cut into panels and each panel is one GEMM against the columns from its
+    diagonal on: about 7/12 of the full product's flops, as BLAS `syrk` would do, which PyTorch does
+    not expose.
+    """
+    d, step = rows.shape[-1], _panel(rows.shape[-1])
+    if total is None:
+        total = rows.new_zeros(*rows.shape[:-2], d, d)
+    for start in range(0, d, step):
+        panel = total[..., start : start + step, start:]
+        left, right = rows[..., start : start + step], rows[..., start:]
+        if rows.ndim == 2:
+            panel.addmm_(left.T, right)
+        else:
+            panel.baddbmm_(left.mT, right)
+    return total
+
+
+def symmetrize_upper_(total: torch.Tensor) -> torch.Tensor:
+    """Make `total` (from `add_gram_upper`) the exactly symmetric matrix its upper triangle gives, in
+    place, one panel at a time (no full-size temporaries)."""
+    d, step = total.shape[-1], _panel(total.shape[-1])
+    for start in range(0, d, step):
+        stop = start + step
+        diagonal = total[..., start:stop, start:stop]
+        diagonal.copy_(diagonal.triu() + diagonal.triu(1).mT)
+        total[..., stop:, start:stop] = total[..., start:stop, stop:].mT
+    return total
+
+
 def truncated_svd(
     matrix: torch.Tensor,
     rank: int,
@@ -25,7 +81,7 @@ def truncated_svd(
     if not 1 <= rank <= min(m, n):
         raise ValueError(f"rank {rank} is out of range for a {m}x{n} matrix (1..{min(m, n)})")
     work = matrix if matrix.dtype in (torch.float32, torch.float64) else matrix.float()
-    if not torch.isfinite(work).all():
+    if not all_finite(work):
         raise ValueError("matrix has NaN or Inf entries")
     if method == "exact":
         u, s, vh = torch.linalg.svd(work, full_matrices=False)
@@ -53,8 +109,10 @@ def subspace_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 def top_right_singular_vectors(matrices: torch.Tensor, rank: int) -> torch.Tensor:
     """Top-`rank` right singular vectors of each matrix in a (batch, m, n) stack, as (batch, rank, n) rows.
 
-    Computed from an fp64 symmetric eigendecomposition of the smaller Gram matrix (MᵀM if n ≤ m, else
-    MMᵀ, whose eigenvectors U give V = Mᵀ U / σ), batched over the stack; no full SVD is formed.
+    From the smaller Gram matrix in fp64 (MᵀM if n ≤ m, else MMᵀ, whose eigenvectors U give
+    V = Mᵀ U / σ): the Gram products are batched and form the upper triangle only, and only the top
+    `rank` eigenpairs are computed (LAPACK's MRRR `syevr` on an index range), so neither a full SVD
+    nor a full eigendecomposition is formed.
     Rows are orthonormal (up to fp64 rounding); signs are arbitrary, as in any SVD.
     """
     if matrices.ndim != 3:
@@ -63,17 +121,31 @@ def top_right_singular_vectors(matrices: torch.Tensor, rank: int) -> torch.Tenso
     if not 1 <= rank <= min(m, n):
         raise ValueError(f"rank {rank} is out of range for {m}x{n} matrices (1..{min(m, n)})")
     work = matrices.double()
-    if not torch.isfinite(work).all():
+    if not all_finite(work):
         raise ValueError("matrix has NaN or Inf entries")
     if n <= m:
-        _, vectors = torch.linalg.eigh(work.transpose(1, 2) @ work)  # ascending eigenvalues
-        return vectors[:, :, -rank:].flip(-1).transpose(1, 2)
-    values, vectors = torch.linalg.eigh(work @ work.transpose(1, 2))
-    u = vectors[:, :, -rank:].flip(-1)  # (batch, m, rank)
-    sigma = values[:, -rank:].flip(-1).clamp_min(0).sqrt()
+        _, vectors = top_eigenpairs(add_gram_upper(None, work), rank)
+        return vectors.transpose(1, 2)
+    values, u = top_eigenpairs(add_gram_upper(None, work.transpose(1, 2)), rank)  # u: (batch, m, rank)
+    sigma = values.clamp_min(0).sqrt()
     v = (work.transpose(1, 2) @ u) / sigma.clamp_min(torch.finfo(torch.float64).tiny)[:, None, :]
     q, r = torch.linalg.qr(v)  # re-orthonormalise; keeps each column's direction (diag of r > 0 up to sign)
     return (q * torch.sign(torch.diagonal(r, dim1=1, dim2=2))[:, None, :]).transpose(1, 2)
+
+
+def top_eigenpairs(grams: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `rank` largest eigenvalues (batch, rank), descending, and eigenvectors (batch, k, rank) of
+    each symmetric fp64 matrix in a (batch, k, k) stack, given by its upper triangle (what lies below
+    the diagonal is not read), by MRRR on the requested index range only."""
+    from scipy.linalg import eigh
+
+    k = grams.shape[-1]
+    values, vectors = [], []
+    for gram in grams.cpu().numpy():
+        vals, vecs = eigh(gram, lower=False, subset_by_index=(k - rank, k - 1), driver="evr", check_finite=False)
+        values.append(torch.from_numpy(vals[::-1].copy()))
+        vectors.append(torch.from_numpy(vecs[:, ::-1].copy()))
+    return torch.stack(values).to(grams.device), torch.stack(vectors).to(grams.device)
 
 
 def psd_power(matrix: torch.Tensor, power: float, damping: float = 0.0) -> torch.Tensor:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lrsurgery.adapters import ModuleAdapter
+from lrsurgery.linalg import all_finite
 
 
 class MethodError(ValueError):
@@ -77,7 +78,7 @@ class Method:
                 f"rank {rank} is larger than module {name} allows: its weight is "
                 f"{weight.shape[0]}x{weight.shape[1]}, so the rank can be at most {limit}"
             )
-        if not torch.isfinite(weight).all():
+        if not all_finite(weight):
             raise MethodError(f"module {name} has NaN or Inf weights")
 
     # True: `init_modules` receives modules grouped by weight shape (so it can batch), else in model order

@@ -31,7 +31,7 @@ import torch
 from lrsurgery.adapters import ModuleAdapter
 from lrsurgery.allocation import allocate_alphas, allocate_ranks
 from lrsurgery.artifacts import check_same_model, read_manifest
-from lrsurgery.linalg import psd_power, top_right_singular_vectors
+from lrsurgery.linalg import all_finite, psd_power, stack_fp64, top_right_singular_vectors
 from lrsurgery.methods.base import Method, MethodError
 
 
@@ -142,8 +142,8 @@ class TLoRA(Method):
         names = [n for n in weights if self._ranks[n] > 0]
         if not names:
             return {}
-        stack = torch.stack([weights[n].double() for n in names])  # (batch, d_out, d_in), one shape
-        if not torch.isfinite(stack).all():
+        stack = stack_fp64([weights[n] for n in names])  # (batch, d_out, d_in), one shape
+        if not all_finite(stack):
             raise MethodError(f"a module among {names[0]}... has NaN or Inf weights")
         a_rows = self._frozen_a(names, stack, generator)
         out = {}
@@ -168,8 +168,8 @@ class TLoRA(Method):
             return [a / d_in**0.5 for a in draw]
         if self.a_init == "w":
             return list(top_right_singular_vectors(stack, top))
-        covariances = torch.stack([self._covariance.get(n).double() for n in names])
-        if not torch.isfinite(covariances).all():
+        covariances = stack_fp64([self._covariance.get(n) for n in names])
+        if not all_finite(covariances):
             raise MethodError(f"{self.stats} has non-finite covariance values (e.g. for {names[0]})")
         if self.variant == "wc":
             return list(top_right_singular_vectors(stack @ covariances, top))  # Eq. 4
