@@ -28,6 +28,7 @@ from torch import nn
 from lrsurgery.artifacts import ArtifactError, Manifest, load_tensors, read_manifest, save_tensors, write_manifest
 from lrsurgery.covariance import CalibrationError, CovarianceCollector
 from lrsurgery.data import IGNORE, DataSpec, build_examples, collate
+from lrsurgery.linalg import all_finite
 from lrsurgery.models import backbone, block_list, default_task, find_targets, load_model, resolve_model
 from lrsurgery.progress import progress
 from lrsurgery.sensitivity import SensitivityCollector, per_sample_loss, whole_model
@@ -202,6 +203,8 @@ def _forward(runner, batches, targets, cfg, work, covariance_from, forward_to, k
         return kept, []
     with torch.no_grad():
         hidden = capture_block_inputs(runner.model, runner.blocks, batches)
+        if keep_to == 0 and runner.loader:  # no backward to follow: nothing outside the blocks runs again
+            runner.loader.release_rest()
         for index in progress(range(forward_to), desc="calibrate forward", unit="block"):
             if index < keep_to:
                 kept.append([h for h, _, _ in hidden])
@@ -211,7 +214,7 @@ def _forward(runner, batches, targets, cfg, work, covariance_from, forward_to, k
                 if collector:
                     collector.start_batch(batches[b]["count"])
                 out = runner.run(block, states, kwargs, args)
-                if not torch.isfinite(out).all():
+                if not all_finite(out):
                     raise CalibrationError(f"block {runner.prefix}.{index} outputs NaN or Inf activations")
                 hidden[b] = (out.cpu(), kwargs, args)
             runner.release(index)
@@ -299,7 +302,7 @@ def _prepare(out: Path, manifest: Manifest, resume: bool) -> Path:
 
 def _write_block(work: Path, index: int, collector: CovarianceCollector) -> None:
     """Write one block's sums atomically, then record it in the manifest (the resume point)."""
-    tensors = {f"cov.{name}": s for name, s in collector.sums.items()}
+    tensors = {f"cov.{name}": s for name, s in collector.finish().items()}
     save_tensors(work / f"block_{index:04d}.safetensors", tensors)
     manifest = read_manifest(work)
     for name, owner in collector.share.items():

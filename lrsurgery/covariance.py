@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lrsurgery.linalg import add_gram_upper, all_finite, symmetrize_upper_
+
 
 class CalibrationError(ValueError):
     """Calibration cannot run on this model or data."""
@@ -20,10 +22,10 @@ class CovarianceCollector:
     def __init__(self, modules: dict[str, nn.Linear], dtype: torch.dtype):
         self.modules = modules
         self.dtype = dtype
-        self.sums: dict[str, torch.Tensor] = {}
+        self.upper: dict[str, torch.Tensor] = {}  # Σ xᵀx on and above the diagonal
         self.tokens = 0
         self.share: dict[str, str] = {}  # module name → the module whose covariance it shares
-        self.mask: torch.Tensor | None = None
+        self.keep: torch.Tensor | None = None
         self._seen: dict[tuple, tuple[str, torch.Tensor]] = {}
         self._handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
 
@@ -39,21 +41,24 @@ class CovarianceCollector:
             if owner != name:
                 return
             rows = x.reshape(-1, x.shape[-1])
-            if self.mask is not None:
-                rows = rows[self.mask.reshape(-1).to(rows.device)]
+            if self.keep is not None:
+                rows = rows[self.keep.to(rows.device)]
             rows = rows.to(self.dtype)
-            if not torch.isfinite(rows).all():
+            if not all_finite(rows):
                 raise CalibrationError(f"activations entering {name} contain NaN or Inf")
-            if name in self.sums:
-                self.sums[name].addmm_(rows.T, rows)
-            else:
-                self.sums[name] = rows.T @ rows
+            self.upper[name] = add_gram_upper(self.upper.get(name), rows)
 
         return hook
 
+    def finish(self) -> dict[str, torch.Tensor]:
+        """Σ xᵀx of each covariance owner, full and symmetric (made so in place: call it once, at the end)."""
+        return {name: symmetrize_upper_(upper) for name, upper in self.upper.items()}
+
     def start_batch(self, mask: torch.Tensor) -> None:
-        self.mask = mask.bool()
-        self.tokens += int(self.mask.sum())
+        mask = mask.bool().reshape(-1)
+        counted = int(mask.sum())
+        self.keep = None if counted == mask.numel() else mask  # no copy when every token counts
+        self.tokens += counted
         self._seen = {}
 
     def close(self) -> None:

@@ -3,11 +3,14 @@
 Everything outside the block list (embeddings, final norm, head, rotary buffers) is loaded normally;
 the blocks' parameters live on the meta device (no memory) and `BlockLoader.load(i)` reads block i's
 tensors from the safetensors files, `release(i)` empties it again. Peak memory is the non-block part
-plus one block, so a model larger than RAM can be calibrated.
+plus one block, so a model larger than RAM can be calibrated; `release_rest()` empties the non-block
+part too once nothing outside the blocks runs again (covariance calibration, after the first block's
+inputs are captured).
 """
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
 import torch
@@ -57,6 +60,29 @@ class BlockLoader:
 
     def release(self, index: int) -> None:
         self.blocks[index].to("meta")
+        return_freed_memory()
+
+    def release_rest(self) -> None:
+        """Empty every parameter outside the blocks (embeddings, final norm, head, tied or not), for
+        when nothing outside the blocks runs again."""
+        inside = {id(p) for block in self.blocks for p in block.parameters()}
+        for module in self.model.modules():
+            for name, param in list(module._parameters.items()):
+                if param is not None and id(param) not in inside and param.device.type != "meta":
+                    module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=False)
+        return_freed_memory()
+
+
+def return_freed_memory() -> None:
+    """Hand the heap pages freed so far back to the OS (glibc `malloc_trim`; a no-op elsewhere).
+
+    Without it, glibc keeps the blocks' freed weights and the replaced activations of every block in
+    its arenas, and the resident size creeps up block after block.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def load_offloaded(spec: str) -> tuple[LoadedModel, BlockLoader]:

@@ -12,6 +12,7 @@ from lrsurgery import calibrate as calibration
 from lrsurgery.artifacts import load_tensors
 from lrsurgery.calibrate import CalibrateConfig, CalibrationError, run_calibrate
 from lrsurgery.data import DataSpec, build_examples, collate
+from lrsurgery.linalg import add_gram_upper, symmetrize_upper_
 from lrsurgery.models import backbone, default_task, find_targets, load_model
 from lrsurgery.stats import load_covariance
 
@@ -59,6 +60,21 @@ def _check_against_whole_model(folder, data_path, tmp_path, cfg, per_block):
     for name, expected in reference.items():
         got = load_covariance(stats, name).double()
         assert float((got - expected).norm() / expected.norm()) <= 1e-5, name
+        assert torch.equal(got, got.T), name
+
+
+@pytest.mark.parametrize("d", [64, 200, 577])
+def test_upper_triangle_gram_equals_the_full_product(d):
+    """Panels of ≥ 96 columns (1, 2 and 6 of them here) accumulate Σ xᵀx over micro-batches exactly."""
+    generator = torch.Generator().manual_seed(d)
+    batches = [torch.randn(n, d, generator=generator, dtype=torch.float64) for n in (7, 300, 33)]
+    upper = None
+    for rows in batches:
+        upper = add_gram_upper(upper, rows)
+    full = sum(rows.T @ rows for rows in batches)
+    got = symmetrize_upper_(upper)
+    assert torch.equal(got, got.T)
+    assert float((got - full).abs().max() / full.abs().max()) <= 1e-13
 
 
 def test_sequential_equals_whole_model_tiny(tiny_llama, lm_data, tmp_path):
