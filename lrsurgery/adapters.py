@@ -81,6 +81,18 @@ def low_rank_product(b: torch.Tensor, a: torch.Tensor, scale: float, gate: torch
     return scale * b64 @ a.detach().double().to(b64.device)
 
 
+class _StraightThroughMask(torch.autograd.Function):
+    """E ⊙ mask forward; the gradient passes to every entry of E unchanged (one op each way)."""
+
+    @staticmethod
+    def forward(ctx, e: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return e * mask
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
 class AdaptedLinear(nn.Module):
     """A frozen nn.Linear plus a trainable low-rank branch (optionally gated) and an optional gated expert branch.
 
@@ -130,21 +142,21 @@ class AdaptedLinear(nn.Module):
 
     def _expert_gate(self) -> torch.Tensor:
         """E ⊙ mask in value; ∂/∂E = 1 everywhere, so masked entries still see ∂L/∂gate (straight-through)."""
-        e, mask = self.expert_E, self.expert_mask
-        return e * mask + (e - e.detach()) * (1 - mask)
+        return _StraightThroughMask.apply(self.expert_E, self.expert_mask)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         h = F.linear(self.dropout(x), self.lora_A)
         if self.lora_E is not None:
             h = h * self.lora_E
-        out = out + F.linear(h, self.lora_B) * self.scale
-        if self.has_expert:
-            h = F.linear(self.expert_dropout(x), self.expert_A)
+        h, b = h * self.scale, self.lora_B
+        if self.has_expert:  # both branches leave through one (d_out, r + r_e) product
+            g = F.linear(self.expert_dropout(x), self.expert_A)
             if self.expert_E is not None:
-                h = h * self._expert_gate()
-            out = out + F.linear(h, self.expert_B) * self.expert_scale
-        return out
+                g = g * self._expert_gate()
+            h, b = torch.cat([h, g * self.expert_scale], dim=-1), torch.cat([b, self.expert_B], dim=1)
+        # out + h·Bᵀ in one pass over the (tokens, d_out) output; the scale rides on the thin h
+        return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.T).view_as(out)
 
     def export(self) -> ModuleAdapter:
         expert = None

@@ -100,6 +100,16 @@ def total_steps(cfg: TrainConfig, n: int, world: int) -> int:
     return max(1, math.ceil(cfg.epochs * n / per_step))
 
 
+def adamw(params: list[torch.Tensor], lr: float, weight_decay: float = 0.01) -> torch.optim.AdamW:
+    """AdamW with PyTorch's fused kernel where the parameters' device has one (CPU and CUDA do): one
+    kernel for all of them, several times faster than the per-tensor loop on the hundreds of small
+    adapter tensors. Falls back to the default implementation elsewhere."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
 def run_train(
     init_dir: Path,
     data: DataSpec,
@@ -159,7 +169,7 @@ def run_train(
         mixed_precision="bf16" if cfg.precision == "bf16" else "no",
     )
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW(list(named.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = adamw(list(named.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     total = total_steps(cfg, len(examples), accelerator.num_processes)
     for h in method_hooks:

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from helpers import PROMPT, RESPONSE, assert_same_tensors, cli, max_abs, outputs
+from test_init_exact import PISSA_SMOLLM2_FP32
 from test_train import Interrupt
 
 from lrsurgery.adapters import adapted_layers
@@ -263,4 +264,5 @@ def test_fuse_and_peft_export_of_a_dual_run_equal_the_adapted_model(smollm2, bbc
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert set(config["rank_pattern"].values()) == {4 + 4 + 4}  # edit + shared + expert
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2), tmp_path / "peft").eval()
-    assert max_abs(outputs(peft_model, adapted.tokenizer), expected) <= 1e-4
+    # the PEFT model runs the principal part through a separate branch: PiSSA's fp32 floor (test_init_exact)
+    assert max_abs(outputs(peft_model, adapted.tokenizer), expected) <= PISSA_SMOLLM2_FP32
