@@ -1,12 +1,12 @@
 """Benchmark: train-step time and peak memory of the dual method vs LoRA at equal total rank.
 
 Both variants run the same step as `lrsurgery train` (forward, method extra loss, backward, gradient
-clipping, `after_backward`, AdamW, `after_step`) on the same model, batch and targets, each in its own
-subprocess (see bench_train_step.py for how time and memory are measured). LoRA has rank
-r_share + r_expert and dropout p on the whole branch; dual has the PiSSA shared module (rank r_share, no
-dropout) and the gated expert (rank r_expert, dropout p). The dual steps are timed inside the screening
-phase [T1, T2), where importance is updated every step and masks every ΔT steps, which is its most
-expensive phase; the reported time is the mean over the timed steps, so screening steps count.
+clipping, `after_backward`, fused AdamW, `after_step`) on the same model, batch and targets: each in
+its own subprocess for peak memory, and side by side in one process, taking turns step by step, for
+time (see bench_train_step.py). LoRA has rank r_share + r_expert and dropout p on the whole branch;
+dual has the PiSSA shared module (rank r_share, no dropout) and the gated expert (rank r_expert,
+dropout p). The dual steps run inside the screening phase [T1, T2), where importance is updated every
+step and masks every ΔT steps, its most expensive phase; screening steps are among the timed ones.
 
   python pipelines/bench_dual.py --r-share 8 --r-expert 8 --batch-size 4 --seq-len 128
 """
@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
-from bench_train_step import measure, random_batch, run_children
+from bench_train_step import measure, paired_ratio, paired_times, random_batch, run_child, run_children
+
+from lrsurgery.train import adamw
 
 
 def build(variant: str, args: argparse.Namespace):
@@ -45,18 +46,17 @@ def build(variant: str, args: argparse.Namespace):
     return model, [p for p in model.parameters() if p.requires_grad], hooks
 
 
-def run_variant(variant: str, args: argparse.Namespace) -> dict:
+def make_step(variant: str, args: argparse.Namespace):
+    """Build one variant; return (step, trainable parameters), step() being one `lrsurgery train` step."""
     torch.manual_seed(0)
     model, params, hooks = build(variant, args)
     model.train()
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = adamw(params, lr=1e-4)
     ids = random_batch(model, args)
     t = getattr(hooks, "lo", 0)  # dual: start at T1, inside the screening phase
-    times: list[float] = []
 
     def step() -> None:
         nonlocal t
-        began = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
         extras = hooks.extra_loss(model, t)
         (loss + sum(extras.values())).backward()
@@ -67,16 +67,14 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
         hooks.after_step(model, t, optimizer)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - began)
         t += 1
 
-    measured = measure(step, args)
-    return {
-        "variant": variant,
-        **measured,
-        "mean_s": statistics.mean(times[args.warmup :]),
-        "trainable": sum(p.numel() for p in params),
-    }
+    return step, params
+
+
+def run_variant(variant: str, args: argparse.Namespace) -> dict:
+    step, params = make_step(variant, args)
+    return {"variant": variant, **measure(step, args), "trainable": sum(p.numel() for p in params)}
 
 
 def main() -> None:
@@ -88,29 +86,38 @@ def main() -> None:
     parser.add_argument("--targets", default=None, help="regex over module names (default: all block linears)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps (two screenings at ΔT = 10)")
+    parser.add_argument(
+        "--rounds", type=int, default=20, help="timed rounds of one step per variant (screening every ΔT = 10)"
+    )
+    parser.add_argument("--steps", type=int, default=3, help="timed steps of each memory run")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--total", type=int, default=1000, help="run length the dual schedule assumes")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per variant, interleaved; medians reported")
+    parser.add_argument("--repeats", type=int, default=2, help="memory runs per variant, interleaved; medians reported")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child == "paired":
+        print(json.dumps(paired_times(make_step, ["lora", "dual"], args)))
+        return
     if args.child:
         print(json.dumps(run_variant(args.child, args)))
         return
     rows = run_children(__file__, ["lora", "dual"], args.repeats)
+    times = run_child(__file__, "paired")
     print(
         f"model {args.model}, batch {args.batch_size} x {args.seq_len}, total rank {args.r_share + args.r_expert} "
-        f"(dual {args.r_share}+{args.r_expert}), dropout {args.dropout}, {args.device}, "
-        f"median of {args.repeats} runs x {args.steps} steps"
+        f"(dual {args.r_share}+{args.r_expert}), dropout {args.dropout}, {args.device}; time: {args.rounds} rounds "
+        f"of one step per variant in turn; memory: median of {args.repeats} separate runs"
     )
     print(f"{'variant':<8}{'mean s':>9}{'median s':>10}{'peak MB':>10}{'trainable':>11}")
     for v, r in rows.items():
-        print(f"{v:<8}{r['mean_s']:>9.3f}{r['step_s']:>10.3f}{r['peak_mb']:>10.1f}{r['trainable']:>11}")
-    lora, dual = rows["lora"], rows["dual"]
+        mean, median = statistics.mean(times[v]), statistics.median(times[v])
+        print(f"{v:<8}{mean:>9.3f}{median:>10.3f}{r['peak_mb']:>10.1f}{r['trainable']:>11}")
+    mean_ratio = statistics.mean(times["dual"]) / statistics.mean(times["lora"])
     print(
-        f"dual/LoRA: time {dual['mean_s'] / lora['mean_s']:.3f} (mean), {dual['step_s'] / lora['step_s']:.3f} "
-        f"(median); peak memory {dual['peak_mb'] / lora['peak_mb']:.3f}"
+        f"dual/LoRA: time {paired_ratio(times, 'dual', 'lora'):.3f} (median of per-round ratios), "
+        f"{mean_ratio:.3f} (ratio of means, screening steps included); "
+        f"peak memory {rows['dual']['peak_mb'] / rows['lora']['peak_mb']:.3f}"
     )
 
 

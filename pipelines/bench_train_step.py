@@ -1,13 +1,16 @@
 """Benchmark: train-step time and peak memory of lrsurgery methods vs PEFT LoRA vs the frozen model.
 
-Each variant runs in its own subprocess (so peak memory is its own) on the same model, batch, rank
-and target modules, with AdamW over the trainable parameters. Variants:
+All variants run the same model, batch, rank and target modules, with AdamW (fused, as `lrsurgery
+train` uses it) over the trainable parameters. Variants:
   frozen     forward + backward through the frozen model, no adapter (the floor)
   peft-lora  PEFT's LoRA (needs `pip install peft`)
   <method>   any registered lrsurgery method (lora, pissa, ...)
 Peak memory is CUDA max-allocated on a GPU, and on CPU the rise in peak RSS (VmHWM, reset before the
-timed steps) over the RSS before them. Prints a table with ratios to a baseline variant (`--baseline`,
-default peft-lora) and to the frozen model. `--stats` gives TLoRA its calibration folder.
+timed steps) over the RSS before them, each variant in its own process. Time is measured with every
+variant built in one process, taking turns step by step (see `paired_times`), so a shared machine's
+slow spells do not land on one variant only; ratios are medians of per-round ratios. Prints a table
+with ratios to a baseline variant (`--baseline`, default peft-lora) and to the frozen model.
+`--stats` gives TLoRA its calibration folder.
 
   python pipelines/bench_train_step.py --variants frozen,peft-lora,lora --batch-size 4 --seq-len 128
 """
@@ -24,6 +27,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from lrsurgery.train import adamw
 
 
 def _rss_kib(field: str) -> int:
@@ -77,11 +82,12 @@ def random_batch(model, args: argparse.Namespace) -> torch.Tensor:
     return torch.randint(100, model.config.vocab_size, (args.batch_size, args.seq_len), generator=gen).to(args.device)
 
 
-def run_variant(variant: str, args: argparse.Namespace) -> dict:
+def make_step(variant: str, args: argparse.Namespace):
+    """Build one variant; return (step, trainable parameters), step() being one full training step."""
     torch.manual_seed(0)
     model, params = build(variant, args)
     model.train()
-    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+    optimizer = adamw(params, lr=1e-4) if params else None
     ids = random_batch(model, args)
 
     def step() -> None:
@@ -90,13 +96,44 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict:
         if optimizer:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
 
+    return step, params
+
+
+def run_variant(variant: str, args: argparse.Namespace) -> dict:
+    step, params = make_step(variant, args)
     return {"variant": variant, **measure(step, args), "trainable": sum(p.numel() for p in params)}
+
+
+def paired_times(make, variants: list[str], args: argparse.Namespace) -> dict[str, list[float]]:
+    """Step times of every variant built side by side in one process by `make(variant, args)` (which
+    returns (step, params)), taking turns step by step (the order reversed every other round), so that
+    slow and fast spells of a shared machine fall on all variants alike: the ratios of one round's
+    times are what the variants' speeds really differ by."""
+    steps = {v: make(v, args)[0] for v in variants}
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for i in range(args.rounds):
+        for v in variants if i % 2 == 0 else variants[::-1]:
+            began = time.perf_counter()
+            steps[v]()
+            times[v].append(time.perf_counter() - began)
+    return times
+
+
+def paired_ratio(times: dict[str, list[float]], variant: str, baseline: str) -> float:
+    """Median over rounds of the variant's step time over the baseline's in the same round."""
+    return statistics.median(t / b for t, b in zip(times[variant], times[baseline], strict=True))
 
 
 def measure(step, args: argparse.Namespace) -> dict:
     """Median time of `args.steps` calls of `step()` after `args.warmup` untimed ones, and the peak memory
-    they add (CUDA max-allocated, or on CPU the peak-RSS rise), as {"step_s", "peak_mb"}."""
+    they add (CUDA max-allocated, or on CPU the peak-RSS rise), as {"step_s", "peak_mb"}. `step()`
+    synchronises a GPU itself."""
     for _ in range(args.warmup):
         step()
     cuda = args.device.startswith("cuda")
@@ -111,8 +148,6 @@ def measure(step, args: argparse.Namespace) -> dict:
     for _ in range(args.steps):
         began = time.perf_counter()
         step()
-        if cuda:
-            torch.cuda.synchronize()
         times.append(time.perf_counter() - began)
     peak = torch.cuda.max_memory_allocated() if cuda else _rss_kib("VmHWM") * 1024
     return {"step_s": statistics.median(times), "peak_mb": (peak - before) / 2**20}
@@ -122,18 +157,23 @@ def run_children(script: str, variants: list[str], repeats: int) -> dict[str, di
     """Run `script ARGV --child VARIANT` for each variant, `repeats` times interleaved, each in its own process;
     return per variant the median of each float field of the child's JSON (other fields from its first run)."""
     runs: dict[str, list[dict]] = {v: [] for v in variants}
-    env = {**os.environ, "LRSURGERY_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}
     for _ in range(repeats):
         for variant in variants:
-            cmd = [sys.executable, script, *sys.argv[1:], "--child", variant]
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if out.returncode != 0:
-                sys.exit(f"variant {variant} failed:\n{out.stderr[-3000:]}")
-            runs[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            runs[variant].append(run_child(script, variant))
     return {
         v: {k: statistics.median(r[k] for r in rs) if isinstance(x, float) else x for k, x in rs[0].items()}
         for v, rs in runs.items()
     }
+
+
+def run_child(script: str, child: str):
+    """Run `script ARGV --child CHILD` in a fresh process; return the JSON it prints last."""
+    env = {**os.environ, "LRSURGERY_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, script, *sys.argv[1:], "--child", child]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        sys.exit(f"{child} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -144,7 +184,8 @@ def main() -> None:
     parser.add_argument("--targets", default=None, help="regex over module names (default: all block linears)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps of each memory run")
+    parser.add_argument("--rounds", type=int, default=12, help="rounds of the paired timing (one step per variant)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="runs per variant, interleaved; medians reported")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -153,26 +194,35 @@ def main() -> None:
     parser.add_argument("--baseline", default="peft-lora", help="variant the time/memory ratios divide by")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    variants = args.variants.split(",")
+    if args.child == "paired":
+        print(json.dumps(paired_times(make_step, variants, args)))
+        return
     if args.child:
         print(json.dumps(run_variant(args.child, args)))
         return
-    rows = run_children(__file__, args.variants.split(","), args.repeats)
+    rows = run_children(__file__, variants, args.repeats)  # peak memory, each variant alone in a process
+    times = run_child(__file__, "paired")  # time: all variants in one process, taking turns step by step
     print(
-        f"model {args.model}, batch {args.batch_size} x {args.seq_len}, rank {args.rank}, {args.device} "
-        f"{args.dtype}, median of {args.repeats} runs x {args.steps} steps"
+        f"model {args.model}, batch {args.batch_size} x {args.seq_len}, rank {args.rank}, {args.device} {args.dtype}; "
+        f"time: {args.rounds} rounds of one step per variant in turn (median step, median per-round ratio); "
+        f"memory: median of {args.repeats} separate runs"
     )
     ref = rows.get(args.baseline)
     name = args.baseline.upper() if args.baseline == "lora" else "PEFT" if args.baseline == "peft-lora" else "base"
-    floor = rows.get("frozen")
+    floor = "frozen" if "frozen" in rows else None
     print(
         f"{'variant':<12}{'step s':>9}{'peak MB':>10}{'trainable':>11}{'time/' + name:>11}{'mem/' + name:>10}"
         f"{'time/frozen':>13}{'mem/frozen':>12}"
     )
     for v, r in rows.items():
-        line = f"{v:<12}{r['step_s']:>9.3f}{r['peak_mb']:>10.1f}{r['trainable']:>11}"
-        line += f"{r['step_s'] / ref['step_s']:>11.3f}{r['peak_mb'] / ref['peak_mb']:>10.3f}" if ref else " " * 21
+        line = f"{v:<12}{statistics.median(times[v]):>9.3f}{r['peak_mb']:>10.1f}{r['trainable']:>11}"
+        if ref:
+            line += f"{paired_ratio(times, v, args.baseline):>11.3f}{r['peak_mb'] / ref['peak_mb']:>10.3f}"
+        else:
+            line += " " * 21
         if floor:
-            line += f"{r['step_s'] / floor['step_s']:>13.3f}{r['peak_mb'] / floor['peak_mb']:>12.3f}"
+            line += f"{paired_ratio(times, v, floor):>13.3f}{r['peak_mb'] / rows[floor]['peak_mb']:>12.3f}"
         print(line)
 
 
