@@ -146,17 +146,18 @@ class AdaptedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
+        flat = out.reshape(-1, out.shape[-1])
         h = F.linear(self.dropout(x), self.lora_A)
         if self.lora_E is not None:
             h = h * self.lora_E
-        h, b = h * self.scale, self.lora_B
-        if self.has_expert:  # both branches leave through one (d_out, r + r_e) product
+        # out + s·h·Bᵀ as one addmm: one pass over the (tokens, d_out) output, the scale on the thin h
+        flat = torch.addmm(flat, (h * self.scale).reshape(-1, h.shape[-1]), self.lora_B.T)
+        if self.has_expert:
             g = F.linear(self.expert_dropout(x), self.expert_A)
             if self.expert_E is not None:
                 g = g * self._expert_gate()
-            h, b = torch.cat([h, g * self.expert_scale], dim=-1), torch.cat([b, self.expert_B], dim=1)
-        # out + h·Bᵀ in one pass over the (tokens, d_out) output; the scale rides on the thin h
-        return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.T).view_as(out)
+            flat = torch.addmm(flat, (g * self.expert_scale).reshape(-1, g.shape[-1]), self.expert_B.T)
+        return flat.view_as(out)
 
     def export(self) -> ModuleAdapter:
         expert = None
