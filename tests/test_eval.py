@@ -163,10 +163,10 @@ def test_unmerged_artifact_scores_like_its_fused_folder(tiny_llama, bbc_small, t
     data = DataSpec(path=str(bbc_small), prompt_template=PROMPT, response_template=RESPONSE, seq_len=64)
     run = run_train(init, data, TrainConfig(max_steps=3, batch_size=2, lr=1e-2), tmp_path / "run")
     fused = run_fuse(run, tmp_path / "merged")
-    rows = [json.loads(line) for line in bbc_small.read_text().splitlines()[:8]]
+    docs = write_jsonl(tmp_path / "docs.jsonl", [json.loads(line) for line in bbc_small.read_text().splitlines()[:8]])
     mc = _task(
         tmp_path,
-        write_jsonl(tmp_path / "mc.jsonl", rows),
+        docs,
         "mc.yaml",
         task="mc",
         output_type="multiple_choice",
@@ -177,7 +177,7 @@ def test_unmerged_artifact_scores_like_its_fused_folder(tiny_llama, bbc_small, t
     )
     ppl = _task(
         tmp_path,
-        write_jsonl(tmp_path / "ppl.jsonl", rows),
+        docs,
         "ppl.yaml",
         task="ppl",
         output_type="loglikelihood_rolling",
