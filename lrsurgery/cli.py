@@ -1,4 +1,5 @@
-"""The `lrsurgery` command line: one thin command per stage.
+"""The `lrsurgery` command line: one thin command per stage (shared pieces in cli_common, the
+statistics commands in cli_stats).
 
 Every command takes `--config FILE` (YAML or TOML); its keys are option names (dashes or
 underscores) and act as defaults that flags on the command line override.
@@ -6,202 +7,18 @@ underscores) and act as defaults that flags on the command line override.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
-import time
-from collections.abc import Callable, Iterator
 from dataclasses import replace
-from functools import wraps
 from pathlib import Path
-from typing import Any
 
 import typer
-import yaml
 
-from lrsurgery.artifacts import ArtifactError
-from lrsurgery.assets import DATASETS, AssetError
-from lrsurgery.data import DataError
-from lrsurgery.methods import MethodError, method_names
-from lrsurgery.models import DEFAULT_MODEL, ModelError
-
-app = typer.Typer(
-    help="Model surgery for transformers: calibrate → init → train → fuse → eval.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
-)
-
-USER_ERRORS: tuple[type[Exception], ...] = (  # CalibrationError is a ValueError
-    ArtifactError,
-    ModelError,
-    DataError,
-    MethodError,
-    AssetError,
-    ValueError,
-    FileNotFoundError,
-)
-
-
-def _load_config(ctx: typer.Context, value: Path | None) -> Path | None:
-    if value is None:
-        return value
-    if not value.is_file():
-        raise typer.BadParameter(f"config file {value} does not exist")
-    text = value.read_text()
-    if value.suffix == ".toml":
-        import tomllib  # Python 3.11+
-
-        data = tomllib.loads(text)
-    else:
-        data = yaml.safe_load(text)
-    if not isinstance(data, dict):
-        raise typer.BadParameter(f"config file {value} must hold a mapping of option names to values")
-    ctx.default_map = {**(ctx.default_map or {}), **{k.replace("-", "_"): v for k, v in data.items()}}
-    return value
-
-
-ConfigOption = typer.Option(
-    None,
-    "--config",
-    help="YAML/TOML file of option defaults; flags given on the command line win.",
-    callback=_load_config,
-    is_eager=True,
-    exists=False,
-)
-
-
-@contextlib.contextmanager
-def _timed(out: Path) -> Iterator[None]:
-    began = time.perf_counter()
-    yield
-    typer.echo(f"wrote {out} in {time.perf_counter() - began:.1f}s")
-
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=1)
-
-
-def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn the errors a user can fix into one red line and exit code 1, not a traceback."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except USER_ERRORS as exc:
-            _fail(str(exc))
-        except OSError as exc:
-            _fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
-
-    return wrapper
-
-
-@app.command()
-@user_errors
-def calibrate(
-    model: str = typer.Argument(DEFAULT_MODEL, help="Model: HF folder, cached hub id, .gguf file or named default."),
-    data: str = typer.Option(..., "--data", help="Calibration data: local file or hub id (its `text` column)."),
-    split: str = typer.Option("train", "--split", help="Dataset split."),
-    text_column: str = typer.Option("text", "--text-column", help="Column with the text."),
-    prompt_template: str = typer.Option(
-        None, "--prompt-template", help="Prompt/response data: prompt in Python format syntax (as for train)."
-    ),
-    response_template: str = typer.Option(None, "--response-template", help="Response template (as for train)."),
-    tokens: str = typer.Option(
-        "all", "--tokens", help="Tokens whose activations count: all, or response (prompt/response data)."
-    ),
-    samples: int = typer.Option(32, "--samples", help="Calibration sequences."),
-    seq_len: int = typer.Option(256, "--seq-len", help="Tokens per sequence."),
-    batch_size: int = typer.Option(4, "--batch-size", help="Sequences per forward pass."),
-    collect: str = typer.Option(
-        "covariance", "--collect", help="Statistics to collect: covariance, sensitivity or both (comma-separated)."
-    ),
-    sensitivity_path: str = typer.Option(
-        "sequential", "--sensitivity-path", help="sequential: one block resident at a time; whole: whole model."
-    ),
-    dtype: str = typer.Option("fp32", "--dtype", help="Accumulation dtype: fp32 or fp64."),
-    device: str = typer.Option("cpu", "--device", help="Where each block runs: cpu or cuda."),
-    offload: str = typer.Option(
-        "cpu", "--offload", help="cpu: model in RAM; disk: each block read from the safetensors when it runs."
-    ),
-    targets: str = typer.Option(None, "--targets", help="Regex over module names (default: block linears)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted calibration."),
-    out: Path = typer.Option(..., "-o", "--out", help="Output statistics folder."),
-    config: Path = ConfigOption,
-) -> None:
-    """Collect input-activation covariances and/or sensitivities of every target linear, block by block."""
-    from lrsurgery.calibrate import CalibrateConfig, run_calibrate
-    from lrsurgery.data import DataSpec
-
-    wanted = tuple(c.strip() for c in collect.split(",") if c.strip())
-    cfg = CalibrateConfig(
-        samples=samples,
-        seq_len=seq_len,
-        batch_size=batch_size,
-        dtype=dtype,
-        device=device,
-        targets=targets,
-        collect=wanted,
-        sensitivity_path=sensitivity_path,
-        offload=offload,
-        tokens=tokens,
-    )
-    spec = DataSpec(
-        path=data,
-        split=split,
-        text_column=text_column,
-        prompt_template=prompt_template,
-        response_template=response_template,
-    )
-    with _timed(out):
-        run_calibrate(model, spec, cfg, out, resume=resume)
-
-
-@app.command("merge-stats")
-@user_errors
-def merge_stats_cmd(
-    stats: list[Path] = typer.Argument(..., help="Two or more stats artifacts of the same model."),
-    out: Path = typer.Option(..., "-o", "--out", help="Output statistics folder."),
-    force: bool = typer.Option(False, "--force", help="Merge even if the model fingerprints differ."),
-) -> None:
-    """Add calibration statistics gathered on different data (sums and token counts add)."""
-    from lrsurgery.stats import merge_stats
-
-    with _timed(out):
-        merge_stats(stats, out, force=force)
-
-
-@app.command()
-@user_errors
-def inspect(
-    stats: Path = typer.Argument(..., help="A stats artifact (from `lrsurgery calibrate`)."),
-    top: int = typer.Option(10, "--top", help="Modules shown in the sensitivity ranking (0: all)."),
-    heatmap: Path = typer.Option(None, "--heatmap", help="Also write a PNG of sensitivity by block x module."),
-) -> None:
-    """Summarise a stats artifact: covariance trace, effective rank and condition; sensitivity ranking."""
-    from lrsurgery.artifacts import read_manifest
-    from lrsurgery.stats import load_sensitivity, save_heatmap, summarise
-
-    manifest = read_manifest(stats, "stats")
-    if "covariance" in manifest.config["collect"]:
-        typer.echo("| covariance | shared by | dim | trace | effective rank | condition |")
-        typer.echo("|---|---|---|---|---|---|")
-        for row in summarise(stats):
-            shared = ", ".join(n.rsplit(".", 1)[-1] for n in row["shared_by"])
-            typer.echo(
-                f"| {row['covariance']} | {shared} | {row['dim']} | {row['trace']:.4g} | "
-                f"{row['effective_rank']:.1f} | {row['condition']:.3g} |"
-            )
-    if "sensitivity" in manifest.extra:
-        ranking = sorted(load_sensitivity(stats).items(), key=lambda kv: -kv[1])
-        total = sum(v for _, v in ranking)
-        typer.echo("\n| rank | module | sensitivity | share |\n|---|---|---|---|")
-        for i, (name, value) in enumerate(ranking[: top or None], start=1):
-            typer.echo(f"| {i} | {name} | {value:.4g} | {value / total:.1%} |")
-    if heatmap:
-        typer.echo(f"heatmap written to {save_heatmap(stats, heatmap)}")
+from lrsurgery import cli_stats  # noqa: F401  (registers calibrate, merge-stats, inspect first)
+from lrsurgery.assets import DATASETS
+from lrsurgery.cli_common import ConfigOption, app, fail, timed, user_errors
+from lrsurgery.methods import method_names
+from lrsurgery.models import DEFAULT_MODEL
 
 
 @app.command()
@@ -254,10 +71,10 @@ def init(
     given.update(r_share=r_share, r_expert=r_expert, expert_dropout=expert_dropout, ablation=ablation)
     if method == "dual":  # its ranks and dropout are --r-share, --r-expert, --expert-dropout
         if rank != 8 or dropout != 0.0:
-            _fail("--method dual takes --r-share, --r-expert and --expert-dropout, not --rank or --dropout")
+            fail("--method dual takes --r-share, --r-expert and --expert-dropout, not --rank or --dropout")
         del given["rank"], given["dropout"]
     options = {k: v for k, v in given.items() if v is not None or k == "alpha"}
-    with _timed(out):
+    with timed(out):
         run_init(model, method, out, options, targets=targets, seed=seed, overwrite=overwrite, force=force)
 
 
@@ -343,7 +160,7 @@ def train(
     held_out = replace(spec, path=eval_data, split=eval_split, limit=None) if eval_data else None
     given = {"k_final": k_final, "t1": t1, "t2": t2, "delta_t": delta_t, "beta1": beta1, "beta2": beta2}
     method_options = {k: v for k, v in {**given, "orth_weight": orth_weight}.items() if v is not None}
-    with _timed(out):
+    with timed(out):
         run_train(
             init_dir,
             spec,
@@ -383,10 +200,10 @@ def fuse(
     from lrsurgery.hub import PushError, push_folder
 
     if fmt not in ("hf", "peft"):
-        _fail(f"--format must be hf or peft, got {fmt!r}")
+        fail(f"--format must be hf or peft, got {fmt!r}")
     if max_rank is not None and fmt != "peft":
-        _fail("--max-rank applies to --format peft")
-    with _timed(out):
+        fail("--max-rank applies to --format peft")
+    with timed(out):
         if fmt == "hf":
             from lrsurgery.fuse import run_fuse
 
@@ -407,7 +224,7 @@ def fuse(
         try:
             files = push_folder(out, push_to_hub, private=private, revision=revision, dry_run=dry_run)
         except PushError as exc:
-            _fail(str(exc))
+            fail(str(exc))
         verb = "would upload" if dry_run else "uploaded"
         typer.echo(f"{verb} {len(files)} files to {push_to_hub}" + (":\n  " + "\n  ".join(files) if dry_run else ""))
 
@@ -434,7 +251,7 @@ def eval_(
     from lrsurgery.evaluation import TaskError, markdown_table, run_eval, write_report
 
     if num_fewshot is not None and num_fewshot < 0:
-        _fail("--num-fewshot must be 0 or more")
+        fail("--num-fewshot must be 0 or more")
     try:
         report = run_eval(
             models,
@@ -445,7 +262,7 @@ def eval_(
             allow_code_execution=allow_code_execution,
         )
     except TaskError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     typer.echo(markdown_table(report))
     if out:
         write_report(report, out)
@@ -459,7 +276,7 @@ def assets(
 ) -> None:
     """Write an offline data package as JSONL files usable with --data."""
     if name not in DATASETS:
-        _fail(f"unknown data set {name!r}; available: {', '.join(DATASETS)}")
+        fail(f"unknown data set {name!r}; available: {', '.join(DATASETS)}")
     counts = DATASETS[name](out)
     typer.echo(json.dumps(counts))
 
