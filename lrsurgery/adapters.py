@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from lrsurgery.branches import BranchPlan, add_branches
 from lrsurgery.models import backbone
 
 HEAD_PREFIX = "head."
@@ -81,23 +81,12 @@ def low_rank_product(b: torch.Tensor, a: torch.Tensor, scale: float, gate: torch
     return scale * b64 @ a.detach().double().to(b64.device)
 
 
-class _StraightThroughMask(torch.autograd.Function):
-    """E ⊙ mask forward; the gradient passes to every entry of E unchanged (one op each way)."""
-
-    @staticmethod
-    def forward(ctx, e: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return e * mask
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad, None
-
-
 class AdaptedLinear(nn.Module):
     """A frozen nn.Linear plus a trainable low-rank branch (optionally gated) and an optional gated expert branch.
 
-    The expert gate is E ⊙ mask in value; its gradient reaches every entry of E (straight-through for masked
-    entries, see `_expert_gate`), so a masked expert keeps being scored and can be switched back on.
+    The branches run as one autograd op (`lrsurgery.branches`). The expert gate is E ⊙ mask in value; its
+    gradient reaches every entry of E (straight-through for masked entries), so a masked expert keeps being
+    scored and can be switched back on.
     """
 
     def __init__(self, base: nn.Linear, spec: ModuleAdapter):
@@ -140,23 +129,18 @@ class AdaptedLinear(nn.Module):
     def rank(self) -> int:
         return self.lora_A.shape[0]
 
-    def _expert_gate(self) -> torch.Tensor:
-        """E ⊙ mask in value; ∂/∂E = 1 everywhere, so masked entries still see ∂L/∂gate (straight-through)."""
-        return _StraightThroughMask.apply(self.expert_E, self.expert_mask)
+    def expert_gate(self) -> torch.Tensor:
+        """The expert branch's effective gate E ⊙ mask (its value; its gradient is straight-through to E)."""
+        return self.expert_E * self.expert_mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        flat = out.reshape(-1, out.shape[-1])
-        h = F.linear(self.dropout(x), self.lora_A)
-        if self.lora_E is not None:
-            h = h * self.lora_E
-        # out + s·h·Bᵀ as one addmm: one pass over the (tokens, d_out) output, the scale on the thin h
-        flat = torch.addmm(flat, (h * self.scale).reshape(-1, h.shape[-1]), self.lora_B.T)
+        plans = (BranchPlan(self.scale, _rate(self.dropout)),)
+        factors: tuple[torch.Tensor | None, ...] = (self.lora_A, self.lora_B, self.lora_E, None)
         if self.has_expert:
-            g = F.linear(self.expert_dropout(x), self.expert_A)
-            if self.expert_E is not None:
-                g = g * self._expert_gate()
-            flat = torch.addmm(flat, (g * self.expert_scale).reshape(-1, g.shape[-1]), self.expert_B.T)
+            plans += (BranchPlan(self.expert_scale, _rate(self.expert_dropout)),)
+            factors += (self.expert_A, self.expert_B, self.expert_E, self.expert_mask)
+        flat = add_branches(out.reshape(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]), plans, factors, self.training)
         return flat.view_as(out)
 
     def export(self) -> ModuleAdapter:

@@ -136,7 +136,7 @@ def test_screening_masks_exactly_k_and_a_rising_expert_comes_back(tiny_llama, tm
     logged = hooks.after_step(loaded.model, t - 1, None)
     assert logged["expert_screened"] and logged["expert_active"] == k * len(layers)
     for layer, row in zip(layers, scores, strict=True):
-        gate = layer._expert_gate().detach()
+        gate = layer.expert_gate().detach()
         assert int((gate != 0).sum()) == k
         assert gate[row.argmin()] == 0  # the lowest-scoring expert is the one masked
     # the masked expert adds exactly 0 to the output while its E keeps its value and still gets a gradient
