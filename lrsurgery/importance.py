@@ -42,12 +42,10 @@ class ImportanceEMA:
         ]
         s = torch._foreach_mul(weights, grads)
         torch._foreach_abs_(s)  # S, Eq. 8
-        torch._foreach_mul_(self.sbar, self.beta1)
-        torch._foreach_add_(self.sbar, s, alpha=1 - self.beta1)  # S̄, Eq. 9
+        torch._foreach_lerp_(self.sbar, s, 1 - self.beta1)  # S̄ ← β1·S̄ + (1 − β1)·S, Eq. 9, in one pass
         torch._foreach_sub_(s, self.sbar)
         torch._foreach_abs_(s)  # U, Eq. 10
-        torch._foreach_mul_(self.ubar, self.beta2)
-        torch._foreach_add_(self.ubar, s, alpha=1 - self.beta2)  # Ū, Eq. 11
+        torch._foreach_lerp_(self.ubar, s, 1 - self.beta2)  # Ū, Eq. 11
 
     @torch.no_grad()
     def scores(self) -> list[torch.Tensor]:
