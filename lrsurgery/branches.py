@@ -89,38 +89,39 @@ class _Branches(torch.autograd.Function):
         tensors = ctx.saved_tensors
         heads, saved = tensors[0], tensors[1 : 1 + 3 * n]
         factors, gates = tensors[1 + 3 * n : 1 + 7 * n], tensors[1 + 7 * n :]
-        needs = ctx.needs_input_grad
+        needs = ctx.needs_input_grad  # (plans, training, out, x, then A, B, E, mask of each branch)
         dtype = grad.dtype
         grads: list[torch.Tensor | None] = [None] * (4 * n)
+        offsets = [sum(factors[4 * j].shape[0] for j in range(k)) for k in range(n + 1)]
         with torch.autocast(grad.device.type, enabled=False):
-            any_b = any(needs[5 + 4 * k] for k in range(n))
-            grad_b = (heads.T @ grad) if any_b else None  # (R, d_out), one pass over grad for every B
-            grad_heads = grad @ _stack_b(factors, dtype)  # (tokens, R), one pass for every branch's ∂L/∂h
+            if any(needs[5 + 4 * k] for k in range(n)):
+                grad_b = heads.T @ grad  # (R, d_out): one pass over the output gradient for every B
+                for k in range(n):
+                    if needs[5 + 4 * k]:
+                        grads[4 * k + 1] = grad_b[offsets[k] : offsets[k + 1]].T
+            if not (needs[3] or any(needs[4 + 4 * k] or needs[6 + 4 * k] for k in range(n))):
+                return None, None, grad, None, *grads
+            grad_heads = grad @ _stack_b(factors, dtype)  # (tokens, R): one pass for every branch's ∂L/∂h
             grad_x = None
             # dropout branches first: their ∂L/∂x needs the mask, so it cannot be accumulated by addmm_
-            order = sorted(range(n), key=lambda k: plans[k].dropout == 0)
-            offsets = [sum(factors[4 * j].shape[0] for j in range(k)) for k in range(n)]
-            for k in order:
-                plan, (a, _, e, _) = plans[k], factors[4 * k : 4 * k + 4]
+            for k in sorted(range(n), key=lambda k: plans[k].dropout == 0):
+                plan, a, e = plans[k], factors[4 * k], factors[4 * k + 2]
                 seen, keep, h = saved[3 * k : 3 * k + 3]
-                cols = slice(offsets[k], offsets[k] + a.shape[0])
-                part = grad_heads[:, cols]
-                if needs[5 + 4 * k]:
-                    grads[4 * k + 1] = grad_b[cols].T
+                part = grad_heads[:, offsets[k] : offsets[k + 1]]
                 if e is not None and needs[6 + 4 * k]:
                     grads[4 * k + 2] = (part * h).sum(0) * plan.scale
                 grad_h = part * (plan.scale if gates[k] is None else gates[k] * plan.scale)
                 if needs[4 + 4 * k]:
                     grads[4 * k] = grad_h.T @ seen
-                if needs[3]:
-                    a_c = a.to(dtype)
-                    if keep is not None:
-                        contribution = (grad_h @ a_c).mul_(keep)
-                        grad_x = contribution if grad_x is None else grad_x.add_(contribution)
-                    elif grad_x is None:
-                        grad_x = grad_h @ a_c
-                    else:
-                        grad_x.addmm_(grad_h, a_c)
+                if not needs[3]:
+                    continue
+                if keep is not None:
+                    contribution = (grad_h @ a.to(dtype)).mul_(keep)
+                    grad_x = contribution if grad_x is None else grad_x.add_(contribution)
+                elif grad_x is None:
+                    grad_x = grad_h @ a.to(dtype)
+                else:
+                    grad_x.addmm_(grad_h, a.to(dtype))
         return None, None, grad, grad_x, *grads
 
 

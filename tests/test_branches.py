@@ -135,3 +135,17 @@ def test_bf16_autocast_runs_in_bf16_and_returns_fp32_gradients():
     y.float().sum().backward()
     for t in [x] + [t for t in factors if t is not None and t.requires_grad]:
         assert t.grad is not None and t.grad.dtype == torch.float32 and bool(torch.isfinite(t.grad).all())
+
+
+def test_only_b_trains_when_a_is_frozen_and_x_needs_no_gradient():
+    gen = torch.Generator().manual_seed(5)
+    plans = (BranchPlan(0.5, 0.2),)
+    factors = _branch(3, False, False, gen)
+    factors[0].requires_grad_(False)
+    out = torch.randn(T, D_OUT, generator=gen, dtype=torch.float64)
+    x = torch.randn(T, D_IN, generator=gen, dtype=torch.float64)  # e.g. the first block's input
+    grad_y = torch.randn(T, D_OUT, generator=gen, dtype=torch.float64)
+    torch.manual_seed(9)
+    (got,) = torch.autograd.grad(add_branches(out, x, plans, tuple(factors), training=True), [factors[1]], grad_y)
+    (want,) = torch.autograd.grad(_reference(out, x, plans, factors, _keeps(plans, x, 9)), [factors[1]], grad_y)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
