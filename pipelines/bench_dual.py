@@ -18,13 +18,13 @@ import json
 import statistics
 
 import torch
-from bench_train_step import measure, paired_ratio, paired_times, random_batch, run_child, run_children
+from bench_train_step import mark_baseline, measure, paired_ratio, paired_times, random_batch, run_child, run_children
 
 from lrsurgery.train import adamw
 
 
 def build(variant: str, args: argparse.Namespace):
-    """Return (model, trainable parameters, hooks) for `lora` or `dual`."""
+    """Return (model, trainable parameters, hooks not yet set up) for `lora` or `dual`."""
     from lrsurgery.adapters import inject
     from lrsurgery.methods import TrainHooks, get_method
     from lrsurgery.models import backbone, find_targets, load_model
@@ -42,7 +42,6 @@ def build(variant: str, args: argparse.Namespace):
     gen = torch.Generator().manual_seed(0)
     inject(model, {n: method.init_module(n, root.get_submodule(n).weight.detach().float().cpu(), gen) for n in targets})
     hooks = method.hooks() if variant == "dual" else TrainHooks()
-    hooks.setup(model, args.total)
     return model, [p for p in model.parameters() if p.requires_grad], hooks
 
 
@@ -53,6 +52,8 @@ def make_step(variant: str, args: argparse.Namespace):
     model.train()
     optimizer = adamw(params, lr=1e-4)
     ids = random_batch(model, args)
+    mark_baseline(args.device)
+    hooks.setup(model, args.total)  # the importance EMAs are training state: they count
     t = getattr(hooks, "lo", 0)  # dual: start at T1, inside the screening phase
 
     def step() -> None:

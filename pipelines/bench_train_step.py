@@ -5,8 +5,10 @@ train` uses it) over the trainable parameters. Variants:
   frozen     forward + backward through the frozen model, no adapter (the floor)
   peft-lora  PEFT's LoRA (needs `pip install peft`)
   <method>   any registered lrsurgery method (lora, pissa, ...)
-Peak memory is CUDA max-allocated on a GPU, and on CPU the rise in peak RSS (VmHWM, reset before the
-timed steps) over the RSS before them, each variant in its own process. Time is measured with every
+Peak memory is what training adds on top of the model with its adapters in place, from the first
+step on: gradients, optimizer state and activations (CUDA max-allocated on a GPU; on CPU the peak RSS,
+VmHWM, over the RSS once the adapters are in and freed heap pages are returned), each variant in its
+own process. Time is measured with every
 variant built in one process, taking turns step by step (see `paired_times`), so a shared machine's
 slow spells do not land on one variant only; ratios are medians of per-round ratios. Prints a table
 with ratios to a baseline variant (`--baseline`, default peft-lora) and to the frozen model.
@@ -89,6 +91,7 @@ def make_step(variant: str, args: argparse.Namespace):
     model.train()
     optimizer = adamw(params, lr=1e-4) if params else None
     ids = random_batch(model, args)
+    mark_baseline(args.device)
 
     def step() -> None:
         loss = model(input_ids=ids, labels=ids).loss
@@ -130,27 +133,40 @@ def paired_ratio(times: dict[str, list[float]], variant: str, baseline: str) -> 
     return statistics.median(t / b for t, b in zip(times[variant], times[baseline], strict=True))
 
 
+_BASELINE: dict[str, int] = {}
+
+
+def mark_baseline(device: str) -> None:
+    """Take the memory in use now (the model with its adapters, before any step) as the zero of
+    `measure`, and restart peak tracking; so the first step's gradients and optimizer state count."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        _BASELINE["bytes"] = torch.cuda.memory_allocated()
+        return
+    from lrsurgery.offload import return_freed_memory
+
+    return_freed_memory()  # what building the variant freed is not the step's
+    _reset_peak()
+    _BASELINE["bytes"] = _rss_kib("VmRSS") * 1024
+
+
 def measure(step, args: argparse.Namespace) -> dict:
     """Median time of `args.steps` calls of `step()` after `args.warmup` untimed ones, and the peak memory
-    they add (CUDA max-allocated, or on CPU the peak-RSS rise), as {"step_s", "peak_mb"}. `step()`
-    synchronises a GPU itself."""
+    over all of them above `mark_baseline` (CUDA max-allocated, or on CPU peak RSS), as {"step_s",
+    "peak_mb"}. `step()` synchronises a GPU itself."""
+    if "bytes" not in _BASELINE:
+        raise RuntimeError("call mark_baseline once the variant is built, before measure")
     for _ in range(args.warmup):
         step()
     cuda = args.device.startswith("cuda")
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
-        _reset_peak()
-        before = _rss_kib("VmRSS") * 1024
     times = []
     for _ in range(args.steps):
         began = time.perf_counter()
         step()
         times.append(time.perf_counter() - began)
     peak = torch.cuda.max_memory_allocated() if cuda else _rss_kib("VmHWM") * 1024
-    return {"step_s": statistics.median(times), "peak_mb": (peak - before) / 2**20}
+    return {"step_s": statistics.median(times), "peak_mb": (peak - _BASELINE["bytes"]) / 2**20}
 
 
 def run_children(script: str, variants: list[str], repeats: int) -> dict[str, dict]:
@@ -159,16 +175,21 @@ def run_children(script: str, variants: list[str], repeats: int) -> dict[str, di
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     for _ in range(repeats):
         for variant in variants:
-            runs[variant].append(run_child(script, variant))
+            runs[variant].append(run_child(script, variant, MEMORY_RUN_ENV))
     return {
         v: {k: statistics.median(r[k] for r in rs) if isinstance(x, float) else x for k, x in rs[0].items()}
         for v, rs in runs.items()
     }
 
 
-def run_child(script: str, child: str):
+# glibc serves every allocation of 64 KiB or more by mmap and unmaps it when freed (no dynamic threshold),
+# so the process's peak RSS follows the peak of live tensors instead of what the heap happened to keep
+MEMORY_RUN_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def run_child(script: str, child: str, extra_env: dict[str, str] | None = None):
     """Run `script ARGV --child CHILD` in a fresh process; return the JSON it prints last."""
-    env = {**os.environ, "LRSURGERY_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "LRSURGERY_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1", **(extra_env or {})}
     cmd = [sys.executable, script, *sys.argv[1:], "--child", child]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
