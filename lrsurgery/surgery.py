@@ -64,7 +64,7 @@ def run_init(
     generator = torch.Generator().manual_seed(seed)
     adapters: dict[str, ModuleAdapter] = {}
     bar = progress_bar(len(names), desc=f"init {method}", unit="module")
-    for group in _init_groups(modules, config.batch_by_shape):
+    for group in init_groups({n: tuple(m.weight.shape) for n, m in modules.items()}, config.batch_by_shape):
         weights = {name: modules[name].weight.detach().float() for name in group}
         adapters.update(config.init_modules(weights, generator))
         bar.update(len(group))
@@ -83,14 +83,24 @@ def run_init(
     return out
 
 
-def _init_groups(modules: dict[str, nn.Module], by_shape: bool, size: int = 16) -> list[list[str]]:
-    """Module names in model order, one at a time, or in chunks of up to `size` same-shaped modules."""
+def init_groups(
+    shapes: dict[str, tuple[int, int]], by_shape: bool, size: int = 16, budget_bytes: int = 2 << 30
+) -> list[list[str]]:
+    """Module names in model order, one at a time, or in chunks of same-shaped modules: up to `size`, and
+    no more than fit `budget_bytes` of fp64 working memory (weight, its product with a d_in × d_in
+    covariance, and the covariance: 8·(2·d_out·d_in + d_in²) bytes each), so a large model's big
+    matrices go a few at a time."""
     if not by_shape:
-        return [[name] for name in modules]
-    shapes: dict[tuple, list[str]] = {}
-    for name, module in modules.items():
-        shapes.setdefault(tuple(module.weight.shape), []).append(name)
-    return [names[i : i + size] for names in shapes.values() for i in range(0, len(names), size)]
+        return [[name] for name in shapes]
+    groups: dict[tuple[int, int], list[str]] = {}
+    for name, shape in shapes.items():
+        groups.setdefault(tuple(shape), []).append(name)
+    out = []
+    for (d_out, d_in), names in groups.items():
+        per_module = 8 * (2 * d_out * d_in + d_in * d_in)
+        step = max(1, min(size, budget_bytes // per_module))
+        out += [names[i : i + step] for i in range(0, len(names), step)]
+    return out
 
 
 def trainable_count(meta: dict[str, Any]) -> int:

@@ -14,9 +14,9 @@ from lrsurgery.calibrate import CalibrateConfig, run_calibrate
 from lrsurgery.data import DataSpec
 from lrsurgery.linalg import psd_power, subspace_distance
 from lrsurgery.methods import MethodError, TrainHooks
-from lrsurgery.models import backbone, load_model
+from lrsurgery.models import backbone, find_targets, load_model
 from lrsurgery.stats import load_covariance, load_sensitivity
-from lrsurgery.surgery import read_adapters, run_init
+from lrsurgery.surgery import init_groups, read_adapters, run_init
 from lrsurgery.train import TrainConfig, run_train
 
 BOTH = ("covariance", "sensitivity")
@@ -92,6 +92,35 @@ def test_tlora_init_allocates_freezes_a_and_records_ranks(tiny_llama, tiny_stats
     for adapter in adapters.values():
         assert torch.count_nonzero(adapter.B) == 0
         assert torch.allclose(adapter.A @ adapter.A.T, torch.eye(adapter.rank), atol=1e-5)  # orthonormal rows
+
+
+def test_init_groups_batch_same_shapes_in_model_order_within_a_memory_budget():
+    shapes = {f"l{i}.{m}": s for i in range(20) for m, s in (("q", (64, 32)), ("down", (32, 128)))}
+    groups = init_groups(shapes, by_shape=True)
+    assert [len(g) for g in groups] == [16, 4, 16, 4]
+    assert groups[0][:2] == ["l0.q", "l1.q"] and groups[2][0] == "l0.down"
+    assert sorted(n for g in groups for n in g) == sorted(shapes)
+    per_down = 8 * (2 * 32 * 128 + 128 * 128)
+    assert [len(g) for g in init_groups(shapes, True, budget_bytes=3 * per_down)][2:] == [3] * 6 + [2]
+    # a 7B-sized down_proj (4096 x 11008) needs 1.7 GB of fp64 work space: one at a time
+    assert [len(g) for g in init_groups({f"d{i}": (4096, 11008) for i in range(3)}, True)] == [1, 1, 1]
+    assert init_groups(shapes, by_shape=False) == [[n] for n in shapes]
+
+
+def test_batched_tlora_init_equals_one_module_at_a_time(tiny_llama, tiny_stats):
+    from lrsurgery.methods import get_method
+    from lrsurgery.surgery import model_record
+
+    loaded = load_model(str(tiny_llama), task="base")
+    root = backbone(loaded.model)
+    names = [n for n in find_targets(loaded.model) if n.endswith(("k_proj", "v_proj"))]
+    weights = {n: root.get_submodule(n).weight.detach().float() for n in names}
+    method = get_method("tlora", rank=4, alpha=8, stats=str(tiny_stats))
+    method.prepare({n: tuple(w.shape) for n, w in weights.items()}, model_record(loaded))
+    together = method.init_modules(weights, torch.Generator())
+    for name in names:
+        alone = method.init_modules({name: weights[name]}, torch.Generator())[name]
+        torch.testing.assert_close(alone.A, together[name].A, rtol=0, atol=1e-6)
 
 
 def test_ablation_switches(tiny_llama, tiny_stats, tmp_path):
