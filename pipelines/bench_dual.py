@@ -52,7 +52,7 @@ def make_step(variant: str, args: argparse.Namespace):
     model.train()
     optimizer = adamw(params, lr=1e-4)
     ids = random_batch(model, args)
-    mark_baseline(args.device)
+    mark_baseline(args.device, model)
     hooks.setup(model, args.total)  # the importance EMAs are training state: they count
     t = getattr(hooks, "lo", 0)  # dual: start at T1, inside the screening phase
 

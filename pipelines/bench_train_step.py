@@ -91,7 +91,7 @@ def make_step(variant: str, args: argparse.Namespace):
     model.train()
     optimizer = adamw(params, lr=1e-4) if params else None
     ids = random_batch(model, args)
-    mark_baseline(args.device)
+    mark_baseline(args.device, model)
 
     def step() -> None:
         loss = model(input_ids=ids, labels=ids).loss
@@ -136,9 +136,13 @@ def paired_ratio(times: dict[str, list[float]], variant: str, baseline: str) -> 
 _BASELINE: dict[str, int] = {}
 
 
-def mark_baseline(device: str) -> None:
+def mark_baseline(device: str, model: torch.nn.Module) -> None:
     """Take the memory in use now (the model with its adapters, before any step) as the zero of
-    `measure`, and restart peak tracking; so the first step's gradients and optimizer state count."""
+    `measure`, and restart peak tracking; so the first step's gradients and optimizer state count.
+
+    On CPU every weight is read first: transformers maps the safetensors file, so a weight that
+    building the variant did not touch would otherwise be paged in, and counted, by the first step.
+    """
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -146,6 +150,9 @@ def mark_baseline(device: str) -> None:
         return
     from lrsurgery.offload import return_freed_memory
 
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.sum()
     return_freed_memory()  # what building the variant freed is not the step's
     _reset_peak()
     _BASELINE["bytes"] = _rss_kib("VmRSS") * 1024
