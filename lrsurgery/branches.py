@@ -12,8 +12,10 @@ Why one op rather than autograd over the separate products:
 - ∂L/∂x of every branch is summed in place into one buffer, instead of autograd adding one full
   (tokens, d_in) gradient per branch.
 - Dropout is inverted dropout with a float keep-mask (0 or 1/(1−p)) drawn by `bernoulli_`, as
-  `nn.Dropout` does; the dropped input is kept for ∂L/∂A only when A trains (a frozen A, as in TLoRA,
-  keeps just the mask).
+  `nn.Dropout` does. Backward keeps x once for all branches (and for every layer that reads the same x,
+  such as q, k and v) plus each branch's mask, and forms x ⊙ keep again for ∂L/∂A: one elementwise
+  product, instead of a (tokens, d_in) dropped copy per branch held from forward to backward. A frozen
+  A (TLoRA) keeps just the mask.
 - Gates: the value is E ⊙ mask, but ∂L/∂E is the whole gradient with respect to the gate, masked entries
   included (straight-through), so a masked expert keeps being scored and can come back.
 - Under autocast everything runs in the autocast dtype of the base output (inputs cast once, autocast off
@@ -71,24 +73,22 @@ class _Branches(torch.autograd.Function):
                 if e is not None:
                     gate = (e if mask is None else e * mask.to(e.dtype)).to(dtype)
                 heads.append(h * (plan.scale if gate is None else gate * plan.scale))
-                saved += [
-                    seen if a_needs else None,
-                    keep if x_needs else None,
-                    h if e_needs else None,
-                ]
+                saved += [keep if (x_needs or a_needs) else None, h if e_needs else None]
                 gates.append(gate)
             heads = heads[0] if len(heads) == 1 else torch.cat(heads, dim=1)
             y = torch.addmm(out, heads, _stack_b(factors, dtype).T)
         ctx.plans = plans
-        ctx.save_for_backward(heads, *saved, *factors, *gates)
+        # x once for every branch (the dropped inputs are x ⊙ keep again in backward, not kept)
+        any_a = any(needs[4 + 4 * k] for k in range(len(plans)))
+        ctx.save_for_backward(heads, x if any_a else None, *saved, *factors, *gates)
         return y
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205 (autograd signature)
         plans, n = ctx.plans, len(ctx.plans)
         tensors = ctx.saved_tensors
-        heads, saved = tensors[0], tensors[1 : 1 + 3 * n]
-        factors, gates = tensors[1 + 3 * n : 1 + 7 * n], tensors[1 + 7 * n :]
+        heads, x, saved = tensors[0], tensors[1], tensors[2 : 2 + 2 * n]
+        factors, gates = tensors[2 + 2 * n : 2 + 6 * n], tensors[2 + 6 * n :]
         needs = ctx.needs_input_grad  # (plans, training, out, x, then A, B, E, mask of each branch)
         dtype = grad.dtype
         grads: list[torch.Tensor | None] = [None] * (4 * n)
@@ -106,13 +106,13 @@ class _Branches(torch.autograd.Function):
             # dropout branches first: their ∂L/∂x needs the mask, so it cannot be accumulated by addmm_
             for k in sorted(range(n), key=lambda k: plans[k].dropout == 0):
                 plan, a, e = plans[k], factors[4 * k], factors[4 * k + 2]
-                seen, keep, h = saved[3 * k : 3 * k + 3]
+                keep, h = saved[2 * k : 2 * k + 2]
                 part = grad_heads[:, offsets[k] : offsets[k + 1]]
                 if e is not None and needs[6 + 4 * k]:
                     grads[4 * k + 2] = (part * h).sum(0) * plan.scale
                 grad_h = part * (plan.scale if gates[k] is None else gates[k] * plan.scale)
                 if needs[4 + 4 * k]:
-                    grads[4 * k] = grad_h.T @ seen
+                    grads[4 * k] = grad_h.T @ (x if keep is None else x * keep)
                 if not needs[3]:
                     continue
                 if keep is not None:
