@@ -110,7 +110,7 @@ class AdaptedLinear(nn.Module):
             getattr(self, f"lora_{name}").requires_grad_(False)
         self.scale = spec.scale
         self.alpha = spec.alpha
-        self.dropout = _dropout(spec.dropout)
+        self.dropout = spec.dropout  # rate; the branch op draws the mask (lrsurgery.branches)
         self.has_expert = spec.expert is not None
         if spec.expert is not None:
             ex = spec.expert
@@ -123,7 +123,7 @@ class AdaptedLinear(nn.Module):
                 getattr(self, f"expert_{name}").requires_grad_(False)
             self.expert_scale = ex.scale
             self.expert_alpha = ex.alpha
-            self.expert_dropout = _dropout(ex.dropout)
+            self.expert_dropout = ex.dropout
 
     @property
     def rank(self) -> int:
@@ -135,10 +135,10 @@ class AdaptedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        plans = (BranchPlan(self.scale, _rate(self.dropout)),)
+        plans = (BranchPlan(self.scale, self.dropout),)
         factors: tuple[torch.Tensor | None, ...] = (self.lora_A, self.lora_B, self.lora_E, None)
         if self.has_expert:
-            plans += (BranchPlan(self.expert_scale, _rate(self.expert_dropout)),)
+            plans += (BranchPlan(self.expert_scale, self.expert_dropout),)
             factors += (self.expert_A, self.expert_B, self.expert_E, self.expert_mask)
         flat = add_branches(out.reshape(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]), plans, factors, self.training)
         return flat.view_as(out)
@@ -153,7 +153,7 @@ class AdaptedLinear(nn.Module):
                 mask=_cpu(self.expert_mask),
                 scale=self.expert_scale,
                 alpha=self.expert_alpha,
-                dropout=_rate(self.expert_dropout),
+                dropout=self.expert_dropout,
                 frozen=_frozen(self, "expert"),
             )
         return ModuleAdapter(
@@ -162,19 +162,11 @@ class AdaptedLinear(nn.Module):
             E=_cpu(self.lora_E),
             scale=self.scale,
             alpha=self.alpha,
-            dropout=_rate(self.dropout),
+            dropout=self.dropout,
             frozen=_frozen(self, "lora"),
             edits=[(b.clone(), a.clone()) for b, a in self.edits],
             expert=expert,
         )
-
-
-def _dropout(p: float) -> nn.Module:
-    return nn.Dropout(p) if p > 0 else nn.Identity()
-
-
-def _rate(dropout: nn.Module) -> float:
-    return dropout.p if isinstance(dropout, nn.Dropout) else 0.0
 
 
 def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
