@@ -21,8 +21,9 @@ import torch
 
 from lrsurgery.adapters import ModuleAdapter
 from lrsurgery.artifacts import atomic_folder, save_tensors, write_text_atomic
-from lrsurgery.fuse import DTYPES, base_folder, module_prefix, output_model
+from lrsurgery.fuse import DTYPES, base_folder, output_model
 from lrsurgery.hub import write_model_card
+from lrsurgery.models import module_prefix
 from lrsurgery.surgery import read_adapters
 
 TASK_TYPES = {"causal": "CAUSAL_LM", "classification": "SEQ_CLS", "base": "FEATURE_EXTRACTION"}

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from lrsurgery.artifacts import ArtifactError, Manifest, atomic_folder, check_same_model, write_text_atomic
-from lrsurgery.models import default_task, model_fingerprint, resolve_model
+from lrsurgery.models import default_task, map_key, model_fingerprint, module_prefix, resolve_model
 from lrsurgery.progress import progress
 from lrsurgery.shards import LazyWeights, ShardWriter, parse_size
 from lrsurgery.surgery import base_source, read_adapters
@@ -59,23 +59,6 @@ def output_model(folder: Path, manifest: Manifest) -> tuple[torch.nn.Module, Any
         model = cls.from_config(config)
     config.architectures = [type(model).__name__]
     return model, config, task
-
-
-def module_prefix(model: torch.nn.Module) -> str:
-    """How backbone-relative module names are prefixed in the output model's state dict."""
-    prefix = getattr(model, "base_model_prefix", "")
-    return f"{prefix}." if prefix and hasattr(model, prefix) else ""
-
-
-def map_key(key: str, keys: set[str], prefix: str) -> str | None:
-    """A base-file tensor name as the output model names it (the backbone may be saved with or without prefix)."""
-    if key in keys:
-        return key
-    if prefix and prefix + key in keys:
-        return prefix + key
-    if prefix and key.startswith(prefix) and key[len(prefix) :] in keys:
-        return key[len(prefix) :]
-    return None
 
 
 def run_fuse(

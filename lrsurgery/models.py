@@ -12,6 +12,7 @@ import importlib.util
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from torch import nn
 
 from lrsurgery.artifacts import atomic_folder, fingerprint_weights
 from lrsurgery.progress import quiet_libraries
+from lrsurgery.shards import LazyWeights
 
 DEFAULT_MODEL = "smollm2-135m"
 NAMED_MODELS = {
@@ -175,6 +177,61 @@ def default_task(folder: Path) -> str:
 
     architectures = json.loads((Path(folder) / "config.json").read_text()).get("architectures") or []
     return "causal" if any(a.endswith("ForCausalLM") for a in architectures) else "base"
+
+
+def empty_model(folder: Path) -> nn.Module:
+    """The checkpoint's model (the class `default_task` says it was saved as) with its parameters on the
+    meta device: its config, module tree and names without reading or allocating a single weight.
+    Buffers (rotary tables and the like) are real, so the blocks run once their weights are filled in."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    cls = AutoModelForCausalLM if default_task(folder) == "causal" else AutoModel
+    with init_empty_weights(include_buffers=False):
+        model = cls.from_config(config)
+    return model.eval()
+
+
+def module_prefix(model: nn.Module) -> str:
+    """How backbone-relative module names are prefixed in the model's state dict."""
+    prefix = getattr(model, "base_model_prefix", "")
+    return f"{prefix}." if prefix and hasattr(model, prefix) else ""
+
+
+def map_key(key: str, keys: set[str], prefix: str) -> str | None:
+    """A weight-file tensor name as the model names it (the backbone may be saved with or without prefix)."""
+    if key in keys:
+        return key
+    if prefix and prefix + key in keys:
+        return prefix + key
+    if prefix and key.startswith(prefix) and key[len(prefix) :] in keys:
+        return key[len(prefix) :]
+    return None
+
+
+def file_keys(model: nn.Module, weights: LazyWeights) -> dict[str, str]:
+    """The model's state-dict names of the tensors in its weight files, each mapped to its name in the file."""
+    keys, prefix = set(model.state_dict()), module_prefix(model)
+    mapped = {key: map_key(key, keys, prefix) for key in weights.keys()}
+    return {name: key for key, name in mapped.items() if name is not None}
+
+
+def target_weights(folder: Path, model: nn.Module, names: list[str]) -> Callable[[str], torch.Tensor]:
+    """A reader of the fp32 weight of each module `names[i]` (backbone-relative) of an empty `model`
+    (`empty_model`), straight from the folder's safetensors: one tensor read per call, the model never
+    built. Raises ModelError when a weight is not in the files under a name the model would load."""
+    weights = LazyWeights(folder)
+    sources, prefix, root = file_keys(model, weights), module_prefix(model), backbone(model)
+    keys = {}
+    for name in names:
+        key = sources.get(f"{prefix}{name}.weight")
+        expected = tuple(root.get_submodule(name).weight.shape)
+        if key is None or weights.shape(key) != expected:
+            found = "is missing" if key is None else f"has shape {weights.shape(key)}, not {expected}"
+            raise ModelError(f"the weight of {name} {found} in the safetensors files of {folder}")
+        keys[name] = key
+    return lambda name: weights.get(keys[name], torch.float32)
 
 
 def backbone(model: nn.Module) -> nn.Module:

@@ -14,11 +14,9 @@ import ctypes
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 
-from lrsurgery.fuse import map_key, module_prefix
-from lrsurgery.models import LoadedModel, block_list, default_task, resolve_model
+from lrsurgery.models import LoadedModel, block_list, empty_model, file_keys, module_prefix, resolve_model
 from lrsurgery.shards import LazyWeights
 
 
@@ -28,16 +26,11 @@ class BlockLoader:
     def __init__(self, loaded: LoadedModel):
         self.model = loaded.model
         self.weights = LazyWeights(loaded.folder)
-        keys = set(self.model.state_dict())
-        prefix = module_prefix(self.model)
         self.block_prefix, self.blocks = block_list(self.model)
         self.by_block: dict[int, list[tuple[str, str]]] = {}
         self.rest: list[tuple[str, str]] = []
-        head = f"{prefix}{self.block_prefix}."
-        for key in self.weights.keys():
-            name = map_key(key, keys, prefix)
-            if name is None:
-                continue
+        head = f"{module_prefix(self.model)}{self.block_prefix}."
+        for name, key in file_keys(self.model, self.weights).items():
             if name.startswith(head):
                 self.by_block.setdefault(int(name[len(head) :].split(".")[0]), []).append((key, name))
             else:
@@ -87,14 +80,10 @@ def return_freed_memory() -> None:
 
 def load_offloaded(spec: str) -> tuple[LoadedModel, BlockLoader]:
     """The model of `spec` with empty blocks (see module doc) and the loader that fills them."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     folder = resolve_model(spec)
-    config = AutoConfig.from_pretrained(folder)
-    cls = AutoModelForCausalLM if default_task(folder) == "causal" else AutoModel
-    with init_empty_weights(include_buffers=False):
-        model = cls.from_config(config)
-    model.eval()
+    model = empty_model(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -81,7 +81,9 @@ class LazyWeights:
         shape = self.shape(key)
         if not shape:
             return self._read(key, 0, 1).to(dtype or self.dtype(key))
-        out = torch.empty(shape, dtype=dtype or self.dtype(key))
+        if dtype in (None, self.dtype(key)):  # as stored: the bytes go straight into the result
+            return self._read(key, 0, shape[0])
+        out = torch.empty(shape, dtype=dtype)
         first = 0
         for block in self.row_chunks(key):
             out[first : first + block.shape[0]] = block

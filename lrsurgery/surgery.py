@@ -24,7 +24,16 @@ from lrsurgery.artifacts import (
     write_manifest,
 )
 from lrsurgery.methods import get_method
-from lrsurgery.models import LoadedModel, backbone, find_targets, load_model, model_fingerprint
+from lrsurgery.models import (
+    LoadedModel,
+    backbone,
+    empty_model,
+    find_targets,
+    load_model,
+    model_fingerprint,
+    resolve_model,
+    target_weights,
+)
 from lrsurgery.progress import bar as progress_bar
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -53,20 +62,26 @@ def run_init(
     overwrite: bool = False,
     force: bool = False,
 ) -> Path:
-    """Cut adapters out of `model` with `method` and write an init artifact to `out`; return `out`."""
+    """Cut adapters out of `model` with `method` and write an init artifact to `out`; return `out`.
+
+    The model is never built: its module tree comes from an empty (meta-device) instance and each
+    target's weight is read from the safetensors files when its group is initialised, so the memory
+    held is one group's weights and the adapters, not the model.
+    """
     config = get_method(method, **options)
-    loaded = load_model(model, task="base")
-    names = find_targets(loaded.model, targets)
-    root = backbone(loaded.model)
-    modules = {name: root.get_submodule(name) for name in names}
-    record = model_record(loaded)
-    planned = config.prepare({n: tuple(m.weight.shape) for n, m in modules.items()}, record, force)
+    folder = resolve_model(model)
+    skeleton = empty_model(folder)  # names and shapes only: the weights are read one target at a time
+    names = find_targets(skeleton, targets)
+    read = target_weights(folder, skeleton, names)
+    root = backbone(skeleton)
+    shapes = {name: tuple(root.get_submodule(name).weight.shape) for name in names}
+    record = model_record(LoadedModel(skeleton, None, folder, str(model)))
+    planned = config.prepare(shapes, record, force)
     generator = torch.Generator().manual_seed(seed)
     adapters: dict[str, ModuleAdapter] = {}
     bar = progress_bar(len(names), desc=f"init {method}", unit="module")
-    for group in init_groups({n: tuple(m.weight.shape) for n, m in modules.items()}, config.batch_by_shape):
-        weights = {name: modules[name].weight.detach().float() for name in group}
-        adapters.update(config.init_modules(weights, generator))
+    for group in init_groups(shapes, config.batch_by_shape):
+        adapters.update(config.init_modules({name: read(name) for name in group}, generator))
         bar.update(len(group))
     bar.close()
     adapters = {name: adapters[name] for name in names if name in adapters}

@@ -24,11 +24,17 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
+def _import_transformers() -> None:
+    """Both timed children start with transformers' model classes imported (PEFT imports them anyway)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM  # noqa: F401
+
+
 def _child_peft_pissa(model: str, rank: int) -> float:
     from peft import LoraConfig, get_peft_model
 
     from lrsurgery.models import find_targets, load_model
 
+    _import_transformers()
     began = time.perf_counter()
     loaded = load_model(model)
     leaves = sorted({t.rsplit(".", 1)[-1] for t in find_targets(loaded.model)})
@@ -40,6 +46,7 @@ def _child_peft_pissa(model: str, rank: int) -> float:
 def _child_tlora(model: str, rank: int, stats: str, out: str) -> float:
     from lrsurgery.surgery import run_init
 
+    _import_transformers()
     began = time.perf_counter()
     run_init(model, "tlora", Path(out), {"rank": rank, "alpha": 2 * rank, "stats": stats})
     return time.perf_counter() - began

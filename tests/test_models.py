@@ -75,3 +75,49 @@ def test_folder_without_weights(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ModelError, match="no safetensors"):
         resolve_model(tmp_path)
+
+
+def _bf16_sharded(tiny_llama: Path, out: Path) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16)
+    model.save_pretrained(out, max_shard_size="200KB")
+    for side in ("tokenizer.json", "tokenizer_config.json"):
+        (out / side).write_bytes((tiny_llama / side).read_bytes())
+    return out
+
+
+@pytest.mark.parametrize("which", ["sharded_bf16", "minilm"])
+def test_target_weights_from_files_equal_the_loaded_models(which, tiny_llama, minilm, tmp_path):
+    from lrsurgery.models import backbone, default_task, empty_model, target_weights
+
+    folder = _bf16_sharded(tiny_llama, tmp_path / "m") if which == "sharded_bf16" else minilm
+    if which == "sharded_bf16":
+        assert len(list(folder.glob("*.safetensors"))) >= 2
+    skeleton = empty_model(folder)
+    names = find_targets(skeleton)
+    assert all(p.device.type == "meta" for p in skeleton.parameters())
+    root = backbone(load_model(folder, task=default_task(folder)).model)
+    assert names == find_targets(root)
+    read = target_weights(folder, skeleton, names)
+    for name in names:
+        weight = read(name)
+        assert weight.dtype == torch.float32
+        assert torch.equal(weight, root.get_submodule(name).weight.float())
+
+
+def test_target_weights_name_a_weight_the_files_lack(tiny_llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from lrsurgery.models import empty_model, target_weights
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for file in tiny_llama.iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    skeleton = empty_model(folder)
+    with pytest.raises(ModelError, match=r"layers\.1\.mlp\.up_proj is missing"):
+        target_weights(folder, skeleton, find_targets(skeleton))
