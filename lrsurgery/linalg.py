@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -15,9 +17,30 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(work.sum()))
 
 
-def stack_fp64(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Same-shaped tensors as one fp64 (batch, ...) stack, converted in a single pass."""
-    out = torch.empty((len(tensors), *tensors[0].shape), dtype=torch.float64)
+class Workspace:
+    """fp64 scratch buffers kept between batches, one per role, grown when a batch needs more.
+
+    Batched linear algebra over a model's modules allocates the same large stacks batch after batch;
+    fresh allocations of that size are new pages from the OS, each zero-filled on first touch, which
+    costs about as much as a BLAS pass over them. Reused buffers are touched once.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, role: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """An uninitialised fp64 tensor of `shape`, a view of the buffer kept for `role`."""
+        size = math.prod(shape)
+        buffer = self.buffers.get(role)
+        if buffer is None or buffer.numel() < size:
+            buffer = self.buffers[role] = torch.empty(size, dtype=torch.float64)
+        return buffer[:size].view(shape)
+
+
+def stack_fp64(tensors: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """Same-shaped tensors as one fp64 (batch, ...) stack (into `out` if given), converted in a single pass."""
+    if out is None:
+        out = torch.empty((len(tensors), *tensors[0].shape), dtype=torch.float64)
     for slot, tensor in zip(out, tensors, strict=True):
         slot.copy_(tensor)
     return out
@@ -106,14 +129,15 @@ def subspace_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.norm(diff) / (2 * qa.shape[1]) ** 0.5)
 
 
-def top_right_singular_vectors(matrices: torch.Tensor, rank: int) -> torch.Tensor:
+def top_right_singular_vectors(matrices: torch.Tensor, rank: int, workspace: Workspace | None = None) -> torch.Tensor:
     """Top-`rank` right singular vectors of each matrix in a (batch, m, n) stack, as (batch, rank, n) rows.
 
     From the smaller Gram matrix in fp64 (MᵀM if n ≤ m, else MMᵀ, whose eigenvectors U give
     V = Mᵀ U / σ): the Gram products are batched and form the upper triangle only, and only the top
     `rank` eigenpairs are computed (LAPACK's MRRR `syevr` on an index range), so neither a full SVD
     nor a full eigendecomposition is formed.
-    Rows are orthonormal (up to fp64 rounding); signs are arbitrary, as in any SVD.
+    Rows are orthonormal (up to fp64 rounding); signs are arbitrary, as in any SVD. The Gram stack
+    lives in `workspace` when one is given.
     """
     if matrices.ndim != 3:
         raise ValueError(f"expected a (batch, m, n) stack, got shape {tuple(matrices.shape)}")
@@ -123,10 +147,12 @@ def top_right_singular_vectors(matrices: torch.Tensor, rank: int) -> torch.Tenso
     work = matrices.double()
     if not all_finite(work):
         raise ValueError("matrix has NaN or Inf entries")
+    side = min(m, n)
+    gram = None if workspace is None else workspace.get("gram", (matrices.shape[0], side, side)).zero_()
     if n <= m:
-        _, vectors = top_eigenpairs(add_gram_upper(None, work), rank)
+        _, vectors = top_eigenpairs(add_gram_upper(gram, work), rank)
         return vectors.transpose(1, 2)
-    values, u = top_eigenpairs(add_gram_upper(None, work.transpose(1, 2)), rank)  # u: (batch, m, rank)
+    values, u = top_eigenpairs(add_gram_upper(gram, work.transpose(1, 2)), rank)  # u: (batch, m, rank)
     sigma = values.clamp_min(0).sqrt()
     v = (work.transpose(1, 2) @ u) / sigma.clamp_min(torch.finfo(torch.float64).tiny)[:, None, :]
     q, r = torch.linalg.qr(v)  # re-orthonormalise; keeps each column's direction (diag of r > 0 up to sign)

@@ -25,7 +25,9 @@ HERE = Path(__file__).resolve().parent
 
 
 def _import_transformers() -> None:
-    """Both timed children start with transformers' model classes imported (PEFT imports them anyway)."""
+    """Both timed children start with accelerate and transformers' model classes imported (PEFT imports
+    them anyway)."""
+    import accelerate  # noqa: F401
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM  # noqa: F401
 
 

@@ -31,7 +31,7 @@ import torch
 from lrsurgery.adapters import ModuleAdapter
 from lrsurgery.allocation import allocate_alphas, allocate_ranks
 from lrsurgery.artifacts import check_same_model, read_manifest
-from lrsurgery.linalg import all_finite, psd_power, stack_fp64, top_right_singular_vectors
+from lrsurgery.linalg import Workspace, all_finite, psd_power, stack_fp64, top_right_singular_vectors
 from lrsurgery.methods.base import Method, MethodError
 
 
@@ -64,6 +64,7 @@ class TLoRA(Method):
         self._ranks: dict[str, int] = {}
         self._alphas: dict[str, float] = {}
         self._covariance: Any = None
+        self._workspace = Workspace()  # the fp64 stacks of one shape group, reused by the next
 
     @property
     def needs_covariance(self) -> bool:
@@ -142,7 +143,8 @@ class TLoRA(Method):
         names = [n for n in weights if self._ranks[n] > 0]
         if not names:
             return {}
-        stack = stack_fp64([weights[n] for n in names])  # (batch, d_out, d_in), one shape
+        d_out, d_in = weights[names[0]].shape  # one shape per call
+        stack = stack_fp64([weights[n] for n in names], self._workspace.get("weights", (len(names), d_out, d_in)))
         if not all_finite(stack):
             raise MethodError(f"a module among {names[0]}... has NaN or Inf weights")
         a_rows = self._frozen_a(names, stack, generator)
@@ -166,13 +168,16 @@ class TLoRA(Method):
             d_in = stack.shape[2]
             draw = [torch.randn(self._ranks[n], d_in, generator=generator, dtype=torch.float64) for n in names]
             return [a / d_in**0.5 for a in draw]
+        work = self._workspace
         if self.a_init == "w":
-            return list(top_right_singular_vectors(stack, top))
-        covariances = stack_fp64([self._covariance.get(n) for n in names])
+            return list(top_right_singular_vectors(stack, top, work))
+        b, d_out, d_in = stack.shape
+        covariances = stack_fp64([self._covariance.get(n) for n in names], work.get("covariances", (b, d_in, d_in)))
         if not all_finite(covariances):
             raise MethodError(f"{self.stats} has non-finite covariance values (e.g. for {names[0]})")
         if self.variant == "wc":
-            return list(top_right_singular_vectors(stack @ covariances, top))  # Eq. 4
+            product = torch.bmm(stack, covariances, out=work.get("product", (b, d_out, d_in)))
+            return list(top_right_singular_vectors(product, top, work))  # Eq. 4
         roots = torch.stack([psd_power(c, 0.5, self.damping) for c in covariances])
         inverse_roots = torch.stack([psd_power(c, -0.5, self.damping) for c in covariances])
         return list(top_right_singular_vectors(stack @ roots, top) @ inverse_roots)  # Eq. 3
