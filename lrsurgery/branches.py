@@ -69,12 +69,10 @@ class _Branches(torch.autograd.Function):
                     keep = torch.empty_like(x).bernoulli_(1 - plan.dropout).div_(1 - plan.dropout)
                     seen = x * keep
                 h = seen @ a.to(dtype).T
-                gate = None
-                if e is not None:
-                    gate = (e if mask is None else e * mask.to(e.dtype)).to(dtype)
-                heads.append(h * (plan.scale if gate is None else gate * plan.scale))
+                factor = _factor(e, mask, plan.scale, dtype)  # s·g, s or None (s = 1, no gate)
+                heads.append(h if factor is None else h * factor)
                 saved += [keep if (x_needs or a_needs) else None, h if e_needs else None]
-                gates.append(gate)
+                gates.append(factor if torch.is_tensor(factor) else None)  # a plain scale is in the plan
             heads = heads[0] if len(heads) == 1 else torch.cat(heads, dim=1)
             y = torch.addmm(out, heads, _stack_b(factors, dtype).T)
         ctx.plans = plans
@@ -109,8 +107,10 @@ class _Branches(torch.autograd.Function):
                 keep, h = saved[2 * k : 2 * k + 2]
                 part = grad_heads[:, offsets[k] : offsets[k + 1]]
                 if e is not None and needs[6 + 4 * k]:
-                    grads[4 * k + 2] = (part * h).sum(0) * plan.scale
-                grad_h = part * (plan.scale if gates[k] is None else gates[k] * plan.scale)
+                    grad_e = (part * h).sum(0)
+                    grads[4 * k + 2] = grad_e if plan.scale == 1 else grad_e.mul_(plan.scale)
+                factor = gates[k] if gates[k] is not None else (None if plan.scale == 1 else plan.scale)
+                grad_h = part if factor is None else part * factor
                 if needs[4 + 4 * k]:
                     grads[4 * k] = grad_h.T @ (x if keep is None else x * keep)
                 if not needs[3]:
@@ -123,6 +123,16 @@ class _Branches(torch.autograd.Function):
                 else:
                     grad_x.addmm_(grad_h, a.to(dtype))
         return None, None, grad, grad_x, *grads
+
+
+def _factor(
+    e: torch.Tensor | None, mask: torch.Tensor | None, scale: float, dtype: torch.dtype
+) -> torch.Tensor | float | None:
+    """What a branch's h is multiplied by: s·(E ⊙ mask) for a gated branch, else s, or None when s = 1."""
+    if e is None:
+        return None if scale == 1 else scale
+    gate = (e if mask is None else e * mask.to(e.dtype)).to(dtype)
+    return gate if scale == 1 else gate * scale
 
 
 def _stack_b(factors: tuple[torch.Tensor | None, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -43,25 +43,43 @@ def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(scores).scatter_(1, order, 1.0)
 
 
-def orthogonality_penalty(a_list: list[torch.Tensor], b_list: list[torch.Tensor]) -> torch.Tensor:
-    """Σ over modules of ‖BᵀB − I‖_F + ‖AAᵀ − I‖_F (Eq. 14), for A (r, d_in) and B (d_out, r).
+@torch.no_grad()
+def orthogonality_penalty(
+    a_list: list[torch.Tensor], b_list: list[torch.Tensor]
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Σ over modules of ‖BᵀB − I‖_F + ‖AAᵀ − I‖_F (Eq. 14), for A (r, d_in) and B (d_out, r), with its
+    gradient with respect to every A and every B, in closed form (fp32, no autograd graph):
 
-    Same-shaped factors are stacked and handled by one batched matmul and norm per shape group.
+        ∂‖AAᵀ − I‖_F / ∂A = 2(AAᵀ − I)·A / ‖AAᵀ − I‖_F,    ∂‖BᵀB − I‖_F / ∂B = 2B·(BᵀB − I) / ‖BᵀB − I‖_F
+
+    and 0 where a norm is 0 (its minimum). Same-shaped factors go through one batched product per group.
+    Returns (penalty, gradients of the A's, gradients of the B's).
     """
-    total = a_list[0].new_zeros((), dtype=torch.float32)
-    for group in _by_shape(a_list):
-        a = torch.stack(group).float()  # (m, r, d_in)
-        gram = a @ a.transpose(1, 2)
-        total = total + torch.linalg.matrix_norm(gram - torch.eye(gram.shape[-1], device=gram.device)).sum()
-    for group in _by_shape(b_list):
-        b = torch.stack(group).float()  # (m, d_out, r)
-        gram = b.transpose(1, 2) @ b
-        total = total + torch.linalg.matrix_norm(gram - torch.eye(gram.shape[-1], device=gram.device)).sum()
-    return total
+    penalty_a, grads_a = _gram_terms(a_list, rows=True)
+    penalty_b, grads_b = _gram_terms(b_list, rows=False)
+    return penalty_a + penalty_b, grads_a, grads_b
 
 
-def _by_shape(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    groups: dict[tuple[int, ...], list[torch.Tensor]] = defaultdict(list)
-    for t in tensors:
-        groups[tuple(t.shape)].append(t)
+def _gram_terms(factors: list[torch.Tensor], rows: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Σ‖FFᵀ − I‖_F (rows) or Σ‖FᵀF − I‖_F (columns) over `factors`, and each term's gradient."""
+    total = factors[0].new_zeros((), dtype=torch.float32)
+    grads: dict[int, torch.Tensor] = {}
+    for idx in _by_shape(factors):
+        stack = torch.stack([factors[i] for i in idx]).float()
+        gram = stack @ stack.mT if rows else stack.mT @ stack
+        gram.diagonal(dim1=1, dim2=2).sub_(1)
+        norms = torch.linalg.matrix_norm(gram)
+        total = total + norms.sum()
+        gram.mul_((2 / norms.clamp_min(torch.finfo(torch.float32).tiny))[:, None, None])
+        grad = gram @ stack if rows else stack @ gram
+        for slot, i in enumerate(idx):
+            grads[i] = grad[slot].to(factors[i].dtype)
+    return total, [grads[i] for i in range(len(factors))]
+
+
+def _by_shape(tensors: list[torch.Tensor]) -> list[list[int]]:
+    """Indices of `tensors` grouped by shape."""
+    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        groups[tuple(t.shape)].append(i)
     return list(groups.values())

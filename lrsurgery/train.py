@@ -228,6 +228,15 @@ def run_train(
                 extra_logged[k] = extra_logged.get(k, 0.0) + v.item() / cfg.grad_accum
         if accelerator.num_processes > 1:  # log the loss of the whole global batch, not of one process
             task_loss = float(accelerator.reduce(torch.tensor(task_loss, device=accelerator.device), "mean"))
+        for h in method_hooks:
+            added = h.add_gradients(accelerator.unwrap_model(model), step)
+            bad = [k for k, v in added.items() if not math.isfinite(v)]
+            if bad:
+                raise TrainingDiverged(
+                    f"{bad[0]} is {added[bad[0]]} at step {step + 1}; nothing was written to {out}. "
+                    f"The last checkpoint in {work} is kept."
+                )
+            extra_logged.update(added)
         grad_norm = accelerator.clip_grad_norm_(list(named.values()), cfg.max_grad_norm)
         for h in method_hooks:
             h.after_backward(model, step)

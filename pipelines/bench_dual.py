@@ -1,7 +1,7 @@
 """Benchmark: train-step time and peak memory of the dual method vs LoRA at equal total rank.
 
 Both variants run the same step as `lrsurgery train` (forward, method extra loss, backward, gradient
-clipping, `after_backward`, fused AdamW, `after_step`) on the same model, batch and targets: each in
+`add_gradients`, clipping, `after_backward`, fused AdamW, `after_step`) on the same model, batch and targets: each in
 its own subprocess for peak memory, and side by side in one process, taking turns step by step, for
 time (see bench_train_step.py). LoRA has rank r_share + r_expert and dropout p on the whole branch;
 dual has the PiSSA shared module (rank r_share, no dropout) and the gated expert (rank r_expert,
@@ -61,6 +61,7 @@ def make_step(variant: str, args: argparse.Namespace):
         loss = model(input_ids=ids, labels=ids).loss
         extras = hooks.extra_loss(model, t)
         (loss + sum(extras.values())).backward()
+        hooks.add_gradients(model, t)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         hooks.after_backward(model, t)
         optimizer.step()

@@ -20,10 +20,11 @@ class TrainHooks:
     """Training-time callbacks a method may override; the defaults do nothing.
 
     `setup` runs once before the first step (also on `--resume`, before `load_state_dict`). Order within
-    one optimizer step: forward → `extra_loss` added → backward → gradient clipping → `after_backward`
-    (on exactly the gradients the optimizer applies, identical on every process) → optimizer step →
-    `after_step`. State that changes during training goes through `state_dict`/`load_state_dict` into
-    checkpoints, so a resumed run equals an uninterrupted one; `summary` goes into the run's manifest.
+    one optimizer step: forward → `extra_loss` added → backward (every micro-batch) → `add_gradients` →
+    gradient clipping → `after_backward` (on exactly the gradients the optimizer applies, identical on
+    every process) → optimizer step → `after_step`. State that changes during training goes through
+    `state_dict`/`load_state_dict` into checkpoints, so a resumed run equals an uninterrupted one;
+    `summary` goes into the run's manifest.
     """
 
     def setup(self, model: nn.Module, total_steps: int) -> None:
@@ -42,6 +43,16 @@ class TrainHooks:
 
     def extra_loss(self, model: nn.Module, step: int) -> dict[str, torch.Tensor]:
         """Named loss terms added to the task loss (logged separately)."""
+        return {}
+
+    def add_gradients(self, model: nn.Module, step: int) -> dict[str, float]:
+        """Add the gradient of a penalty that depends on the parameters alone straight into their `.grad`,
+        once per optimizer step, and return the penalty's value(s) to log.
+
+        Equivalent to adding the penalty to every micro-batch's loss (divided by the accumulation steps,
+        and averaged over processes, it sums to one gradient), without an autograd graph over the
+        parameters. The gradients are unscaled here: lrsurgery trains in fp32 or bf16, with no loss scaling.
+        """
         return {}
 
     def after_backward(self, model: nn.Module, step: int) -> None:

@@ -18,7 +18,9 @@ Training (`DualHooks`).
 - Importance (Eq. 8-13, `lrsurgery.importance`) after clipping, on the applied gradients, up to T2.
 - Orthogonality loss γ·mean over modules of ‖B_eᵀB_e − I‖_F + ‖A_e A_eᵀ − I‖_F (Eq. 14-15), logged as
   `orth_loss`; the logged `loss` is the task loss alone. The mean over modules (as in AdaLoRA) keeps γ
-  independent of the number of adapted modules.
+  independent of the number of adapted modules. It depends on the parameters alone, so its gradient is
+  added in closed form to the factors' gradients once per step, before clipping (`add_gradients`):
+  the same update as adding it to the loss, without an autograd graph over 420 factors.
 - Screening (Eq. 16-17, `lrsurgery.screening`): every ΔT steps in [T1, T2) and once at T2, m keeps the top-k^t
   triplets of each module. Masking, not pruning: E keeps its value and stays in the optimizer; the forward
   uses E ⊙ m (a masked expert adds exactly 0), but E's gradient passes the mask (straight-through), so a
@@ -181,12 +183,20 @@ class DualHooks(TrainHooks):
         """Experts kept per module after t optimizer steps (Eq. 16)."""
         return k_at(t, self.total, self.cfg.r_expert, self.cfg.k_final, self.cfg.t1, self.cfg.t2)
 
-    def extra_loss(self, model: nn.Module, step: int) -> dict[str, torch.Tensor]:
+    @torch.no_grad()
+    def add_gradients(self, model: nn.Module, step: int) -> dict[str, float]:
+        """γ·mean over modules of the orthogonality penalty (Eq. 14-15): its closed-form gradient goes into
+        the expert factors' `.grad` before clipping, its value is logged as `orth_loss`."""
         if not self.cfg.screening or self.cfg.orth_weight == 0:
             return {}
-        with torch.autocast(self.a[0].device.type, enabled=False):
-            penalty = orthogonality_penalty(self.a, self.b) / len(self.a)
-        return {"orth_loss": self.cfg.orth_weight * penalty}
+        penalty, grads_a, grads_b = orthogonality_penalty(self.a, self.b)
+        weight = self.cfg.orth_weight / len(self.a)
+        params = self.a + self.b
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        torch._foreach_add_([p.grad for p in params], grads_a + grads_b, alpha=weight)
+        return {"orth_loss": weight * float(penalty)}
 
     def after_backward(self, model: nn.Module, step: int) -> None:
         if self.cfg.screening and step + 1 <= self.hi:
