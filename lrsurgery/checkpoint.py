@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lrsurgery.artifacts import ArtifactError, load_tensors, save_tensors
+from lrsurgery.flat import FlatParameters
 
 STATE_FILE = "state.safetensors"
 INFO_FILE = "checkpoint.json"
@@ -26,14 +27,16 @@ def save_checkpoint(
     params: dict[str, nn.Parameter],
     optimizer: torch.optim.Optimizer,
     extra: dict[str, torch.Tensor] | None = None,
+    flat: FlatParameters | None = None,
 ) -> None:
     """Write the trainable parameters, optimizer state, RNG state and `extra` tensors (e.g. method state)
-    after `step` steps, atomically."""
+    after `step` steps, atomically. With `flat` (the optimizer holds its flat buffers), each parameter's
+    optimizer state is its slice of the buffers' state, so the file is the same either way."""
     tensors: dict[str, torch.Tensor] = {f"extra.{k}": v.detach() for k, v in (extra or {}).items()}
     state = _inner(optimizer).state
     for name, p in params.items():
         tensors[f"param.{name}"] = p.detach()
-        for key, value in state.get(p, {}).items():
+        for key, value in _state_of(p, state, flat).items():
             tensors[f"optim.{name}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
     tensors["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
@@ -50,7 +53,22 @@ def save_checkpoint(
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(folder: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> int:
+def _state_of(p: torch.Tensor, state: dict, flat: FlatParameters | None) -> dict[str, torch.Tensor]:
+    """p's optimizer state: its own entry, or its slice of its flat buffer's entry."""
+    if flat is None:
+        return state.get(p, {})
+    whole = state.get(flat.flat_of(p), {})
+    shape = flat.flat_of(p).shape
+    # a per-buffer scalar (AdamW's step) is copied: safetensors stores no two names over one storage
+    return {k: flat.view(p, v) if v.shape == shape else v.clone() for k, v in whole.items() if torch.is_tensor(v)}
+
+
+def load_checkpoint(
+    folder: Path,
+    params: dict[str, nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    flat: FlatParameters | None = None,
+) -> int:
     """Restore parameters, optimizer and RNG state in place; return the step to continue from."""
     info = json.loads((folder / INFO_FILE).read_text())
     if sorted(params) != info["params"]:
@@ -62,8 +80,19 @@ def load_checkpoint(folder: Path, params: dict[str, nn.Parameter], optimizer: to
             p.copy_(tensors[f"param.{name}"])
             prefix = f"optim.{name}."
             entry = {k[len(prefix) :]: v.to(p.device) for k, v in tensors.items() if k.startswith(prefix)}
-            if entry:
+            if not entry:
+                continue
+            if flat is None:
                 state[p] = entry
+                continue
+            whole = flat.flat_of(p)
+            target = state.setdefault(whole, {})
+            for key, value in entry.items():
+                if value.shape == p.shape and key != "step":
+                    target.setdefault(key, torch.zeros_like(whole))
+                    flat.view(p, target[key]).copy_(value)
+                else:  # a per-tensor scalar such as AdamW's step count, the same for every slice
+                    target[key] = value.clone()
     torch.set_rng_state(tensors["rng.cpu"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])

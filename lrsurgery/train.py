@@ -23,6 +23,7 @@ from lrsurgery.adapters import HEAD_PREFIX, adapted_layers, head_parameters, to_
 from lrsurgery.artifacts import ArtifactError, Manifest, read_manifest, save_tensors, write_manifest
 from lrsurgery.checkpoint import load_checkpoint, load_checkpoint_extra, save_checkpoint
 from lrsurgery.data import DataSpec, Examples, build_examples, collate, read_labels
+from lrsurgery.flat import FlatParameters
 from lrsurgery.heldout import heldout_loss
 from lrsurgery.methods import TrainHooks, get_method
 from lrsurgery.progress import bar
@@ -169,8 +170,11 @@ def run_train(
         mixed_precision="bf16" if cfg.precision == "bf16" else "no",
     )
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    optimizer = adamw(list(named.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    # placing and wrapping the model may give parameters new storage, so they move into their flat
+    # buffers (see flat.py) afterwards; `flat.check()` below makes sure nothing moved them out again
+    model = accelerator.prepare(model)
+    flat = FlatParameters(list(named.values()))
+    optimizer = accelerator.prepare(adamw(flat.flats, lr=cfg.lr, weight_decay=cfg.weight_decay))
     total = total_steps(cfg, len(examples), accelerator.num_processes)
     for h in method_hooks:
         h.setup(accelerator.unwrap_model(model), total)
@@ -190,7 +194,7 @@ def run_train(
         _pin_run_settings(work / "run.json", settings)
     accelerator.wait_for_everyone()
     if resume and (work / "checkpoint").exists():
-        start = load_checkpoint(work / "checkpoint", named, optimizer)
+        start = load_checkpoint(work / "checkpoint", named, optimizer, flat)
         extra = load_checkpoint_extra(work / "checkpoint")
         for i, h in enumerate(method_hooks):
             prefix = f"hook{i}."
@@ -237,11 +241,13 @@ def run_train(
                     f"The last checkpoint in {work} is kept."
                 )
             extra_logged.update(added)
-        grad_norm = accelerator.clip_grad_norm_(list(named.values()), cfg.max_grad_norm)
+        if step == start:
+            flat.check()  # nothing (accelerate, DDP, a hook) cut a gradient loose from the buffers
+        grad_norm = accelerator.clip_grad_norm_(flat.flats, cfg.max_grad_norm)
         for h in method_hooks:
             h.after_backward(model, step)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        flat.zero_grad()
         logged: dict[str, Any] = {}
         for h in method_hooks:
             logged.update(h.after_step(model, step, optimizer))
@@ -265,7 +271,8 @@ def run_train(
         progress.set_postfix(loss=f"{task_loss:.4f}")
         if accelerator.is_main_process and (step + 1) % cfg.save_every == 0 and step + 1 < total:
             hook_state = {f"hook{i}.{k}": v for i, h in enumerate(method_hooks) for k, v in h.state_dict().items()}
-            save_checkpoint(work / "checkpoint", step + 1, named, optimizer, extra=hook_state)
+            flat.check()
+            save_checkpoint(work / "checkpoint", step + 1, named, optimizer, extra=hook_state, flat=flat)
     progress.close()
 
     model = accelerator.unwrap_model(model)

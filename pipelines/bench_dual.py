@@ -20,6 +20,7 @@ import statistics
 import torch
 from bench_train_step import mark_baseline, measure, paired_ratio, paired_times, random_batch, run_child, run_children
 
+from lrsurgery.flat import FlatParameters
 from lrsurgery.train import adamw
 
 
@@ -50,9 +51,10 @@ def make_step(variant: str, args: argparse.Namespace):
     torch.manual_seed(0)
     model, params, hooks = build(variant, args)
     model.train()
-    optimizer = adamw(params, lr=1e-4)
     ids = random_batch(model, args)
     mark_baseline(args.device, model)
+    flat = FlatParameters(params)  # as `lrsurgery train`: gradients (counted) in one buffer
+    optimizer = adamw(flat.flats, lr=1e-4)
     hooks.setup(model, args.total)  # the importance EMAs are training state: they count
     t = getattr(hooks, "lo", 0)  # dual: start at T1, inside the screening phase
 
@@ -62,10 +64,10 @@ def make_step(variant: str, args: argparse.Namespace):
         extras = hooks.extra_loss(model, t)
         (loss + sum(extras.values())).backward()
         hooks.add_gradients(model, t)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(flat.flats, 1.0)
         hooks.after_backward(model, t)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        flat.zero_grad()
         hooks.after_step(model, t, optimizer)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()

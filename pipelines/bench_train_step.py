@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from lrsurgery.flat import FlatParameters
 from lrsurgery.train import adamw
 
 
@@ -89,16 +90,21 @@ def make_step(variant: str, args: argparse.Namespace):
     torch.manual_seed(0)
     model, params = build(variant, args)
     model.train()
-    optimizer = adamw(params, lr=1e-4) if params else None
     ids = random_batch(model, args)
     mark_baseline(args.device, model)
+    # lrsurgery's variants keep their parameters in flat buffers, as `lrsurgery train` does; PEFT as PEFT runs
+    flat = FlatParameters(params) if params and variant != "peft-lora" else None
+    optimizer = adamw(flat.flats if flat else params, lr=1e-4) if params else None
 
     def step() -> None:
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         if optimizer:
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            if flat:
+                flat.zero_grad()
+            else:
+                optimizer.zero_grad(set_to_none=True)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
 

@@ -180,7 +180,14 @@ class OptimizerSpy(TrainHooks):
         self.params: set[int] = set()
 
     def after_step(self, model, step, optimizer):
-        self.params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        """The model tensors whose storage lies in what the optimizer updates (its flat buffers)."""
+        spans = [
+            (p.data_ptr(), p.data_ptr() + p.numel() * p.element_size())
+            for group in optimizer.param_groups
+            for p in group["params"]
+        ]
+        tensors = [t for m in model.modules() for t in (getattr(m, "lora_A", None), getattr(m, "lora_B", None))]
+        self.params = {id(t) for t in tensors if t is not None and any(lo <= t.data_ptr() < hi for lo, hi in spans)}
         self.a_ids = {id(m.lora_A) for m in model.modules() if hasattr(m, "lora_A")}
         self.b_ids = {id(m.lora_B) for m in model.modules() if hasattr(m, "lora_B")}
         return {}
