@@ -72,14 +72,15 @@ def _gram_terms(factors: list[torch.Tensor], rows: bool) -> tuple[torch.Tensor, 
         total = total + norms.sum()
         gram.mul_((2 / norms.clamp_min(torch.finfo(torch.float32).tiny))[:, None, None])
         grad = gram @ stack if rows else stack @ gram
-        for slot, i in enumerate(idx):
-            grads[i] = grad[slot].to(factors[i].dtype)
+        if grad.dtype != factors[idx[0]].dtype:  # computed in fp32; handed back in the group's dtype
+            grad = grad.to(factors[idx[0]].dtype)
+        grads.update(zip(idx, grad.unbind(0), strict=True))
     return total, [grads[i] for i in range(len(factors))]
 
 
 def _by_shape(tensors: list[torch.Tensor]) -> list[list[int]]:
-    """Indices of `tensors` grouped by shape."""
-    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    """Indices of `tensors` grouped by shape and dtype."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
     for i, t in enumerate(tensors):
-        groups[tuple(t.shape)].append(i)
+        groups[(tuple(t.shape), t.dtype)].append(i)
     return list(groups.values())
