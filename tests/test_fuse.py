@@ -1,4 +1,4 @@
-"""Fused folders are plain transformers models whose logits equal the adapted model's (fp32, ≤ 1e-4)."""
+"""Fused folders are plain transformers models whose logits equal the adapted model's (to fp32 rounding)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,11 @@ from lrsurgery.train import TrainConfig, run_train
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,tol", [("lora", 1e-4), ("pissa", PISSA_SMOLLM2_FP32)])
-def test_fused_smollm2_equals_adapted(smollm2, bbc_small, tmp_path, method, tol):
+@pytest.mark.parametrize("method", ["lora", "pissa"])
+def test_fused_smollm2_equals_adapted(smollm2, bbc_small, tmp_path, method):
+    """Trained adapters (B ≠ 0) run through a separate fp32 branch in the adapted model, so in fp32 the
+    two differ by the rounding floor of a branch-carrying model (as PiSSA at init, about 1.5e-4 on
+    logits up to ~31). In fp64 only the fp32 rounding of the written weights is left (about 1.2e-5)."""
     from transformers import AutoModelForCausalLM
 
     init = run_init(str(smollm2), method, tmp_path / "init", {"rank": 8, "alpha": 16})
@@ -31,7 +34,9 @@ def test_fused_smollm2_equals_adapted(smollm2, bbc_small, tmp_path, method, tol)
     index = json.loads((fused / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) >= 2 and index["metadata"]["total_size"] > 0
     plain = AutoModelForCausalLM.from_pretrained(fused)
-    assert max_abs(outputs(plain, adapted.tokenizer), expected) <= tol
+    assert max_abs(outputs(plain, adapted.tokenizer), expected) <= PISSA_SMOLLM2_FP32
+    exact = outputs(adapted.model.double(), adapted.tokenizer)
+    assert max_abs(outputs(plain.double(), adapted.tokenizer), exact) <= 5e-5
     assert (fused / "tokenizer.json").is_file() and (fused / "generation_config.json").is_file()
 
 
