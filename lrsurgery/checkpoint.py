@@ -57,8 +57,8 @@ def _state_of(p: torch.Tensor, state: dict, flat: FlatParameters | None) -> dict
     """p's optimizer state: its own entry, or its slice of its flat buffer's entry."""
     if flat is None:
         return state.get(p, {})
-    whole = state.get(flat.flat_of(p), {})
-    shape = flat.flat_of(p).shape
+    buffer = flat.flat_of(p)
+    whole, shape = state.get(buffer, {}), buffer.shape
     # a per-buffer scalar (AdamW's step) is copied: safetensors stores no two names over one storage
     return {k: flat.view(p, v) if v.shape == shape else v.clone() for k, v in whole.items() if torch.is_tensor(v)}
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from lrsurgery.artifacts import ArtifactError, Manifest, atomic_folder, check_same_model, write_text_atomic
-from lrsurgery.models import default_task, map_key, model_fingerprint, module_prefix, resolve_model
+from lrsurgery.models import default_task, file_keys, model_fingerprint, module_prefix, resolve_model
 from lrsurgery.progress import progress
 from lrsurgery.shards import LazyWeights, ShardWriter, parse_size
 from lrsurgery.surgery import base_source, read_adapters
@@ -77,21 +77,18 @@ def run_fuse(
     manifest, adapters, head = read_adapters(Path(artifact))
     folder = base_folder(manifest, model, force)
     skeleton, config, _ = output_model(folder, manifest)
-    keys = set(skeleton.state_dict())
     prefix = module_prefix(skeleton)
     by_key = {f"{prefix}{name}.weight": spec for name, spec in adapters.items()}
     weights = LazyWeights(folder)
-    mapped = {k: map_key(k, keys, prefix) for k in weights.keys()}
-    missing = sorted(set(by_key) - set(mapped.values()))
+    sources = file_keys(skeleton, weights)  # output name -> file name, in file order
+    missing = sorted(set(by_key) - set(sources))
     if missing:
         raise ArtifactError(f"the base weights in {folder} lack adapted module(s): {', '.join(missing[:5])}")
     plan = [
-        (mapped[k], weights.shape(k), target if weights.dtype(k).is_floating_point else weights.dtype(k))
-        for k in weights.keys()
-        if mapped[k]
+        (name, weights.shape(k), target if weights.dtype(k).is_floating_point else weights.dtype(k))
+        for name, k in sources.items()
     ]
     plan += [(name, tuple(t.shape), target) for name, t in head.items()]
-    sources = {mapped[k]: k for k in weights.keys() if mapped[k]}
     with atomic_folder(out, overwrite=overwrite) as tmp:
         writer = ShardWriter(tmp, plan, parse_size(shard_size))
         check_disk(out, writer.total_size)

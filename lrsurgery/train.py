@@ -221,11 +221,7 @@ def run_train(
                 extras = {k: v for h in method_hooks for k, v in h.extra_loss(model, step).items()}
                 total_loss = loss + sum(extras.values()) if extras else loss
             if not torch.isfinite(total_loss):
-                raise TrainingDiverged(
-                    f"the loss is {float(total_loss)} at step {step + 1}; nothing was written to {out}. "
-                    f"The last checkpoint in {work} is kept: lower --lr and continue with --resume, "
-                    "or start over with --overwrite"
-                )
+                raise _diverged("the loss", float(total_loss), step, out, work)
             accelerator.backward(total_loss / cfg.grad_accum)
             task_loss += loss.item() / cfg.grad_accum
             for k, v in extras.items():
@@ -236,10 +232,7 @@ def run_train(
             added = h.add_gradients(accelerator.unwrap_model(model), step)
             bad = [k for k, v in added.items() if not math.isfinite(v)]
             if bad:
-                raise TrainingDiverged(
-                    f"{bad[0]} is {added[bad[0]]} at step {step + 1}; nothing was written to {out}. "
-                    f"The last checkpoint in {work} is kept."
-                )
+                raise _diverged(bad[0], added[bad[0]], step, out, work)
             extra_logged.update(added)
         if step == start:
             flat.check()  # nothing (accelerate, DDP, a hook) cut a gradient loose from the buffers
@@ -292,6 +285,14 @@ def run_train(
         shutil.rmtree(replaced, ignore_errors=True)
     accelerator.wait_for_everyone()
     return out
+
+
+def _diverged(what: str, value: float, step: int, out: Path, work: Path) -> TrainingDiverged:
+    return TrainingDiverged(
+        f"{what} is {value} at step {step + 1}; nothing was written to {out}. "
+        f"The last checkpoint in {work} is kept: lower --lr and continue with --resume, "
+        "or start over with --overwrite"
+    )
 
 
 def _pin_run_settings(path: Path, settings: dict[str, Any]) -> None:
