@@ -29,7 +29,15 @@ from lrsurgery.artifacts import ArtifactError, Manifest, load_tensors, read_mani
 from lrsurgery.covariance import CalibrationError, CovarianceCollector
 from lrsurgery.data import IGNORE, DataSpec, build_examples, collate
 from lrsurgery.linalg import all_finite
-from lrsurgery.models import backbone, block_list, default_task, find_targets, load_model, resolve_model
+from lrsurgery.models import (
+    backbone,
+    block_list,
+    compute_device,
+    default_task,
+    find_targets,
+    load_model,
+    resolve_model,
+)
 from lrsurgery.progress import progress
 from lrsurgery.sensitivity import SensitivityCollector, per_sample_loss, whole_model
 from lrsurgery.surgery import model_record
@@ -141,6 +149,7 @@ class BlockRunner:
 
 def run_calibrate(model: str, data: DataSpec, cfg: CalibrateConfig, out: Path, resume: bool = False) -> Path:
     """Collect per-module statistics (see module doc) into a stats artifact at `out`; return `out`."""
+    device = compute_device(cfg.device)
     loader = None
     if cfg.offload == "disk":
         from lrsurgery.offload import load_offloaded
@@ -167,7 +176,7 @@ def run_calibrate(model: str, data: DataSpec, cfg: CalibrateConfig, out: Path, r
     for batch in batches:
         batch["count"] = batch["attention_mask"] if cfg.tokens == "all" else batch["labels"] != IGNORE
     targets = find_targets(loaded.model, cfg.targets)
-    runner = BlockRunner(loaded.model, torch.device(cfg.device), loader)
+    runner = BlockRunner(loaded.model, device, loader)
     blocks = len(runner.blocks)
     manifest = Manifest(
         kind="stats",

@@ -40,6 +40,9 @@ def init(
         None, "--ablation", help="dual: all (default), e-only, shared-only or expert-only (paper Table 4)."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed for random initialisations."),
+    device: str = typer.Option(
+        "cpu", "--device", help="Where the SVDs and TLoRA's W·C eigensolves run: cpu, cuda or cuda:N."
+    ),
     stats: Path = typer.Option(None, "--stats", help="tlora: statistics folder from `lrsurgery calibrate`."),
     variant: str = typer.Option(None, "--variant", help="tlora: wc (A from SVD of W·C, default) or theory (Eq. 3)."),
     a_init: str = typer.Option(None, "--a-init", help="tlora: frozen A from wc (default), w (SVD of W) or random."),
@@ -75,7 +78,9 @@ def init(
         del given["rank"], given["dropout"]
     options = {k: v for k, v in given.items() if v is not None or k == "alpha"}
     with timed(out):
-        run_init(model, method, out, options, targets=targets, seed=seed, overwrite=overwrite, force=force)
+        run_init(
+            model, method, out, options, targets=targets, seed=seed, overwrite=overwrite, force=force, device=device
+        )
 
 
 @app.command()

@@ -28,19 +28,21 @@ class Workspace:
     def __init__(self) -> None:
         self.buffers: dict[str, torch.Tensor] = {}
 
-    def get(self, role: str, shape: tuple[int, ...]) -> torch.Tensor:
-        """An uninitialised fp64 tensor of `shape`, a view of the buffer kept for `role`."""
+    def get(self, role: str, shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
+        """An uninitialised fp64 tensor of `shape` on `device`, a view of the buffer kept for `role`."""
         size = math.prod(shape)
         buffer = self.buffers.get(role)
-        if buffer is None or buffer.numel() < size:
-            buffer = self.buffers[role] = torch.empty(size, dtype=torch.float64)
+        if buffer is None or buffer.numel() < size or buffer.device != torch.device(device):
+            self.buffers.pop(role, None)  # free the old buffer before the new one is allocated
+            buffer = self.buffers[role] = torch.empty(size, dtype=torch.float64, device=device)
         return buffer[:size].view(shape)
 
 
 def stack_fp64(tensors: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
-    """Same-shaped tensors as one fp64 (batch, ...) stack (into `out` if given), converted in a single pass."""
+    """Same-shaped tensors as one fp64 (batch, ...) stack (into `out` if given, which may be on another
+    device than the tensors), converted in a single pass."""
     if out is None:
-        out = torch.empty((len(tensors), *tensors[0].shape), dtype=torch.float64)
+        out = torch.empty((len(tensors), *tensors[0].shape), dtype=torch.float64, device=tensors[0].device)
     for slot, tensor in zip(out, tensors, strict=True):
         slot.copy_(tensor)
     return out
@@ -112,7 +114,7 @@ def truncated_svd(
     if method != "randomized":
         raise ValueError(f"unknown SVD method {method!r}; use exact or randomized")
     k = min(rank + oversample, m, n)
-    omega = torch.randn(n, k, dtype=work.dtype, device=work.device, generator=generator)
+    omega = torch.randn(n, k, dtype=work.dtype, generator=generator).to(work.device)  # same draw on any device
     q, _ = torch.linalg.qr(work @ omega)
     for _ in range(power_iters):
         z, _ = torch.linalg.qr(work.T @ q)
@@ -148,7 +150,7 @@ def top_right_singular_vectors(matrices: torch.Tensor, rank: int, workspace: Wor
     if not all_finite(work):
         raise ValueError("matrix has NaN or Inf entries")
     side = min(m, n)
-    gram = None if workspace is None else workspace.get("gram", (matrices.shape[0], side, side)).zero_()
+    gram = None if workspace is None else workspace.get("gram", (matrices.shape[0], side, side), work.device).zero_()
     if n <= m:
         _, vectors = top_eigenpairs(add_gram_upper(gram, work), rank)
         return vectors.transpose(1, 2)
@@ -162,7 +164,13 @@ def top_right_singular_vectors(matrices: torch.Tensor, rank: int, workspace: Wor
 def top_eigenpairs(grams: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The `rank` largest eigenvalues (batch, rank), descending, and eigenvectors (batch, k, rank) of
     each symmetric fp64 matrix in a (batch, k, k) stack, given by its upper triangle (what lies below
-    the diagonal is not read), by MRRR on the requested index range only."""
+    the diagonal is not read): on the CPU by MRRR on the requested index range only, on a GPU by the
+    batched full eigendecomposition there, which keeps the stack on the device."""
+    return (top_eigenpairs_mrrr if grams.device.type == "cpu" else top_eigenpairs_batched)(grams, rank)
+
+
+def top_eigenpairs_mrrr(grams: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`top_eigenpairs` by LAPACK's MRRR `syevr` (through SciPy) on the index range, one matrix at a time."""
     from scipy.linalg import eigh
 
     k = grams.shape[-1]
@@ -172,6 +180,13 @@ def top_eigenpairs(grams: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
         values.append(torch.from_numpy(vals[::-1].copy()))
         vectors.append(torch.from_numpy(vecs[:, ::-1].copy()))
     return torch.stack(values).to(grams.device), torch.stack(vectors).to(grams.device)
+
+
+def top_eigenpairs_batched(grams: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`top_eigenpairs` by one batched `torch.linalg.eigh` of the whole stack, on the stack's device."""
+    k = grams.shape[-1]
+    values, vectors = torch.linalg.eigh(grams, UPLO="U")
+    return values[:, k - rank :].flip(-1), vectors[..., k - rank :].flip(-1)
 
 
 def psd_power(matrix: torch.Tensor, power: float, damping: float = 0.0) -> torch.Tensor:

@@ -245,6 +245,22 @@ def target_weights(folder: Path, model: nn.Module, names: list[str]) -> Callable
     return lambda name: weights.get(keys[name], torch.float32)
 
 
+def compute_device(spec: str) -> torch.device:
+    """The torch device named by a `--device` value (cpu, cuda, cuda:N), checked to exist here."""
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise ModelError(f"--device {spec!r} is not a device; use cpu, cuda or cuda:N") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"--device {spec}: no CUDA device is available on this machine (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ModelError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ModelError(f"--device {spec!r} is not supported; use cpu, cuda or cuda:N")
+    return device
+
+
 def backbone(model: nn.Module) -> nn.Module:
     """The transformer backbone (`model.base_model`), the root all module names are relative to."""
     return getattr(model, "base_model", model)

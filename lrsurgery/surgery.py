@@ -27,6 +27,7 @@ from lrsurgery.methods import get_method
 from lrsurgery.models import (
     LoadedModel,
     backbone,
+    compute_device,
     empty_model,
     find_targets,
     load_model,
@@ -61,13 +62,17 @@ def run_init(
     seed: int = 0,
     overwrite: bool = False,
     force: bool = False,
+    device: str = "cpu",
 ) -> Path:
     """Cut adapters out of `model` with `method` and write an init artifact to `out`; return `out`.
 
     The model is never built: its module tree comes from an empty (meta-device) instance and each
     target's weight is read from the safetensors files when its group is initialised, so the memory
-    held is one group's weights and the adapters, not the model.
+    held is one group's weights and the adapters, not the model. The groups' linear algebra (SVDs,
+    TLoRA's W·C products and eigensolves) runs on `device`; random draws come from a CPU generator,
+    so they are the same on every device, and the adapters are written from the CPU.
     """
+    compute = compute_device(device)
     config = get_method(method, **options)
     folder = resolve_model(model)
     skeleton = empty_model(folder)  # names and shapes only: the weights are read one target at a time
@@ -81,14 +86,15 @@ def run_init(
     adapters: dict[str, ModuleAdapter] = {}
     bar = progress_bar(len(names), desc=f"init {method}", unit="module")
     for group in init_groups(shapes, config.batch_by_shape):
-        adapters.update(config.init_modules({name: read(name) for name in group}, generator))
+        adapters.update(config.init_modules({name: read(name).to(compute) for name in group}, generator))
         bar.update(len(group))
     bar.close()
     adapters = {name: adapters[name] for name in names if name in adapters}
     tensors, meta = to_tensors(adapters)
+    tensors = {key: value.cpu() for key, value in tensors.items()}
     manifest = Manifest(
         kind="init",
-        config={"method": method, "options": options, "targets": targets, "seed": seed},
+        config={"method": method, "options": options, "targets": targets, "seed": seed, "device": str(compute)},
         model=record,
         extra={"modules": meta, "trainable_parameters": trainable_count(meta), "method": planned},
     )

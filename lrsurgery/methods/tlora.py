@@ -144,7 +144,9 @@ class TLoRA(Method):
         if not names:
             return {}
         d_out, d_in = weights[names[0]].shape  # one shape per call
-        stack = stack_fp64([weights[n] for n in names], self._workspace.get("weights", (len(names), d_out, d_in)))
+        device = weights[names[0]].device  # where run_init put the weights: the linear algebra runs there
+        buffer = self._workspace.get("weights", (len(names), d_out, d_in), device)
+        stack = stack_fp64([weights[n] for n in names], buffer)
         if not all_finite(stack):
             raise MethodError(f"a module among {names[0]}... has NaN or Inf weights")
         a_rows = self._frozen_a(names, stack, generator)
@@ -172,11 +174,12 @@ class TLoRA(Method):
         if self.a_init == "w":
             return list(top_right_singular_vectors(stack, top, work))
         b, d_out, d_in = stack.shape
-        covariances = stack_fp64([self._covariance.get(n) for n in names], work.get("covariances", (b, d_in, d_in)))
+        stacked = work.get("covariances", (b, d_in, d_in), stack.device)
+        covariances = stack_fp64([self._covariance.get(n) for n in names], stacked)
         if not all_finite(covariances):
             raise MethodError(f"{self.stats} has non-finite covariance values (e.g. for {names[0]})")
         if self.variant == "wc":
-            product = torch.bmm(stack, covariances, out=work.get("product", (b, d_out, d_in)))
+            product = torch.bmm(stack, covariances, out=work.get("product", (b, d_out, d_in), stack.device))
             return list(top_right_singular_vectors(product, top, work))  # Eq. 4
         roots = torch.stack([psd_power(c, 0.5, self.damping) for c in covariances])
         inverse_roots = torch.stack([psd_power(c, -0.5, self.damping) for c in covariances])

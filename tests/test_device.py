@@ -1,0 +1,106 @@
+"""`--device`: init's linear algebra and calibration on a GPU give what the CPU gives; a device that is not
+there is refused before anything is read or written. The GPU tests run where CUDA is available."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import cli, max_abs, outputs
+
+from lrsurgery.calibrate import CalibrateConfig, run_calibrate
+from lrsurgery.data import DataSpec
+from lrsurgery.linalg import subspace_distance, top_eigenpairs_batched, top_eigenpairs_mrrr
+from lrsurgery.models import ModelError, compute_device, load_model
+from lrsurgery.stats import load_covariance
+from lrsurgery.surgery import load_adapted, read_adapters, run_init
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+BOTH = ("covariance", "sensitivity")
+
+
+def test_batched_eigensolver_equals_mrrr_and_reads_the_upper_triangle_only():
+    """The GPU path's eigensolver (run here on the CPU) against the CPU's MRRR, on Grams whose lower
+    triangle holds garbage, as `add_gram_upper` leaves it."""
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(5, 90, 40, generator=generator, dtype=torch.float64) * torch.logspace(0, -4, 40).double()
+    grams = rows.mT @ rows
+    grams += torch.randn(grams.shape, generator=generator, dtype=torch.float64).tril(-1)  # not to be read
+    mrrr_values, mrrr_vectors = top_eigenpairs_mrrr(grams, 6)
+    values, vectors = top_eigenpairs_batched(grams, 6)
+    assert torch.all(values[:, :-1] >= values[:, 1:])  # descending
+    torch.testing.assert_close(values, mrrr_values, rtol=1e-10, atol=0)
+    for got, want in zip(vectors, mrrr_vectors, strict=True):
+        assert subspace_distance(got.T, want.T) < 1e-10
+        assert torch.allclose((got * want).sum(0).abs(), torch.ones(6, dtype=torch.float64), atol=1e-10)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_a_gpu_is_refused_before_anything_is_written(tiny_llama, bbc_small, tmp_path):
+    code, out = cli("init", tiny_llama, "--method", "pissa", "--device", "cuda", "-o", tmp_path / "i")
+    assert code == 1 and "no CUDA device is available" in out and "--device cpu" in out
+    assert not (tmp_path / "i").exists()
+    code, out = cli("calibrate", tiny_llama, "--data", bbc_small, "--device", "cuda", "-o", tmp_path / "s")
+    assert code == 1 and "no CUDA device is available" in out
+    assert not (tmp_path / "s").exists()
+
+
+def test_unknown_devices_are_refused():
+    for spec, message in (("mps", "not supported"), ("gpu", "not a device"), ("cuda:x", "not a device")):
+        with pytest.raises(ModelError, match=message):
+            compute_device(spec)
+    assert compute_device("cpu") == torch.device("cpu")
+
+
+def test_init_records_its_device(tiny_llama, tmp_path):
+    init = run_init(str(tiny_llama), "pissa", tmp_path / "i", {"rank": 2}, device="cpu")
+    assert json.loads((init / "manifest.json").read_text())["config"]["device"] == "cpu"
+
+
+def _factors(init):
+    """Each module's dense s·B·A of the main branch (fp64), the sign-free form of an SVD-derived adapter."""
+    return {name: adapter.product() for name, adapter in read_adapters(init)[1].items()}
+
+
+@gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("method, options", [("pissa", {"rank": 8}), ("dual", {"r_share": 4, "r_expert": 4})])
+def test_svd_init_on_the_gpu_equals_the_cpu_and_leaves_output_unchanged(smollm2, tmp_path, method, options):
+    on_cpu = run_init(str(smollm2), method, tmp_path / "cpu", options)
+    on_gpu = run_init(str(smollm2), method, tmp_path / "gpu", options, device="cuda")
+    cpu_factors, gpu_factors = _factors(on_cpu), _factors(on_gpu)
+    assert cpu_factors.keys() == gpu_factors.keys()
+    for name, product in cpu_factors.items():
+        assert float((gpu_factors[name] - product).abs().max()) <= 1e-5 * float(product.abs().max()), name
+    adapted, _ = load_adapted(on_gpu)
+    plain = load_model(smollm2)
+    assert max_abs(outputs(adapted.model, adapted.tokenizer), outputs(plain.model, plain.tokenizer)) <= 2e-4
+
+
+@gpu
+@pytest.mark.slow
+def test_tlora_init_on_the_gpu_spans_the_cpu_subspaces(smollm2, bbc_small, tmp_path):
+    cfg = CalibrateConfig(samples=4, seq_len=64, batch_size=2, collect=BOTH)
+    stats = run_calibrate(str(smollm2), DataSpec(path=str(bbc_small)), cfg, tmp_path / "stats")
+    options = {"rank": 8, "alpha": 16, "stats": str(stats)}
+    cpu_manifest, cpu_adapters, _ = read_adapters(run_init(str(smollm2), "tlora", tmp_path / "cpu", options))
+    gpu_manifest, gpu_adapters, _ = read_adapters(
+        run_init(str(smollm2), "tlora", tmp_path / "gpu", options, device="cuda")
+    )
+    assert gpu_manifest.extra["method"]["ranks"] == cpu_manifest.extra["method"]["ranks"]
+    assert gpu_manifest.config["device"].startswith("cuda")
+    worst = max(subspace_distance(gpu_adapters[n].A, a.A) for n, a in cpu_adapters.items())
+    assert worst <= 1e-6, worst
+
+
+@gpu
+@pytest.mark.slow
+def test_calibration_on_the_gpu_equals_the_cpu(smollm2, bbc_small, tmp_path):
+    cfg = {"samples": 4, "seq_len": 64, "batch_size": 2, "collect": BOTH}
+    data = DataSpec(path=str(bbc_small))
+    on_cpu = run_calibrate(str(smollm2), data, CalibrateConfig(**cfg), tmp_path / "cpu")
+    on_gpu = run_calibrate(str(smollm2), data, CalibrateConfig(**cfg, device="cuda"), tmp_path / "gpu")
+    for name in ("layers.0.self_attn.q_proj", "layers.14.mlp.down_proj", "layers.29.mlp.up_proj"):
+        want, got = load_covariance(on_cpu, name).double(), load_covariance(on_gpu, name).double()
+        assert float((got - want).norm() / want.norm()) <= 1e-5, name
