@@ -165,21 +165,28 @@ def top_eigenpairs(grams: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
     """The `rank` largest eigenvalues (batch, rank), descending, and eigenvectors (batch, k, rank) of
     each symmetric fp64 matrix in a (batch, k, k) stack, given by its upper triangle (what lies below
     the diagonal is not read): on the CPU by MRRR on the requested index range only, on a GPU by the
-    batched full eigendecomposition there, which keeps the stack on the device."""
+    batched full eigendecomposition there, which keeps the stack on the device. The stack is used as
+    work space: its contents are undefined afterwards."""
     return (top_eigenpairs_mrrr if grams.device.type == "cpu" else top_eigenpairs_batched)(grams, rank)
 
 
 def top_eigenpairs_mrrr(grams: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`top_eigenpairs` by LAPACK's MRRR `syevr` (through SciPy) on the index range, one matrix at a time."""
-    from scipy.linalg import eigh
+    """`top_eigenpairs` by LAPACK's MRRR `syevr` on the index range (`lrsurgery.lapack`), one matrix per
+    thread, each thread's BLAS single-threaded: the reduction to tridiagonal form is memory-bound and
+    scales across matrices, not within one. `grams` (CPU) is overwritten."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    k = grams.shape[-1]
-    values, vectors = [], []
-    for gram in grams.cpu().numpy():
-        vals, vecs = eigh(gram, lower=False, subset_by_index=(k - rank, k - 1), driver="evr", check_finite=False)
-        values.append(torch.from_numpy(vals[::-1].copy()))
-        vectors.append(torch.from_numpy(vecs[:, ::-1].copy()))
-    return torch.stack(values).to(grams.device), torch.stack(vectors).to(grams.device)
+    from threadpoolctl import threadpool_limits
+
+    from lrsurgery.lapack import top_eigenpairs_upper
+
+    matrices = grams.contiguous().numpy()
+    threads = max(1, min(len(matrices), torch.get_num_threads()))
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
+        pairs = list(pool.map(top_eigenpairs_upper, matrices, [rank] * len(matrices)))
+    values = torch.stack([torch.from_numpy(v[::-1].copy()) for v, _ in pairs])
+    vectors = torch.stack([torch.from_numpy(z[::-1].T.copy()) for _, z in pairs])  # (batch, k, rank)
+    return values, vectors
 
 
 def top_eigenpairs_batched(grams: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
