@@ -53,24 +53,29 @@ def _panel(d: int) -> int:
     return -(-d // max(1, min(6, d // 96)))
 
 
-def add_gram_upper(total: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
-    """`total` + rowsᵀ·rows for a (t, d) matrix or a (batch, t, d) stack, computed on and above the
-    diagonal only; what lies below it is not kept (`symmetrize_upper_` fills it in).
+def add_gram_upper(
+    total: torch.Tensor | None, rows: torch.Tensor, right: torch.Tensor | None = None, beta: float = 1.0
+) -> torch.Tensor:
+    """beta·`total` + rowsᵀ·right (right defaults to rows: the Gram rowsᵀ·rows) for (t, d) matrices or
+    (batch, t, d) stacks, computed on and above the diagonal only; what lies below it is not kept
+    (`symmetrize_upper_` fills it in). With beta = 0, `total` is only written to (its contents, NaN
+    included, are ignored).
 
     The d columns are cut into panels and each panel is one GEMM against the columns from its
     diagonal on: about 7/12 of the full product's flops, as BLAS `syrk` would do, which PyTorch does
     not expose.
     """
+    right = rows if right is None else right
     d, step = rows.shape[-1], _panel(rows.shape[-1])
     if total is None:
-        total = rows.new_zeros(*rows.shape[:-2], d, d)
+        total, beta = rows.new_empty(*rows.shape[:-2], d, d), 0.0
     for start in range(0, d, step):
         panel = total[..., start : start + step, start:]
-        left, right = rows[..., start : start + step], rows[..., start:]
+        left, ahead = rows[..., start : start + step], right[..., start:]
         if rows.ndim == 2:
-            panel.addmm_(left.T, right)
+            panel.addmm_(left.T, ahead, beta=beta)
         else:
-            panel.baddbmm_(left.mT, right)
+            panel.baddbmm_(left.mT, ahead, beta=beta)
     return total
 
 
@@ -136,29 +141,62 @@ def top_right_singular_vectors(matrices: torch.Tensor, rank: int, workspace: Wor
 
     From the smaller Gram matrix in fp64 (MᵀM if n ≤ m, else MMᵀ, whose eigenvectors U give
     V = Mᵀ U / σ): the Gram products are batched and form the upper triangle only, and only the top
-    `rank` eigenpairs are computed (LAPACK's MRRR `syevr` on an index range), so neither a full SVD
-    nor a full eigendecomposition is formed.
+    `rank` eigenpairs are computed (`top_eigenpairs`), so neither a full SVD nor a full
+    eigendecomposition is formed.
     Rows are orthonormal (up to fp64 rounding); signs are arbitrary, as in any SVD. The Gram stack
     lives in `workspace` when one is given.
     """
     if matrices.ndim != 3:
         raise ValueError(f"expected a (batch, m, n) stack, got shape {tuple(matrices.shape)}")
-    _, m, n = matrices.shape
-    if not 1 <= rank <= min(m, n):
-        raise ValueError(f"rank {rank} is out of range for {m}x{n} matrices (1..{min(m, n)})")
+    batch, m, n = matrices.shape
+    _check_rank(rank, m, n)
     work = matrices.double()
-    if not all_finite(work):
-        raise ValueError("matrix has NaN or Inf entries")
     side = min(m, n)
-    gram = None if workspace is None else workspace.get("gram", (matrices.shape[0], side, side), work.device).zero_()
+    gram = None if workspace is None else workspace.get("gram", (batch, side, side), work.device)
     if n <= m:
-        _, vectors = top_eigenpairs(add_gram_upper(gram, work), rank)
-        return vectors.transpose(1, 2)
-    values, u = top_eigenpairs(add_gram_upper(gram, work.transpose(1, 2)), rank)  # u: (batch, m, rank)
+        return _top_eigenvectors(add_gram_upper(gram, work, beta=0.0), rank)[1].transpose(1, 2)
+    values, u = _top_eigenvectors(add_gram_upper(gram, work.mT, beta=0.0), rank)  # u: (batch, m, rank)
     sigma = values.clamp_min(0).sqrt()
     v = (work.transpose(1, 2) @ u) / sigma.clamp_min(torch.finfo(torch.float64).tiny)[:, None, :]
     q, r = torch.linalg.qr(v)  # re-orthonormalise; keeps each column's direction (diag of r > 0 up to sign)
     return (q * torch.sign(torch.diagonal(r, dim1=1, dim2=2))[:, None, :]).transpose(1, 2)
+
+
+def top_right_singular_vectors_of_product(
+    weights: torch.Tensor, covariances: torch.Tensor, rank: int, workspace: Workspace
+) -> torch.Tensor:
+    """Top-`rank` right singular vectors of each W·C, for a (batch, m, n) stack of W and a (batch, n, n)
+    stack of symmetric C (both fp64), as (batch, rank, n) rows, by the cheaper of two exact routes:
+
+    - the product M = W·C (m·n² flops), then `top_right_singular_vectors` of M;
+    - for W much taller than wide (m > 19/12·n, as gate and up projections are), the Gram MᵀM straight
+      from its factors, C·(WᵀW)·C: WᵀW and the last product on the upper triangle only, so
+      (7/12·m + 19/12·n)·n² flops instead of 19/12·m·n², and no (m, n) product is formed.
+    """
+    batch, m, n = weights.shape
+    _check_rank(rank, m, n)
+    if 12 * m <= 19 * n:
+        product = torch.bmm(weights, covariances, out=workspace.get("product", (batch, m, n), weights.device))
+        return top_right_singular_vectors(product, rank, workspace)
+    square = add_gram_upper(workspace.get("square", (batch, n, n), weights.device), weights, beta=0.0)
+    symmetrize_upper_(square)
+    half = torch.bmm(square, covariances, out=workspace.get("product", (batch, n, n), weights.device))  # (WᵀW)·C
+    gram = add_gram_upper(workspace.get("gram", (batch, n, n), weights.device), half, covariances, beta=0.0)
+    return _top_eigenvectors(gram, rank)[1].transpose(1, 2)  # Gram = ((WᵀW)·C)ᵀ·C = C·WᵀW·C
+
+
+def _check_rank(rank: int, m: int, n: int) -> None:
+    if not 1 <= rank <= min(m, n):
+        raise ValueError(f"rank {rank} is out of range for {m}x{n} matrices (1..{min(m, n)})")
+
+
+def _top_eigenvectors(grams: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`top_eigenpairs` of Gram matrices, refused if any is non-finite: a Gram's diagonal holds the
+    squared norms of its factor's columns, so it is finite exactly when every entry of the factor is
+    (short of overflow), a check on d numbers instead of the whole stack."""
+    if not all_finite(torch.diagonal(grams, dim1=-2, dim2=-1)):
+        raise ValueError("matrix has NaN or Inf entries")
+    return top_eigenpairs(grams, rank)
 
 
 def top_eigenpairs(grams: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -190,16 +190,18 @@ def default_task(folder: Path) -> str:
     return "causal" if any(a.endswith("ForCausalLM") for a in architectures) else "base"
 
 
-def empty_model(folder: Path) -> nn.Module:
+def empty_model(folder: Path, buffers: bool = True) -> nn.Module:
     """The checkpoint's model (the class `default_task` says it was saved as) with its parameters on the
     meta device: its config, module tree and names without reading or allocating a single weight.
-    Buffers (rotary tables and the like) are real, so the blocks run once their weights are filled in."""
+    With `buffers`, buffers (rotary tables and the like) are real, so the blocks run once their weights
+    are filled in; without, everything is on the meta device (names and shapes only, built faster:
+    transformers skips initialising weights there)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(folder)
     cls = AutoModelForCausalLM if default_task(folder) == "causal" else AutoModel
-    with init_empty_weights(include_buffers=False):
+    with init_empty_weights(include_buffers=False) if buffers else torch.device("meta"):
         model = cls.from_config(config)
     return model.eval()
 

@@ -51,6 +51,11 @@ class CovarianceReader:
 
     def get(self, module: str) -> torch.Tensor:
         """C for `module`, (d_in, d_in) in the stored dtype (a shared covariance is read from its owner)."""
+        sums, tokens = self.sums(module)
+        return sums / tokens
+
+    def sums(self, module: str) -> tuple[torch.Tensor, int]:
+        """XᵀX (d_in, d_in) for `module` in the stored dtype, and n, the number of tokens: C = XᵀX / n."""
         from safetensors import safe_open
 
         info = self.modules.get(module)
@@ -62,7 +67,7 @@ class CovarianceReader:
                 sums = handle.get_tensor(f"cov.{info['covariance']}")
         except Exception as exc:  # missing, truncated or damaged file
             raise ArtifactError(f"{path} is missing, corrupt or lacks the covariance of {module}: {exc}") from exc
-        return sums / info["tokens"]
+        return sums, info["tokens"]
 
 
 def load_covariance(stats: Path, module: str) -> torch.Tensor:

@@ -75,7 +75,7 @@ def run_init(
     compute = compute_device(device)
     config = get_method(method, **options)
     folder = resolve_model(model)
-    skeleton = empty_model(folder)  # names and shapes only: the weights are read one target at a time
+    skeleton = empty_model(folder, buffers=False)  # names and shapes only: weights are read one target at a time
     names = find_targets(skeleton, targets)
     read = target_weights(folder, skeleton, names)
     root = backbone(skeleton)

@@ -107,6 +107,21 @@ def test_init_groups_batch_same_shapes_in_model_order_within_a_memory_budget():
     assert init_groups(shapes, by_shape=False) == [[n] for n in shapes]
 
 
+@pytest.mark.parametrize("shape", [(200, 60), (60, 60), (40, 90)])  # tall (C·WᵀW·C route), square, wide
+def test_top_right_singular_vectors_of_a_product_match_an_exact_svd(shape):
+    from lrsurgery.linalg import Workspace, top_right_singular_vectors_of_product
+
+    generator = torch.Generator().manual_seed(0)
+    m, n = shape
+    weights = torch.randn(3, m, n, generator=generator, dtype=torch.float64)
+    roots = torch.randn(3, n, n, generator=generator, dtype=torch.float64) * torch.logspace(0, -2, n).double()
+    covariances = roots @ roots.mT  # symmetric, eigenvalues spread over ~4 decades like activation covariances
+    got = top_right_singular_vectors_of_product(weights, covariances, 7, Workspace())
+    for rows, w, c in zip(got, weights, covariances, strict=True):
+        assert subspace_distance(rows, torch.linalg.svd(w @ c)[2][:7]) < 1e-10
+        torch.testing.assert_close(rows @ rows.T, torch.eye(7, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
 def test_batched_tlora_init_equals_one_module_at_a_time(tiny_llama, tiny_stats):
     from lrsurgery.methods import get_method
     from lrsurgery.surgery import model_record
@@ -233,7 +248,16 @@ def test_clear_errors(tiny_llama, tiny_llama_other, tiny_stats, bbc_small, tmp_p
     save_tensors(broken / "sensitivity.safetensors", sens)
     with pytest.raises(MethodError, match="non-finite sensitivity for layers.0.mlp.up_proj"):
         run_init(str(tiny_llama), "tlora", tmp_path / "f", {"rank": 4, "stats": str(broken)})
-    assert not any((tmp_path / x).exists() for x in "abcdef")
+    shutil.copytree(tiny_stats, tmp_path / "broken-cov")
+    info = json.loads((tmp_path / "broken-cov" / "manifest.json").read_text())["extra"]["modules"][
+        "layers.1.mlp.down_proj"
+    ]
+    tensors = load_tensors(tmp_path / "broken-cov" / info["file"])
+    tensors[f"cov.{info['covariance']}"][3, 5] = float("inf")
+    save_tensors(tmp_path / "broken-cov" / info["file"], tensors)
+    with pytest.raises(MethodError, match="non-finite covariance values for layers.1.mlp.down_proj"):
+        run_init(str(tiny_llama), "tlora", tmp_path / "g", {"rank": 4, "stats": str(tmp_path / "broken-cov")})
+    assert not any((tmp_path / x).exists() for x in "abcdefg")
 
 
 def test_cli_init_train_and_peft_export_carry_the_rank_and_alpha_patterns(tiny_llama, tiny_stats, bbc_small, tmp_path):

@@ -31,7 +31,14 @@ import torch
 from lrsurgery.adapters import ModuleAdapter
 from lrsurgery.allocation import allocate_alphas, allocate_ranks
 from lrsurgery.artifacts import check_same_model, read_manifest
-from lrsurgery.linalg import Workspace, all_finite, psd_power, stack_fp64, top_right_singular_vectors
+from lrsurgery.linalg import (
+    Workspace,
+    all_finite,
+    psd_power,
+    stack_fp64,
+    top_right_singular_vectors,
+    top_right_singular_vectors_of_product,
+)
 from lrsurgery.methods.base import Method, MethodError
 
 
@@ -145,10 +152,12 @@ class TLoRA(Method):
             return {}
         d_out, d_in = weights[names[0]].shape  # one shape per call
         device = weights[names[0]].device  # where run_init put the weights: the linear algebra runs there
-        buffer = self._workspace.get("weights", (len(names), d_out, d_in), device)
-        stack = stack_fp64([weights[n] for n in names], buffer)
-        if not all_finite(stack):
-            raise MethodError(f"a module among {names[0]}... has NaN or Inf weights")
+        bad = next((n for n in names if not all_finite(weights[n])), None)
+        if bad is not None:
+            raise MethodError(f"module {bad} has NaN or Inf weights")
+        stack = stack_fp64(
+            [weights[n] for n in names], self._workspace.get("weights", (len(names), d_out, d_in), device)
+        )
         a_rows = self._frozen_a(names, stack, generator)
         out = {}
         for name, a in zip(names, a_rows, strict=True):
@@ -174,13 +183,14 @@ class TLoRA(Method):
         if self.a_init == "w":
             return list(top_right_singular_vectors(stack, top, work))
         b, d_out, d_in = stack.shape
-        stacked = work.get("covariances", (b, d_in, d_in), stack.device)
-        covariances = stack_fp64([self._covariance.get(n) for n in names], stacked)
-        if not all_finite(covariances):
-            raise MethodError(f"{self.stats} has non-finite covariance values (e.g. for {names[0]})")
+        covariances = work.get("covariances", (b, d_in, d_in), stack.device)
+        for slot, name in zip(covariances, names, strict=True):
+            sums, tokens = self._covariance.sums(name)
+            if not all_finite(sums):
+                raise MethodError(f"{self.stats} has non-finite covariance values for {name}")
+            torch.div(sums.to(slot.device), tokens, out=slot)  # C = XᵀX / n, made fp64 in the same pass
         if self.variant == "wc":
-            product = torch.bmm(stack, covariances, out=work.get("product", (b, d_out, d_in), stack.device))
-            return list(top_right_singular_vectors(product, top, work))  # Eq. 4
+            return list(top_right_singular_vectors_of_product(stack, covariances, top, work))  # Eq. 4
         roots = torch.stack([psd_power(c, 0.5, self.damping) for c in covariances])
         inverse_roots = torch.stack([psd_power(c, -0.5, self.damping) for c in covariances])
         return list(top_right_singular_vectors(stack @ roots, top) @ inverse_roots)  # Eq. 3
