@@ -76,6 +76,10 @@ def _child_tlora(model: str, rank: int, device: str, stats: str, out: str) -> fl
     return _stop(device, began)
 
 
+def _runs(seconds: list[float]) -> str:
+    return ", ".join(f"{s:.2f}" for s in seconds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -123,9 +127,10 @@ def main() -> None:
             f"{args.model}: init at rank {args.rank} on every block linear on {args.device}, best of {args.repeats}, "
             "model load included"
         )
-        print(f"  PEFT init_lora_weights='pissa'       {peft_best:7.2f} s")
+        print(f"  PEFT init_lora_weights='pissa'       {peft_best:7.2f} s   (runs: {_runs(peft_s)})")
         print(
-            f"  lrsurgery init --method tlora        {tlora_best:7.2f} s   ({tlora_best / peft_best:.2f}x PEFT PiSSA)"
+            f"  lrsurgery init --method tlora        {tlora_best:7.2f} s   ({tlora_best / peft_best:.2f}x PEFT PiSSA; "
+            f"runs: {_runs(tlora_s)})"
         )
         print("train step, TLoRA vs LoRA at the same average rank:", flush=True)
         step = [sys.executable, str(HERE / "bench_train_step.py"), "--model", args.model, "--rank", str(args.rank)]
