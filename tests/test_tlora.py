@@ -177,7 +177,8 @@ def test_a_spans_the_top_subspace_of_wc_and_output_is_unchanged_smollm2(smollm2,
     manifest, adapters, _ = read_adapters(init)
     assert sum(a.rank for a in adapters.values()) == 8 * 210
     root = backbone(load_model(smollm2).model)
-    names = [n for n in adapters if n.startswith(("layers.0.", "layers.14.", "layers.29."))]
+    # layer 11: its down_proj has the worst-conditioned W·C of the model on BBC News statistics
+    names = [n for n in adapters if n.startswith(("layers.0.", "layers.11.", "layers.14.", "layers.29."))]
     for name in names:
         weight = root.get_submodule(name).weight.detach().double()
         product = weight @ load_covariance(stats, name).double()
