@@ -41,7 +41,7 @@ def init(
     ),
     seed: int = typer.Option(0, "--seed", help="Seed for random initialisations."),
     device: str = typer.Option(
-        "cpu", "--device", help="Where the SVDs and TLoRA's W·C eigensolves run: cpu, cuda or cuda:N."
+        "cpu", "--device", help="Where the SVDs and TLoRA's W·C products run: cpu, cuda or cuda:N."
     ),
     stats: Path = typer.Option(None, "--stats", help="tlora: statistics folder from `lrsurgery calibrate`."),
     variant: str = typer.Option(None, "--variant", help="tlora: wc (A from SVD of W·C, default) or theory (Eq. 3)."),

@@ -202,36 +202,27 @@ def _top_eigenvectors(grams: torch.Tensor, rank: int) -> tuple[torch.Tensor, tor
 def top_eigenpairs(grams: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The `rank` largest eigenvalues (batch, rank), descending, and eigenvectors (batch, k, rank) of
     each symmetric fp64 matrix in a (batch, k, k) stack, given by its upper triangle (what lies below
-    the diagonal is not read): on the CPU by MRRR on the requested index range only, on a GPU by the
-    batched full eigendecomposition there, which keeps the stack on the device. The stack is used as
-    work space: its contents are undefined afterwards."""
-    return (top_eigenpairs_mrrr if grams.device.type == "cpu" else top_eigenpairs_batched)(grams, rank)
+    the diagonal is not read), on the stack's device.
 
-
-def top_eigenpairs_mrrr(grams: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`top_eigenpairs` by LAPACK's MRRR `syevr` on the index range (`lrsurgery.lapack`), one matrix per
-    thread, each thread's BLAS single-threaded: the reduction to tridiagonal form is memory-bound and
-    scales across matrices, not within one. `grams` (CPU) is overwritten."""
+    By LAPACK's MRRR `syevr` on the index range (`lrsurgery.lapack`), on the host whatever the stack's
+    device (a GPU's eigensolvers are slow on many small matrices; the Grams are a few MB each), one
+    matrix per thread with each thread's BLAS single-threaded: the reduction to tridiagonal form is
+    memory-bound and scales across matrices, not within one. A CPU stack is used as work space: its
+    contents are undefined afterwards.
+    """
     from concurrent.futures import ThreadPoolExecutor
 
     from threadpoolctl import threadpool_limits
 
     from lrsurgery.lapack import top_eigenpairs_upper
 
-    matrices = grams.contiguous().numpy()
+    matrices = grams.contiguous().cpu().numpy()
     threads = max(1, min(len(matrices), torch.get_num_threads()))
     with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
         pairs = list(pool.map(top_eigenpairs_upper, matrices, [rank] * len(matrices)))
     values = torch.stack([torch.from_numpy(v[::-1].copy()) for v, _ in pairs])
     vectors = torch.stack([torch.from_numpy(z[::-1].T.copy()) for _, z in pairs])  # (batch, k, rank)
-    return values, vectors
-
-
-def top_eigenpairs_batched(grams: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`top_eigenpairs` by one batched `torch.linalg.eigh` of the whole stack, on the stack's device."""
-    k = grams.shape[-1]
-    values, vectors = torch.linalg.eigh(grams, UPLO="U")
-    return values[:, k - rank :].flip(-1), vectors[..., k - rank :].flip(-1)
+    return values.to(grams.device), vectors.to(grams.device)
 
 
 def psd_power(matrix: torch.Tensor, power: float, damping: float = 0.0) -> torch.Tensor:

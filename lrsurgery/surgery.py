@@ -69,8 +69,9 @@ def run_init(
     The model is never built: its module tree comes from an empty (meta-device) instance and each
     target's weight is read from the safetensors files when its group is initialised, so the memory
     held is one group's weights and the adapters, not the model. The groups' linear algebra (SVDs,
-    TLoRA's W·C products and eigensolves) runs on `device`; random draws come from a CPU generator,
-    so they are the same on every device, and the adapters are written from the CPU.
+    TLoRA's W·C products and Grams) runs on `device`, the eigensolves of the small Grams on the CPU
+    cores (`linalg.top_eigenpairs`); random draws come from a CPU generator, so they are the same on
+    every device, and the adapters are written from the CPU.
     """
     compute = compute_device(device)
     config = get_method(method, **options)

@@ -107,6 +107,22 @@ def test_init_groups_batch_same_shapes_in_model_order_within_a_memory_budget():
     assert init_groups(shapes, by_shape=False) == [[n] for n in shapes]
 
 
+def test_top_eigenpairs_match_a_full_eigendecomposition_and_read_the_upper_triangle_only():
+    """Threaded MRRR on an index range against LAPACK's full `syevd` (torch.linalg.eigh), on Grams whose
+    lower triangle holds garbage, as `add_gram_upper` leaves it."""
+    from lrsurgery.linalg import top_eigenpairs
+
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(5, 90, 40, generator=generator, dtype=torch.float64) * torch.logspace(0, -4, 40).double()
+    grams = rows.mT @ rows
+    grams += torch.randn(grams.shape, generator=generator, dtype=torch.float64).tril(-1)  # must not be read
+    full_values, full_vectors = torch.linalg.eigh(grams, UPLO="U")
+    values, vectors = top_eigenpairs(grams.clone(), 6)  # it uses its input as work space
+    torch.testing.assert_close(values, full_values[:, -6:].flip(-1), rtol=1e-10, atol=0)
+    for got, want in zip(vectors, full_vectors[..., -6:].flip(-1), strict=True):
+        assert torch.allclose((got * want).sum(0).abs(), torch.ones(6, dtype=torch.float64), atol=1e-10)
+
+
 @pytest.mark.parametrize("shape", [(200, 60), (60, 60), (40, 90)])  # tall (C·WᵀW·C route), square, wide
 def test_top_right_singular_vectors_of_a_product_match_an_exact_svd(shape):
     from lrsurgery.linalg import Workspace, top_right_singular_vectors_of_product
