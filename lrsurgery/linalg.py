@@ -205,7 +205,7 @@ def top_eigenpairs(grams: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
     the diagonal is not read), on the stack's device.
 
     By LAPACK's MRRR `syevr` on the index range (`lrsurgery.lapack`), on the host whatever the stack's
-    device (a GPU's eigensolvers are slow on many small matrices; the Grams are a few MB each), one
+    device (GPU dense eigensolvers are built for large matrices; these Grams are a few MB each), one
     matrix per thread with each thread's BLAS single-threaded: the reduction to tridiagonal form is
     memory-bound and scales across matrices, not within one. A CPU stack is used as work space: its
     contents are undefined afterwards.
