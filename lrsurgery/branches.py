@@ -109,7 +109,7 @@ class _Branches(torch.autograd.Function):
                 if e is not None and needs[6 + 4 * k]:
                     grad_e = (part * h).sum(0)
                     grads[4 * k + 2] = grad_e if plan.scale == 1 else grad_e.mul_(plan.scale)
-                factor = gates[k] if gates[k] is not None else (None if plan.scale == 1 else plan.scale)
+                factor = gates[k] if gates[k] is not None else _factor(None, None, plan.scale, grad_heads.dtype)
                 grad_h = part if factor is None else part * factor
                 if needs[4 + 4 * k]:
                     grads[4 * k] = grad_h.T @ (x if keep is None else x * keep)

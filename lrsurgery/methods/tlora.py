@@ -152,9 +152,8 @@ class TLoRA(Method):
             return {}
         d_out, d_in = weights[names[0]].shape  # one shape per call
         device = weights[names[0]].device  # where run_init put the weights: the linear algebra runs there
-        bad = next((n for n in names if not all_finite(weights[n])), None)
-        if bad is not None:
-            raise MethodError(f"module {bad} has NaN or Inf weights")
+        for name in names:
+            self.check_shape(name, weights[name], self._ranks[name])  # finite weights (ranks fit: `prepare`)
         stack = stack_fp64(
             [weights[n] for n in names], self._workspace.get("weights", (len(names), d_out, d_in), device)
         )
