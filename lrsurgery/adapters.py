@@ -11,6 +11,7 @@ used by the dual method. The expert's effective gate is E ⊙ mask; a masked ent
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -184,15 +185,19 @@ def freeze_model(model: nn.Module) -> None:
 
 
 def inject(model: nn.Module, adapters: dict[str, ModuleAdapter]) -> None:
-    """Freeze `model` and replace each named backbone linear with an AdaptedLinear, in place."""
+    """Freeze `model` and replace each named backbone linear with an AdaptedLinear, in place; ValueError
+    (naming the module) when a module is missing, not a linear layer, or of another shape."""
     freeze_model(model)
     root = backbone(model)
     for name, spec in adapters.items():
         parent_name, _, child = name.rpartition(".")
-        parent = root.get_submodule(parent_name) if parent_name else root
-        base = getattr(parent, child)
+        try:
+            parent = root.get_submodule(parent_name) if parent_name else root
+            base = getattr(parent, child)
+        except AttributeError:
+            raise ValueError(f"the model has no module {name}") from None
         if not isinstance(base, nn.Linear):
-            raise TypeError(f"{name} is a {type(base).__name__}, not an nn.Linear")
+            raise ValueError(f"{name} is a {type(base).__name__}, not an nn.Linear")
         expected = (base.out_features, base.in_features)
         if (spec.B.shape[0], spec.A.shape[1]) != expected:
             raise ValueError(
@@ -244,29 +249,69 @@ def _branch_tensors(tensors: dict[str, torch.Tensor], prefix: str, branch: LowRa
     }
 
 
-def _branch(tensors: dict[str, torch.Tensor], prefix: str, info: dict[str, Any]) -> dict[str, Any]:
+def _branch(tensors: dict[str, torch.Tensor], prefix: str, info: Any, d_out: int, d_in: int) -> dict[str, Any]:
+    """One branch's fields from its tensors, each checked against the manifest: shape, dtype, finite."""
+    if not isinstance(info, dict) or not isinstance(info.get("rank"), int) or info["rank"] < 0:
+        raise ValueError(f"{prefix}: the manifest's entry has no valid rank")
+    r = info["rank"]
+    shapes = {"lora_A": (r, d_in), "lora_B": (d_out, r), "lora_E": (r,), "mask": (r,)}
+    found = {}
+    for key, shape in shapes.items():
+        tensor = tensors.get(f"{prefix}.{key}")
+        if tensor is None:
+            if key in ("lora_A", "lora_B") or (key == "lora_E" and info.get("gated")):
+                raise ValueError(f"tensor {prefix}.{key} is missing")
+            continue
+        _check_tensor(f"{prefix}.{key}", tensor, shape)
+        found[key] = tensor
+    numbers = {}
+    for key in ("scale", "alpha", "dropout"):
+        value = info.get(key, 0.0 if key == "dropout" else None)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{prefix}: the manifest's {key} is {value!r}, not a finite number")
+        numbers[key] = float(value)
     return {
-        "A": tensors[f"{prefix}.lora_A"],
-        "B": tensors[f"{prefix}.lora_B"],
-        "E": tensors.get(f"{prefix}.lora_E"),
-        "mask": tensors.get(f"{prefix}.mask"),
-        "scale": float(info["scale"]),
-        "alpha": float(info["alpha"]),
-        "dropout": float(info.get("dropout", 0.0)),
+        "A": found["lora_A"],
+        "B": found["lora_B"],
+        "E": found.get("lora_E"),
+        "mask": found.get("mask"),
+        **numbers,
         "frozen": tuple(info.get("frozen", ())),
     }
 
 
+def _check_tensor(name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != shape:
+        raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}; the manifest says {shape}")
+    if not tensor.is_floating_point():
+        raise ValueError(f"tensor {name} holds {tensor.dtype} values, not floating point")
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"tensor {name} holds NaN or Inf values")
+
+
 def from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, ModuleAdapter]:
-    """Inverse of `to_tensors`."""
+    """Inverse of `to_tensors`, checking every tensor against the description (ValueError naming it)."""
     out: dict[str, ModuleAdapter] = {}
     for name, info in meta.items():
-        try:
-            out[name] = ModuleAdapter(
-                **_branch(tensors, name, info),
-                edits=[(tensors[f"{name}.edit.{k}.B"], tensors[f"{name}.edit.{k}.A"]) for k in range(info["edits"])],
-                expert=LowRank(**_branch(tensors, f"{name}.expert", info["expert"])) if "expert" in info else None,
-            )
-        except KeyError as exc:
-            raise KeyError(f"adapter file lacks tensor {exc} for module {name}") from exc
+        shape = info.get("shape") if isinstance(info, dict) else None
+        edits = info.get("edits") if isinstance(info, dict) else None
+        valid = isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) and d > 0 for d in shape)
+        if not valid or not isinstance(edits, int) or edits < 0:
+            raise ValueError(f"module {name}: the manifest's entry has no valid shape or edit count")
+        d_out, d_in = shape
+        log = []
+        for k in range(edits):
+            b, a = tensors.get(f"{name}.edit.{k}.B"), tensors.get(f"{name}.edit.{k}.A")
+            if b is None or a is None:
+                raise ValueError(f"tensor {name}.edit.{k}.{'B' if b is None else 'A'} is missing")
+            width = b.shape[1] if b.ndim == 2 else 0
+            _check_tensor(f"{name}.edit.{k}.B", b, (d_out, width))
+            _check_tensor(f"{name}.edit.{k}.A", a, (width, d_in))
+            log.append((b, a))
+        expert = info.get("expert")
+        out[name] = ModuleAdapter(
+            **_branch(tensors, name, info, d_out, d_in),
+            edits=log,
+            expert=LowRank(**_branch(tensors, f"{name}.expert", expert, d_out, d_in)) if expert is not None else None,
+        )
     return out

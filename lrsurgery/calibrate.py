@@ -25,9 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lrsurgery.artifacts import ArtifactError, Manifest, load_tensors, read_manifest, save_tensors, write_manifest
+from lrsurgery.artifacts import MANIFEST, Manifest, load_tensors, read_manifest, save_tensors, write_manifest
 from lrsurgery.covariance import CalibrationError, CovarianceCollector
 from lrsurgery.data import IGNORE, DataSpec, build_examples, collate
+from lrsurgery.errors import check_count
 from lrsurgery.linalg import all_finite
 from lrsurgery.models import (
     backbone,
@@ -38,6 +39,7 @@ from lrsurgery.models import (
     load_model,
     resolve_model,
 )
+from lrsurgery.outputs import Work, output_folder
 from lrsurgery.progress import progress
 from lrsurgery.sensitivity import SensitivityCollector, per_sample_loss, whole_model
 from lrsurgery.surgery import model_record
@@ -77,6 +79,9 @@ class CalibrateConfig:
             raise CalibrationError("--sensitivity-path whole needs the whole model in memory; use --offload cpu")
         if self.dtype not in ("fp32", "fp64"):
             raise CalibrationError(f"--dtype must be fp32 or fp64, got {self.dtype!r}")
+        check_count("--samples", self.samples)
+        check_count("--seq-len", self.seq_len, 2)  # sensitivity needs a next token to predict
+        check_count("--batch-size", self.batch_size)
 
 
 def _to(value: Any, device: torch.device | str) -> Any:
@@ -147,16 +152,25 @@ class BlockRunner:
         return _block_output(result)
 
 
-def run_calibrate(model: str, data: DataSpec, cfg: CalibrateConfig, out: Path, resume: bool = False) -> Path:
+def run_calibrate(
+    model: str, data: DataSpec, cfg: CalibrateConfig, out: Path, resume: bool = False, overwrite: bool = False
+) -> Path:
     """Collect per-module statistics (see module doc) into a stats artifact at `out`; return `out`."""
     device = compute_device(cfg.device)
+    folder = resolve_model(model)
+    with output_folder(out, [folder, data.path], overwrite, resume=resume) as run:
+        _calibrate(model, folder, data, cfg, run, device)
+    return Path(out)
+
+
+def _calibrate(model: str, folder: Path, data: DataSpec, cfg: CalibrateConfig, run: Work, device: torch.device):
     loader = None
     if cfg.offload == "disk":
         from lrsurgery.offload import load_offloaded
 
         loaded, loader = load_offloaded(model)
     else:
-        loaded = load_model(model, task=default_task(resolve_model(model)))
+        loaded = load_model(model, task=default_task(folder))
     loaded.model.requires_grad_(False)
     limit = getattr(loaded.model.config, "max_position_embeddings", None)
     if limit and cfg.seq_len > limit:
@@ -185,22 +199,26 @@ def run_calibrate(model: str, data: DataSpec, cfg: CalibrateConfig, out: Path, r
         data={"fingerprint": examples.fingerprint, "samples": len(rows), "path": data.path},
         extra={"blocks": blocks, "completed": 0, "tokens": 0, "modules": {}},
     )
-    work = _prepare(out, manifest, resume)
+    run.pin({"model": manifest.model["fingerprint"], "data": examples.fingerprint, "config": manifest.config})
+    work = run.folder
+    if not (work / MANIFEST).exists():
+        write_manifest(work, manifest)
     state = read_manifest(work).extra
     covariance_from = state["completed"] if "covariance" in cfg.collect else blocks
     wants_sensitivity = "sensitivity" in cfg.collect and "sensitivity" not in state
     if wants_sensitivity and cfg.sensitivity_path == "whole":
         _save_sensitivity(work, whole_model(loaded.model, batches, targets), batches, "whole")
+        run.keep()
         wants_sensitivity = False
     backward_from = state.get("sensitivity_next", blocks) if wants_sensitivity else 0
     forward_to = blocks if covariance_from < blocks or backward_from == blocks else backward_from - 1
-    kept, hidden = _forward(runner, batches, targets, cfg, work, covariance_from, forward_to, backward_from)
+    kept, hidden = _forward(runner, batches, targets, cfg, run, covariance_from, forward_to, backward_from)
     if wants_sensitivity:
-        _backward(loaded.model, runner, batches, targets, work, kept, hidden, backward_from)
-    return _finish(work, out)
+        _backward(loaded.model, runner, batches, targets, run, kept, hidden, backward_from)
+    _check_complete(work)
 
 
-def _forward(runner, batches, targets, cfg, work, covariance_from, forward_to, keep_to):
+def _forward(runner, batches, targets, cfg, run, covariance_from, forward_to, keep_to):
     """Run blocks [0, forward_to), collecting covariances from block `covariance_from` on, and keep
     the inputs of blocks [0, keep_to) for the backward pass.
 
@@ -229,7 +247,8 @@ def _forward(runner, batches, targets, cfg, work, covariance_from, forward_to, k
             runner.release(index)
             if collector:
                 collector.close()
-                _write_block(work, index, collector)
+                _write_block(run.folder, index, collector)
+                run.keep()
         if forward_to < keep_to:
             kept.append([h for h, _, _ in hidden])
     return kept, hidden
@@ -265,8 +284,9 @@ def _head_gradients(model: nn.Module, runner: BlockRunner, batches: list[dict], 
     return grads
 
 
-def _backward(model, runner, batches, targets, work, kept, hidden, backward_from) -> None:
+def _backward(model, runner, batches, targets, run, kept, hidden, backward_from) -> None:
     """Sequential sensitivity: carry the loss gradient down blocks [0, backward_from) in reverse."""
+    work = run.folder
     if backward_from == len(runner.blocks):
         grads = _head_gradients(model, runner, batches, hidden)
     else:
@@ -284,29 +304,13 @@ def _backward(model, runner, batches, targets, work, kept, hidden, backward_from
         runner.release(index)
         grads = below
         _write_sensitivity_block(work, index, collector.close(), grads)
+        run.keep()
     _save_sensitivity(work, _gather_sensitivity(work), batches, "sequential")
 
 
 def per_sample_count(labels: torch.Tensor) -> int:
     """Samples in a micro-batch with at least one predicted token (those the sensitivity averages over)."""
     return int(((labels[:, 1:] != IGNORE).sum(dim=1) > 0).sum())
-
-
-def _prepare(out: Path, manifest: Manifest, resume: bool) -> Path:
-    work = out.with_name(out.name + ".partial")
-    if out.exists():
-        raise ArtifactError(f"{out} already exists; choose another output")
-    if work.exists():
-        if not resume:
-            raise ArtifactError(f"{work} holds an interrupted calibration; pass --resume to continue it")
-        before = read_manifest(work, "stats")
-        same = (before.model["fingerprint"], before.data["fingerprint"], before.config)
-        if same != (manifest.model["fingerprint"], manifest.data["fingerprint"], manifest.config):
-            raise ArtifactError(f"cannot resume {work}: it was started for another model, data or settings")
-        return work
-    work.mkdir(parents=True)
-    write_manifest(work, manifest)
-    return work
 
 
 def _write_block(work: Path, index: int, collector: CovarianceCollector) -> None:
@@ -353,12 +357,10 @@ def _save_sensitivity(work: Path, tensors: dict, batches: list[dict], path: str)
         file.unlink()
 
 
-def _finish(work: Path, out: Path) -> Path:
+def _check_complete(work: Path) -> None:
     manifest = read_manifest(work)
     covariance_done = "covariance" not in manifest.config["collect"] or (
         manifest.extra["completed"] == manifest.extra["blocks"]
     )
     if not covariance_done or ("sensitivity" in manifest.config["collect"] and "sensitivity" not in manifest.extra):
-        raise ArtifactError(f"{work} is incomplete")
-    work.rename(out)
-    return out
+        raise RuntimeError(f"{work} is incomplete")  # a bug: every pass above ran to its end

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from torch import nn
 
 from lrsurgery.artifacts import ArtifactError, load_tensors, save_tensors
 from lrsurgery.flat import FlatParameters
+from lrsurgery.outputs import swap_into, write_text_atomic
 
 STATE_FILE = "state.safetensors"
 INFO_FILE = "checkpoint.json"
@@ -45,12 +45,8 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_tensors(tmp / STATE_FILE, tensors)
-    (tmp / INFO_FILE).write_text(json.dumps({"step": step, "params": sorted(params)}))
-    old = folder.with_name(folder.name + ".old")
-    if folder.exists():
-        folder.rename(old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    write_text_atomic(tmp / INFO_FILE, json.dumps({"step": step, "params": sorted(params)}))
+    swap_into(tmp, folder)
 
 
 def _state_of(p: torch.Tensor, state: dict, flat: FlatParameters | None) -> dict[str, torch.Tensor]:
@@ -70,14 +66,23 @@ def load_checkpoint(
     flat: FlatParameters | None = None,
 ) -> int:
     """Restore parameters, optimizer and RNG state in place; return the step to continue from."""
-    info = json.loads((folder / INFO_FILE).read_text())
-    if sorted(params) != info["params"]:
+    try:
+        info = json.loads((folder / INFO_FILE).read_text())
+        step, names = int(info["step"]), info["params"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"checkpoint {folder} is damaged ({exc}); start over with --overwrite") from exc
+    if sorted(params) != names:
         raise ArtifactError(f"checkpoint {folder} was written for different trainable parameters")
     tensors = load_tensors(folder / STATE_FILE)
     state = _inner(optimizer).state
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(tensors[f"param.{name}"])
+            saved = tensors.get(f"param.{name}")
+            if saved is None or saved.shape != p.shape:
+                raise ArtifactError(
+                    f"checkpoint {folder} does not hold {name} as trained here; start over with --overwrite"
+                )
+            p.copy_(saved)
             prefix = f"optim.{name}."
             entry = {k[len(prefix) :]: v.to(p.device) for k, v in tensors.items() if k.startswith(prefix)}
             if not entry:
@@ -96,7 +101,7 @@ def load_checkpoint(
     torch.set_rng_state(tensors["rng.cpu"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
-    return int(info["step"])
+    return step
 
 
 def load_checkpoint_extra(folder: Path) -> dict[str, torch.Tensor]:

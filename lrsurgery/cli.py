@@ -250,27 +250,27 @@ def eval_(
         False, "--allow-code-execution", help="Run model-written programs (pass@1 tasks such as HumanEval)."
     ),
     out: Path = typer.Option(None, "-o", "--out", help="Write the results JSON here."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing results file written by eval."),
     config: Path = ConfigOption,
 ) -> None:
     """Score models on tasks and print a Markdown table."""
-    from lrsurgery.evaluation import TaskError, markdown_table, run_eval, write_report
+    from lrsurgery.evaluation import markdown_table, run_eval
+    from lrsurgery.evaluation.runner import check_report_path, write_report
 
-    if num_fewshot is not None and num_fewshot < 0:
-        fail("--num-fewshot must be 0 or more")
-    try:
-        report = run_eval(
-            models,
-            task,
-            limit=limit,
-            batch_size=batch_size,
-            num_fewshot=num_fewshot,
-            allow_code_execution=allow_code_execution,
-        )
-    except TaskError as exc:
-        fail(str(exc))
+    inputs = [*task, *models]
+    if out:
+        check_report_path(out, inputs, overwrite)  # before any model is scored
+    report = run_eval(
+        models,
+        task,
+        limit=limit,
+        batch_size=batch_size,
+        num_fewshot=num_fewshot,
+        allow_code_execution=allow_code_execution,
+    )
     typer.echo(markdown_table(report))
     if out:
-        write_report(report, out)
+        write_report(report, out, inputs, overwrite)
 
 
 @app.command()
@@ -278,12 +278,12 @@ def eval_(
 def assets(
     name: str = typer.Argument(..., help=f"Offline data set to prepare: {', '.join(DATASETS)}."),
     out: Path = typer.Option(..., "-o", "--out", help="Folder for train.jsonl and test.jsonl."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a data folder written by `assets`."),
 ) -> None:
     """Write an offline data package as JSONL files usable with --data."""
-    if name not in DATASETS:
-        fail(f"unknown data set {name!r}; available: {', '.join(DATASETS)}")
-    counts = DATASETS[name](out)
-    typer.echo(json.dumps(counts))
+    from lrsurgery.assets import run_assets
+
+    typer.echo(json.dumps(run_assets(name, out, overwrite)))
 
 
 def main() -> None:  # pragma: no cover

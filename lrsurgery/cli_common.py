@@ -8,20 +8,18 @@ underscores) and act as defaults that flags on the command line override.
 from __future__ import annotations
 
 import contextlib
+import difflib
+import errno
 import time
 from collections.abc import Callable, Iterator
 from functools import wraps
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 import yaml
 
-from lrsurgery.artifacts import ArtifactError
-from lrsurgery.assets import AssetError
-from lrsurgery.data import DataError
-from lrsurgery.methods import MethodError
-from lrsurgery.models import ModelError
+from lrsurgery.errors import UserError
 
 app = typer.Typer(
     help="Model surgery for transformers: calibrate → init → train → fuse → eval.",
@@ -30,33 +28,52 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
-USER_ERRORS: tuple[type[Exception], ...] = (  # CalibrationError is a ValueError
-    ArtifactError,
-    ModelError,
-    DataError,
-    MethodError,
-    AssetError,
-    ValueError,
-    FileNotFoundError,
-)
-
 
 def load_config(ctx: typer.Context, value: Path | None) -> Path | None:
+    """Read `--config FILE` into the command's defaults; refuse an unreadable file or an unknown key."""
     if value is None:
         return value
-    if not value.is_file():
-        raise typer.BadParameter(f"config file {value} does not exist")
-    text = value.read_text()
-    if value.suffix == ".toml":
-        import tomllib  # Python 3.11+
-
-        data = tomllib.loads(text)
-    else:
-        data = yaml.safe_load(text)
-    if not isinstance(data, dict):
-        raise typer.BadParameter(f"config file {value} must hold a mapping of option names to values")
-    ctx.default_map = {**(ctx.default_map or {}), **{k.replace("-", "_"): v for k, v in data.items()}}
+    data = read_config(value)
+    params = {p.name: p for p in ctx.command.params if p.name and p.name != "config"}
+    for key, setting in data.items():
+        name = str(key).replace("-", "_")
+        if name not in params:
+            close = difflib.get_close_matches(name, list(params), n=1)
+            hint = f"; did you mean {_flag(close[0])}?" if close else f"; options are {', '.join(map(_flag, params))}"
+            fail(f"--config {value}: unknown option {key!r}{hint}")
+        single = not getattr(params[name], "multiple", False) and params[name].nargs == 1
+        if isinstance(setting, dict) or (single and isinstance(setting, list)):
+            fail(f"--config {value}: {key!r} must be a single value, got {setting!r}")
+    ctx.default_map = {**(ctx.default_map or {}), **{str(k).replace("-", "_"): v for k, v in data.items()}}
     return value
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The mapping of option names to values in a YAML or TOML file (an empty file: none)."""
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        fail(f"--config {path} is not a text file; give a YAML or TOML file of option: value lines")
+    except OSError as exc:
+        fail(f"--config {path}: {describe_os_error(exc)}")
+    try:
+        if path.suffix == ".toml":
+            import tomllib  # Python 3.11+
+
+            data = tomllib.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError) as exc:  # tomllib.TOMLDecodeError is a ValueError
+        fail(f"--config {path} is not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {exc}")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        fail(f"--config {path} must hold a mapping of option names to values")
+    return data
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 ConfigOption = typer.Option(
@@ -76,21 +93,40 @@ def timed(out: Path) -> Iterator[None]:
     typer.echo(f"wrote {out} in {time.perf_counter() - began:.1f}s")
 
 
-def fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=1)
+def fail(message: str, code: int = 1) -> NoReturn:
+    """Print `message` as one red line on stderr and exit with `code`."""
+    typer.secho(f"error: {' '.join(str(message).split())}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=code)
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for an operating-system error: what happened, to which file, and what to do."""
+    where = exc.filename or ""
+    if exc.errno == errno.ENOSPC:
+        return (
+            f"no space left on the device{' writing ' + str(where) if where else ''}: free some space and run the "
+            "command again (train and calibrate continue from their last checkpoint with --resume)"
+        )
+    if isinstance(exc, PermissionError):
+        return f"permission denied: {where}" if where else f"permission denied: {exc}"
+    if isinstance(exc, FileNotFoundError):
+        return f"no such file or folder: {where}" if where else str(exc)
+    return f"{exc.strerror or exc}: {where}".rstrip(": ")
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn the errors a user can fix into one red line and exit code 1, not a traceback."""
+    """Turn the errors a user can fix into one red line and exit code 1; any other exception is a bug
+    and keeps its traceback."""
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except USER_ERRORS as exc:
+        except UserError as exc:
             fail(str(exc))
         except OSError as exc:
-            fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
+            fail(describe_os_error(exc))
+        except KeyboardInterrupt:
+            fail("interrupted; the output was not written (train and calibrate continue with --resume)", 130)
 
     return wrapper

@@ -41,6 +41,7 @@ def calibrate(
     targets: str = typer.Option(None, "--targets", help="Regex over module names (default: block linears)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted calibration."),
     out: Path = typer.Option(..., "-o", "--out", help="Output statistics folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing statistics folder."),
     config: Path = ConfigOption,
 ) -> None:
     """Collect input-activation covariances and/or sensitivities of every target linear, block by block."""
@@ -68,7 +69,7 @@ def calibrate(
         response_template=response_template,
     )
     with timed(out):
-        run_calibrate(model, spec, cfg, out, resume=resume)
+        run_calibrate(model, spec, cfg, out, resume=resume, overwrite=overwrite)
 
 
 @app.command("merge-stats")
@@ -77,12 +78,13 @@ def merge_stats_cmd(
     stats: list[Path] = typer.Argument(..., help="Two or more stats artifacts of the same model."),
     out: Path = typer.Option(..., "-o", "--out", help="Output statistics folder."),
     force: bool = typer.Option(False, "--force", help="Merge even if the model fingerprints differ."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing statistics folder."),
 ) -> None:
     """Add calibration statistics gathered on different data (sums and token counts add)."""
     from lrsurgery.stats import merge_stats
 
     with timed(out):
-        merge_stats(stats, out, force=force)
+        merge_stats(stats, out, force=force, overwrite=overwrite)
 
 
 @app.command()
@@ -91,12 +93,18 @@ def inspect(
     stats: Path = typer.Argument(..., help="A stats artifact (from `lrsurgery calibrate`)."),
     top: int = typer.Option(10, "--top", help="Modules shown in the sensitivity ranking (0: all)."),
     heatmap: Path = typer.Option(None, "--heatmap", help="Also write a PNG of sensitivity by block x module."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a heatmap PNG written by lrsurgery."),
 ) -> None:
     """Summarise a stats artifact: covariance trace, effective rank and condition; sensitivity ranking."""
     from lrsurgery.artifacts import read_manifest
-    from lrsurgery.stats import load_sensitivity, save_heatmap, summarise
+    from lrsurgery.errors import check_count
+    from lrsurgery.outputs import check_output
+    from lrsurgery.stats import is_lrsurgery_png, load_sensitivity, save_heatmap, summarise
 
+    check_count("--top", top, 0)
     manifest = read_manifest(stats, "stats")
+    if heatmap:
+        check_output(heatmap, [stats], overwrite, is_lrsurgery_png, what="file")
     if "covariance" in manifest.config["collect"]:
         typer.echo("| covariance | shared by | dim | trace | effective rank | condition |")
         typer.echo("|---|---|---|---|---|---|")
@@ -113,4 +121,4 @@ def inspect(
         for i, (name, value) in enumerate(ranking[: top or None], start=1):
             typer.echo(f"| {i} | {name} | {value:.4g} | {value / total:.1%} |")
     if heatmap:
-        typer.echo(f"heatmap written to {save_heatmap(stats, heatmap)}")
+        typer.echo(f"heatmap written to {save_heatmap(stats, heatmap, overwrite)}")

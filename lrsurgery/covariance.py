@@ -9,10 +9,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lrsurgery.errors import UserError
 from lrsurgery.linalg import add_gram_upper, all_finite, symmetrize_upper_
 
 
-class CalibrationError(ValueError):
+class CalibrationError(UserError, ValueError):
     """Calibration cannot run on this model or data."""
 
 

@@ -10,6 +10,7 @@ Three kinds of example, chosen by the task and the options:
 
 from __future__ import annotations
 
+import os
 import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from lrsurgery.artifacts import fingerprint_tensors
+from lrsurgery.errors import UserError, check_choice, check_count
 
 IGNORE = -100
 LOCAL_BUILDERS = {
@@ -31,7 +33,7 @@ LOCAL_BUILDERS = {
 }
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The data cannot be read or does not have what the task needs."""
 
 
@@ -48,6 +50,17 @@ class DataSpec:
     prompt_template: str | None = None
     response_template: str | None = None
     limit: int | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("--task", self.task, ("causal", "classification"))
+        check_count("--seq-len", self.seq_len, 2)  # a causal example needs a token to predict
+        check_count("--limit", self.limit)
+        for flag, template in (
+            ("--prompt-template", self.prompt_template),
+            ("--response-template", self.response_template),
+        ):
+            if template is not None:
+                template_fields(template, flag)
 
 
 @dataclass
@@ -70,8 +83,13 @@ def load_rows(path: str, split: str = "train"):
 
     quiet_libraries()
     local = Path(path).expanduser()
+    if local.exists() and not os.access(local, os.R_OK):
+        raise DataError(f"cannot read data {local}: permission denied")
     if local.is_file() and local.stat().st_size == 0:
         raise DataError(f"data file {local} is empty")
+    looks_local = path.startswith((".", "/", "~")) or local.suffix.lower() in LOCAL_BUILDERS
+    if not local.exists() and (looks_local or (local.parent != Path(".") and local.parent.is_dir())):
+        raise DataError(f"data file {local} does not exist")
     try:
         if local.is_file():
             builder = LOCAL_BUILDERS.get(local.suffix.lower())
@@ -81,21 +99,36 @@ def load_rows(path: str, split: str = "train"):
             dataset = datasets.load_dataset(builder, data_files={split: str(local)}, split=split, **kwargs)
         elif local.is_dir():
             dataset = datasets.load_dataset(str(local), split=split)
-        elif path.startswith((".", "/", "~")):
-            raise DataError(f"data path {local} does not exist")
         else:
             dataset = datasets.load_dataset(path, split=split)
     except DataError:
         raise
     except Exception as exc:  # datasets raises many types for unreadable or malformed files
+        if not local.exists():
+            raise DataError(
+                f"data {path!r} is not a local file or folder, nor a dataset in the local Hugging Face cache "
+                f"(lrsurgery never downloads): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            ) from exc
         raise DataError(f"cannot load data {path!r} (split {split!r}): {type(exc).__name__}: {exc}") from exc
     if len(dataset) == 0:
         raise DataError(f"data {path!r} (split {split!r}) is empty")
     return dataset
 
 
-def template_fields(template: str) -> list[str]:
-    return [field for _, field, _, _ in string.Formatter().parse(template) if field]
+def template_fields(template: str, flag: str = "template") -> list[str]:
+    """The row fields a Python format template names; DataError for a template that does not parse."""
+    try:
+        return [field for _, field, _, _ in string.Formatter().parse(template) if field]
+    except ValueError as exc:
+        raise DataError(f"{flag} {template!r} is not a valid Python format string: {exc}") from exc
+
+
+def render_template(template: str, row: dict[str, Any], flag: str) -> str:
+    """`template` filled from `row`; DataError naming the template when a field or format spec fails."""
+    try:
+        return template.format(**row)
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError) as exc:
+        raise DataError(f"{flag} {template!r} cannot be filled from the row {str(row)[:120]}: {exc!r}") from exc
 
 
 def require_columns(columns: list[str], needed: list[str], path: str, why: str) -> None:
@@ -118,6 +151,7 @@ def build_examples(spec: DataSpec, tokenizer: Any, labels: list[str] | None = No
         rows, labels = _classification(dataset, spec, tokenizer, labels)
     elif spec.task == "causal" and spec.prompt_template:
         fields = template_fields(spec.prompt_template) + template_fields(spec.response_template or "")
+        fields = [f.split(".")[0].split("[")[0] for f in fields]  # {row.attr} and {row[0]} name the column "row"
         require_columns(columns, fields, spec.path, "the prompt/response templates")
         if not spec.response_template:
             raise DataError("--prompt-template needs --response-template (the part the loss is computed on)")
@@ -152,8 +186,11 @@ def _sft(dataset, spec: DataSpec, tokenizer) -> list[dict[str, list[int]]]:
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     rows = []
     for row in dataset:
-        prompt = tokenizer(spec.prompt_template.format(**row), add_special_tokens=True)["input_ids"]
-        response = tokenizer(spec.response_template.format(**row), add_special_tokens=False)["input_ids"] + eos
+        prompt = tokenizer(render_template(spec.prompt_template, row, "--prompt-template"), add_special_tokens=True)
+        response = tokenizer(
+            render_template(spec.response_template, row, "--response-template"), add_special_tokens=False
+        )
+        prompt, response = prompt["input_ids"], response["input_ids"] + eos
         response = response[: spec.seq_len - 1]
         prompt = prompt[: spec.seq_len - len(response)]
         rows.append({"input_ids": prompt + response, "labels": [IGNORE] * len(prompt) + response})

@@ -19,11 +19,15 @@ from pathlib import Path
 
 import torch
 
+from lrsurgery import __version__
 from lrsurgery.adapters import ModuleAdapter
-from lrsurgery.artifacts import atomic_folder, save_tensors, write_text_atomic
-from lrsurgery.fuse import DTYPES, base_folder, output_model
+from lrsurgery.artifacts import save_tensors
+from lrsurgery.errors import check_choice, check_count
+from lrsurgery.fuse import DTYPES, base_folder, cast, check_fits, output_model
 from lrsurgery.hub import write_model_card
-from lrsurgery.models import module_prefix
+from lrsurgery.models import file_keys, module_prefix
+from lrsurgery.outputs import check_output, output_folder, write_text_atomic
+from lrsurgery.shards import LazyWeights
 from lrsurgery.surgery import read_adapters
 
 TASK_TYPES = {"causal": "CAUSAL_LM", "classification": "SEQ_CLS", "base": "FEATURE_EXTRACTION"}
@@ -77,13 +81,18 @@ def run_export_peft(
     model: str | None = None,
 ) -> dict:
     """Write a PEFT LoRA adapter folder for `artifact`; return the compression report."""
-    if max_rank is not None and max_rank < 1:
-        raise ValueError(f"--max-rank must be at least 1, got {max_rank}")
+    check_count("--max-rank", max_rank)
+    check_choice("--dtype", dtype, tuple(DTYPES))
     target = DTYPES[dtype]
+    check_output(Path(out), overwrite=overwrite)
     manifest, adapters, head = read_adapters(Path(artifact))
     folder = base_folder(manifest, model, force)
     skeleton, _, task = output_model(folder, manifest)
     prefix = module_prefix(skeleton)
+    weights = LazyWeights(folder)
+    check_fits(
+        {f"{prefix}{n}.weight": spec for n, spec in adapters.items()}, file_keys(skeleton, weights), weights, folder
+    )
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     errors: dict[str, float] = {}
@@ -97,13 +106,13 @@ def run_export_peft(
             gate = spec.E.double() if spec.E is not None else 1.0
             packed.B, packed.A = spec.B.double() * gate, spec.A.double()
             alphas[full] = spec.scale * spec.rank
-        tensors[f"base_model.model.{full}.lora_A.weight"] = packed.A.to(target)
-        tensors[f"base_model.model.{full}.lora_B.weight"] = packed.B.to(target)
+        tensors[f"base_model.model.{full}.lora_A.weight"] = cast(f"{full}.lora_A", packed.A, target)
+        tensors[f"base_model.model.{full}.lora_B.weight"] = cast(f"{full}.lora_B", packed.B, target)
         ranks[full] = packed.A.shape[0]
         errors[full] = (packed.dropped_sq / packed.total_sq) ** 0.5 if packed.total_sq > 0 else 0.0
         dropped, total = dropped + packed.dropped_sq, total + packed.total_sq
     for name, value in head.items():
-        tensors[f"base_model.model.{name}"] = value.to(target)
+        tensors[f"base_model.model.{name}"] = cast(name, value, target)
     common = max(ranks.values())
     config = {
         "peft_type": "LORA",
@@ -123,12 +132,14 @@ def run_export_peft(
         "inference_mode": True,
     }
     report = {
+        "lrsurgery_version": __version__,
         "max_rank": max_rank,
         "overall_relative_error": (dropped / total) ** 0.5 if total > 0 else 0.0,
         "module_relative_error": errors,
         "module_rank": ranks,
     }
-    with atomic_folder(out, overwrite=overwrite) as tmp:
+    with output_folder(out, [artifact, folder], overwrite) as work:
+        tmp = work.folder
         save_tensors(tmp / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
         write_text_atomic(tmp / "adapter_config.json", json.dumps(config, indent=2))
         write_text_atomic(tmp / "lrsurgery_export.json", json.dumps(report, indent=2))

@@ -14,13 +14,17 @@ from typing import Any
 
 import torch
 
-from lrsurgery.artifacts import ArtifactError, Manifest, atomic_folder, check_same_model, write_text_atomic
+from lrsurgery import __version__
+from lrsurgery.artifacts import ArtifactError, Manifest, check_same_model
+from lrsurgery.errors import OptionError, check_choice
 from lrsurgery.models import default_task, file_keys, model_fingerprint, module_prefix, resolve_model
+from lrsurgery.outputs import check_output, output_folder, write_text_atomic
 from lrsurgery.progress import progress
 from lrsurgery.shards import LazyWeights, ShardWriter, parse_size
 from lrsurgery.surgery import base_source, read_adapters
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# fp64 writes the merge exactly as computed (for checking a fuse against the adapted model in fp64)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 SIDE_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -71,9 +75,10 @@ def run_fuse(
     model: str | None = None,
 ) -> Path:
     """Write the merged model of an init/train artifact as a plain transformers folder; return `out`."""
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    check_choice("--dtype", dtype, tuple(DTYPES))
+    max_bytes = parse_size(shard_size)
     target = DTYPES[dtype]
+    check_output(Path(out), overwrite=overwrite)
     manifest, adapters, head = read_adapters(Path(artifact))
     folder = base_folder(manifest, model, force)
     skeleton, config, _ = output_model(folder, manifest)
@@ -81,16 +86,15 @@ def run_fuse(
     by_key = {f"{prefix}{name}.weight": spec for name, spec in adapters.items()}
     weights = LazyWeights(folder)
     sources = file_keys(skeleton, weights)  # output name -> file name, in file order
-    missing = sorted(set(by_key) - set(sources))
-    if missing:
-        raise ArtifactError(f"the base weights in {folder} lack adapted module(s): {', '.join(missing[:5])}")
+    check_fits(by_key, sources, weights, folder)
     plan = [
         (name, weights.shape(k), target if weights.dtype(k).is_floating_point else weights.dtype(k))
         for name, k in sources.items()
     ]
     plan += [(name, tuple(t.shape), target) for name, t in head.items()]
-    with atomic_folder(out, overwrite=overwrite) as tmp:
-        writer = ShardWriter(tmp, plan, parse_size(shard_size))
+    with output_folder(out, [artifact, folder], overwrite) as work:
+        tmp = work.folder
+        writer = ShardWriter(tmp, plan, max_bytes)
         check_disk(out, writer.total_size)
         for name, _, _ in progress(plan, desc="fuse", unit="tensor"):
             if name in by_key:
@@ -112,13 +116,29 @@ def run_fuse(
             "base_model": manifest.model,
             "data": manifest.data,
             "dtype": dtype,
-            "lrsurgery_version": manifest.lrsurgery_version,
+            "artifact_lrsurgery_version": manifest.lrsurgery_version,
+            "lrsurgery_version": __version__,
         }
         write_text_atomic(tmp / "lrsurgery_fuse.json", json.dumps(provenance, indent=2, default=str))
         from lrsurgery.hub import write_model_card
 
         write_model_card(tmp, manifest, Path(artifact), fmt="hf")
-    return out
+    return Path(out)
+
+
+def check_fits(by_key: dict[str, Any], sources: dict[str, str], weights: LazyWeights, folder: Path) -> None:
+    """Refuse adapters whose modules are missing from the base weights or of another shape (with --force an
+    artifact may be fused onto another model's weights, never onto another architecture's)."""
+    missing = sorted(set(by_key) - set(sources))
+    if missing:
+        raise ArtifactError(f"the base weights in {folder} lack adapted module(s): {', '.join(missing[:5])}")
+    for name, spec in by_key.items():
+        shape = (spec.B.shape[0], spec.A.shape[1])
+        if weights.shape(sources[name]) != shape:
+            raise ArtifactError(
+                f"{name} is {weights.shape(sources[name])} in {folder} but the adapter is for {shape}: "
+                "the artifact was made for another architecture (--force skips only the fingerprint check)"
+            )
 
 
 def cast(name: str, tensor: torch.Tensor, target: torch.dtype) -> torch.Tensor:
@@ -127,7 +147,7 @@ def cast(name: str, tensor: torch.Tensor, target: torch.dtype) -> torch.Tensor:
         limit = torch.finfo(torch.float16).max
         peak = float(tensor.abs().max()) if tensor.numel() else 0.0
         if peak > limit:
-            raise ValueError(
+            raise OptionError(
                 f"tensor {name} has values up to {peak:.4g}, beyond the fp16 range (±{limit:.0f}); "
                 "use --dtype bf16 or fp32"
             )

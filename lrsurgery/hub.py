@@ -10,10 +10,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lrsurgery.artifacts import Manifest, write_text_atomic
+from lrsurgery.artifacts import Manifest
+from lrsurgery.errors import UserError
+from lrsurgery.outputs import write_text_atomic
 
 
-class PushError(RuntimeError):
+class PushError(UserError, RuntimeError):
     """The folder could not be pushed (offline, unauthorised, or the Hub refused)."""
 
 

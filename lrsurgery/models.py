@@ -15,13 +15,16 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from lrsurgery.artifacts import atomic_folder, fingerprint_weights
+from lrsurgery.artifacts import fingerprint_weights
+from lrsurgery.errors import UserError
+from lrsurgery.outputs import lock_for, swap_into
 from lrsurgery.progress import quiet_libraries
-from lrsurgery.shards import LazyWeights
+from lrsurgery.shards import LazyWeights, read_header
 
 DEFAULT_MODEL = "smollm2-135m"
 NAMED_MODELS = {
@@ -29,7 +32,7 @@ NAMED_MODELS = {
 }
 
 
-class ModelError(Exception):
+class ModelError(UserError):
     """A model cannot be found, materialised or loaded, or has no layers to adapt."""
 
 
@@ -56,14 +59,32 @@ def resolve_model(spec: str | os.PathLike) -> Path:
             raise ModelError(f"GGUF file {path} does not exist")
         return materialise_gguf(path)
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"{path} is not a Hugging Face model folder (no config.json)")
-        if not weight_files(path):
-            raise ModelError(f"{path} has no safetensors weights (*.safetensors)")
-        return path
-    if path.exists() or spec.startswith((".", "/", "~")):
+        return check_model_folder(path)
+    if path.exists() or spec.startswith((".", "/", "~")) or (path.parent != Path(".") and path.parent.is_dir()):
         raise ModelError(f"model path {path} does not exist or is not a folder")
     return _from_hub_cache(spec)
+
+
+def check_model_folder(path: Path) -> Path:
+    """`path` if it is a readable Hugging Face model folder: a config.json object and safetensors weights
+    whose headers are intact (cheap: the headers only); else ModelError naming what is wrong."""
+    import json
+
+    config = path / "config.json"
+    if not config.is_file():
+        raise ModelError(f"{path} is not a Hugging Face model folder (no config.json)")
+    files = weight_files(path)
+    if not files:
+        raise ModelError(f"{path} has no safetensors weights (*.safetensors)")
+    try:
+        parsed = json.loads(config.read_text())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ModelError(f"{config} is not valid JSON: {exc}") from exc
+    if not isinstance(parsed, dict) or "model_type" not in parsed:
+        raise ModelError(f"{config} is not a transformers model config (it has no model_type)")
+    for file in files:
+        read_header(file)  # raises WeightsFileError naming a truncated or damaged file
+    return path
 
 
 def _from_hub_cache(repo_id: str) -> Path:
@@ -79,7 +100,7 @@ def _from_hub_cache(repo_id: str) -> Path:
         ) from exc
     if not weight_files(folder):
         raise ModelError(f"hub cache entry for {repo_id!r} has no safetensors weights")
-    return folder
+    return check_model_folder(folder)
 
 
 def materialise_gguf(gguf: Path) -> Path:
@@ -91,6 +112,23 @@ def materialise_gguf(gguf: Path) -> Path:
     out = cache_dir() / "models" / f"{gguf.stem}-{content_key(gguf)}"
     if (out / "config.json").is_file():
         return out
+    with lock_for(out, wait=True):  # another process materialising the same file: wait for it
+        if (out / "config.json").is_file():
+            return out
+        plain, tokenizer = _dequantize(gguf)
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            plain.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            swap_into(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _dequantize(gguf: Path) -> tuple[nn.Module, object]:
+    """A plain fp32 model and its tokenizer from a GGUF file."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -98,15 +136,16 @@ def materialise_gguf(gguf: Path) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except ImportError as exc:
         raise ModelError(f"reading {gguf.name} needs the 'gguf' package: pip install gguf") from exc
+    except Exception as exc:  # the gguf reader raises many types for a damaged file
+        raise ModelError(
+            f"{gguf} cannot be read as a GGUF model (truncated or not a GGUF file): {type(exc).__name__}: {exc}"
+        ) from exc
     # A model loaded from GGUF refuses save_pretrained; rebuild a plain one from its config.
     config = quantized.config.to_dict()
     config.pop("quantization_config", None)
     plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32)
     plain.load_state_dict(quantized.state_dict(), strict=True)
-    with atomic_folder(out, overwrite=True) as tmp:
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    return out
+    return plain, tokenizer
 
 
 def content_key(path: Path, sample: int = 1 << 20) -> str:
@@ -152,12 +191,7 @@ def load_model(
     'classification' adds a fresh sequence-classification head with `num_labels` outputs; 'base'
     loads the bare backbone (AutoModel), the class encoder-only checkpoints are usually saved as.
     """
-    from transformers import (
-        AutoModel,
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     folder = resolve_model(spec)
     try:
@@ -171,15 +205,30 @@ def load_model(
             model = AutoModel.from_pretrained(folder, dtype=dtype)
         else:
             raise ModelError(f"unknown task {task!r}; use causal, classification or base")
-    except ValueError as exc:
-        raise ModelError(f"cannot load {spec} for task {task!r}: {exc}") from exc
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    except ModelError:
+        raise
+    except (ValueError, RuntimeError, OSError) as exc:  # mis-shaped or unreadable weights, bad config
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load {spec} for task {task!r}: {reason}") from exc
+    tokenizer = load_tokenizer(folder)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, folder=folder, source=str(spec))
+
+
+def load_tokenizer(folder: Path) -> Any:
+    """The model folder's tokenizer, with EOS as the padding token when it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (ValueError, OSError, TypeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load the tokenizer of {folder}: {reason}") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def default_task(folder: Path) -> str:

@@ -16,7 +16,15 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_module_tensor_to_device
 
-from lrsurgery.models import LoadedModel, block_list, empty_model, file_keys, module_prefix, resolve_model
+from lrsurgery.models import (
+    LoadedModel,
+    block_list,
+    empty_model,
+    file_keys,
+    load_tokenizer,
+    module_prefix,
+    resolve_model,
+)
 from lrsurgery.shards import LazyWeights
 
 
@@ -80,13 +88,9 @@ def return_freed_memory() -> None:
 
 def load_offloaded(spec: str) -> tuple[LoadedModel, BlockLoader]:
     """The model of `spec` with empty blocks (see module doc) and the loader that fills them."""
-    from transformers import AutoTokenizer
-
     folder = resolve_model(spec)
     model = empty_model(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(folder)
     loaded = LoadedModel(model=model, tokenizer=tokenizer, folder=Path(folder), source=str(spec))
     loader = BlockLoader(loaded)
     loader.load_rest()

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from lrsurgery.errors import OptionError, UserError
+
 INDEX = "model.safetensors.index.json"
 SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 DTYPE_CODES = {
@@ -38,17 +40,49 @@ def parse_size(text: str | int) -> int:
         return text
     match = re.fullmatch(r"\s*([\d.]+)\s*([A-Za-z]*)\s*", text)
     unit = (match.group(2) or "B").upper() if match else ""
-    if not match or unit not in SIZE_UNITS:
-        raise ValueError(f"cannot read size {text!r}; write e.g. 500MB or 5GB")
-    return int(float(match.group(1)) * SIZE_UNITS[unit])
+    try:
+        value = float(match.group(1)) * SIZE_UNITS[unit] if match and unit in SIZE_UNITS else None
+    except ValueError:  # "1.2.3"
+        value = None
+    if value is None or not 1 <= value < 2**63:
+        raise OptionError(f"cannot read size {text!r}: write a positive size such as 500MB or 5GB")
+    return int(value)
+
+
+class WeightsFileError(UserError):
+    """A safetensors file is truncated or malformed."""
 
 
 def read_header(path: Path) -> tuple[dict, int]:
-    """A safetensors file's header (name → dtype, shape, data_offsets) and where its data starts."""
+    """A safetensors file's header (name → dtype, shape, data_offsets) and where its data starts.
+
+    Every entry is checked against the file: a known dtype, a shape whose size matches its byte range,
+    and a byte range inside the file, so a truncated or damaged file is refused here, naming it, and
+    never read as zeros or garbage.
+    """
+    size = path.stat().st_size
     with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
+        head = handle.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < length <= size - 8:
+            raise WeightsFileError(f"{path} is truncated or not a safetensors file (no valid header)")
+        try:
+            header = json.loads(handle.read(length))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise WeightsFileError(f"{path} is damaged: its safetensors header is not valid JSON") from exc
+    if not isinstance(header, dict):
+        raise WeightsFileError(f"{path} is damaged: its safetensors header is not a table of tensors")
     header.pop("__metadata__", None)
+    data_size = size - 8 - length
+    for name, info in header.items():
+        try:
+            dtype = CODE_DTYPES[info["dtype"]]
+            begin, end = (int(x) for x in info["data_offsets"])
+            count = _numel(tuple(int(d) for d in info["shape"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise WeightsFileError(f"{path} is damaged: tensor {name!r} has a malformed entry") from exc
+        if end - begin != count * dtype.itemsize or not 0 <= begin <= end <= data_size:
+            raise WeightsFileError(f"{path} is truncated or damaged: tensor {name!r} lies outside the file's data")
     return header, 8 + length
 
 
@@ -59,7 +93,7 @@ class LazyWeights:
         self.folder = Path(folder)
         files = sorted(self.folder.glob("*.safetensors"))
         if not files:
-            raise FileNotFoundError(f"{folder} has no safetensors weights")
+            raise WeightsFileError(f"{folder} has no safetensors weights")
         self.entries: dict[str, tuple[Path, int, dict]] = {}
         for file in files:
             header, start = read_header(file)
@@ -110,7 +144,8 @@ class LazyWeights:
         buffer = bytearray((last - first) * row_bytes)
         with open(file, "rb") as handle:
             handle.seek(start + info["data_offsets"][0] + first * row_bytes)
-            handle.readinto(buffer)
+            if handle.readinto(buffer) != len(buffer):
+                raise WeightsFileError(f"{file} was truncated while reading tensor {key!r}")
         rows = (last - first,) + shape[1:] if shape else ()
         return torch.frombuffer(buffer, dtype=self.dtype(key)).reshape(rows)
 

@@ -12,17 +12,9 @@ from typing import Any
 
 import torch
 
-from lrsurgery.artifacts import (
-    ArtifactError,
-    Manifest,
-    atomic_file,
-    atomic_folder,
-    load_tensors,
-    read_manifest,
-    save_tensors,
-    write_manifest,
-)
+from lrsurgery.artifacts import ArtifactError, Manifest, load_tensors, read_manifest, save_tensors, write_manifest
 from lrsurgery.covariance import CalibrationError
+from lrsurgery.outputs import check_output, output_file, output_folder
 
 
 def has_covariance(manifest: Manifest) -> bool:
@@ -54,20 +46,31 @@ class CovarianceReader:
         sums, tokens = self.sums(module)
         return sums / tokens
 
-    def sums(self, module: str) -> tuple[torch.Tensor, int]:
-        """XᵀX (d_in, d_in) for `module` in the stored dtype, and n, the number of tokens: C = XᵀX / n."""
+    def shape(self, module: str) -> tuple[int, ...]:
+        """The stored shape of `module`'s covariance, read from the file's header only."""
+        return tuple(self._open(module, lambda handle, key: handle.get_slice(key).get_shape()))
+
+    def _open(self, module: str, read: Any) -> Any:
+        """`read(handle, key)` on the file and tensor holding `module`'s covariance sums."""
         from safetensors import safe_open
 
         info = self.modules.get(module)
         if info is None:
             raise ArtifactError(f"{self.stats} has no covariance for module {module}")
+        valid = isinstance(info, dict) and isinstance(info.get("file"), str) and isinstance(info.get("covariance"), str)
+        if not valid or not isinstance(info.get("tokens"), int) or info["tokens"] < 1:
+            raise ArtifactError(f"{self.stats}/manifest.json is corrupt: the entry of {module} is malformed")
         path = self.stats / info["file"]
         try:
             with safe_open(str(path), "pt") as handle:
-                sums = handle.get_tensor(f"cov.{info['covariance']}")
+                return read(handle, f"cov.{info['covariance']}")
         except Exception as exc:  # missing, truncated or damaged file
             raise ArtifactError(f"{path} is missing, corrupt or lacks the covariance of {module}: {exc}") from exc
-        return sums, info["tokens"]
+
+    def sums(self, module: str) -> tuple[torch.Tensor, int]:
+        """XᵀX (d_in, d_in) for `module` in the stored dtype, and n, the number of tokens: C = XᵀX / n."""
+        sums = self._open(module, lambda handle, key: handle.get_tensor(key))
+        return sums, self.modules[module]["tokens"]
 
 
 def load_covariance(stats: Path, module: str) -> torch.Tensor:
@@ -75,7 +78,7 @@ def load_covariance(stats: Path, module: str) -> torch.Tensor:
     return CovarianceReader(stats).get(module)
 
 
-def merge_stats(inputs: list[Path], out: Path, force: bool = False) -> Path:
+def merge_stats(inputs: list[Path], out: Path, force: bool = False, overwrite: bool = False) -> Path:
     """Add the statistics of stats artifacts from one model into `out`.
 
     Covariance sums and token counts add; sensitivities (means over samples) are averaged weighted by
@@ -84,6 +87,7 @@ def merge_stats(inputs: list[Path], out: Path, force: bool = False) -> Path:
     """
     if len(inputs) < 2:
         raise CalibrationError("merging needs at least two stats artifacts")
+    check_output(Path(out), inputs, overwrite)
     manifests = [read_manifest(p, "stats") for p in inputs]
     first = manifests[0]
     for path, m in zip(inputs[1:], manifests[1:], strict=True):
@@ -99,13 +103,16 @@ def merge_stats(inputs: list[Path], out: Path, force: bool = False) -> Path:
         name: {**info, "tokens": sum(m.extra["modules"][name]["tokens"] for m in manifests)}
         for name, info in first.extra["modules"].items()
     }
-    with atomic_folder(out) as tmp:
+    with output_folder(out, inputs, overwrite) as work:
+        tmp = work.folder
         for file in sorted(Path(inputs[0]).glob("block_*.safetensors")):
             parts = [load_tensors(Path(p) / file.name) for p in inputs]
+            _check_same_tensors(parts, [Path(p) / file.name for p in inputs])
             save_tensors(tmp / file.name, {k: sum(part[k] for part in parts) for k in parts[0]})
         if "sensitivity" in first.extra:
             counts = [m.extra["sensitivity"]["samples"] for m in manifests]
             parts = [sensitivity_tensors(p) for p in inputs]
+            _check_same_tensors(parts, [Path(p) / "sensitivity.safetensors" for p in inputs])
             merged = {k: sum(part[k].double() * n for part, n in zip(parts, counts, strict=True)) for k in parts[0]}
             save_tensors(tmp / "sensitivity.safetensors", {k: (v / sum(counts)).float() for k, v in merged.items()})
             extra["sensitivity"] = {**first.extra["sensitivity"], "file": "sensitivity.safetensors"}
@@ -121,7 +128,19 @@ def merge_stats(inputs: list[Path], out: Path, force: bool = False) -> Path:
             extra=extra,
         )
         write_manifest(tmp, manifest)
-    return out
+    return Path(out)
+
+
+def _check_same_tensors(parts: list[dict[str, torch.Tensor]], files: list[Path]) -> None:
+    """Refuse to add statistics files whose tensors differ in names or shapes (another architecture:
+    --force skips only the model-fingerprint check)."""
+    first = {k: tuple(v.shape) for k, v in parts[0].items()}
+    for part, file in zip(parts[1:], files[1:], strict=True):
+        if {k: tuple(v.shape) for k, v in part.items()} != first:
+            raise ArtifactError(
+                f"{file} holds other statistics or shapes than {files[0]}: the artifacts were calibrated "
+                "on different architectures and cannot be merged"
+            )
 
 
 def summarise(stats: Path) -> list[dict[str, Any]]:
@@ -169,8 +188,20 @@ def sensitivity_grid(stats: Path) -> tuple[list[str], list[str], torch.Tensor]:
     return [str(b) for b in blocks], kinds, grid
 
 
-def save_heatmap(stats: Path, png: Path) -> Path:
-    """Write a PNG heatmap of sensitivity by block × module type (needs matplotlib)."""
+PNG_SOFTWARE = "lrsurgery"  # the PNG's Software text: marks a figure lrsurgery may overwrite
+
+
+def is_lrsurgery_png(path: Path) -> bool:
+    """True when `path` is a PNG whose Software text chunk says lrsurgery wrote it."""
+    try:
+        data = path.read_bytes()[:4096]
+    except OSError:
+        return False
+    return data.startswith(b"\x89PNG") and b"tEXtSoftware\x00" + PNG_SOFTWARE.encode() in data
+
+
+def save_heatmap(stats: Path, png: Path, overwrite: bool = False) -> Path:
+    """Write a PNG heatmap of sensitivity by block × module type (needs matplotlib); return `png`."""
     try:
         import matplotlib
 
@@ -188,7 +219,7 @@ def save_heatmap(stats: Path, png: Path) -> Path:
     ax.set_title("sensitivity mean |w · ∂L/∂w|")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    with atomic_file(png) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    with output_file(png, [stats], overwrite, is_ours=is_lrsurgery_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, metadata={"Software": PNG_SOFTWARE})
     plt.close(fig)
     return png

@@ -16,13 +16,13 @@ from lrsurgery.adapters import HEAD_PREFIX, ModuleAdapter, from_tensors, head_pa
 from lrsurgery.artifacts import (
     ArtifactError,
     Manifest,
-    atomic_folder,
     check_same_model,
     load_tensors,
     read_manifest,
     save_tensors,
     write_manifest,
 )
+from lrsurgery.errors import SEED_MAX, check_count
 from lrsurgery.methods import get_method
 from lrsurgery.models import (
     LoadedModel,
@@ -35,6 +35,7 @@ from lrsurgery.models import (
     resolve_model,
     target_weights,
 )
+from lrsurgery.outputs import check_output, output_folder
 from lrsurgery.progress import bar as progress_bar
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -73,9 +74,12 @@ def run_init(
     cores (`linalg.top_eigenpairs`); random draws come from a CPU generator, so they are the same on
     every device, and the adapters are written from the CPU.
     """
+    check_count("--seed", seed, 0, SEED_MAX)
     compute = compute_device(device)
     config = get_method(method, **options)
+    check_output(Path(out), overwrite=overwrite)  # before any model is resolved or read
     folder = resolve_model(model)
+    inputs = [folder, options.get("stats")]
     skeleton = empty_model(folder, buffers=False)  # names and shapes only: weights are read one target at a time
     names = find_targets(skeleton, targets)
     read = target_weights(folder, skeleton, names)
@@ -99,10 +103,10 @@ def run_init(
         model=record,
         extra={"modules": meta, "trainable_parameters": trainable_count(meta), "method": planned},
     )
-    with atomic_folder(out, overwrite=overwrite) as tmp:
-        save_tensors(tmp / ADAPTER_FILE, tensors)
-        write_manifest(tmp, manifest)
-    return out
+    with output_folder(out, inputs, overwrite) as work:
+        save_tensors(work.folder / ADAPTER_FILE, tensors)
+        write_manifest(work.folder, manifest)
+    return Path(out)
 
 
 def init_groups(
@@ -145,8 +149,8 @@ def read_adapters(folder: Path) -> tuple[Manifest, dict[str, ModuleAdapter], dic
     tensors = load_tensors(Path(folder) / ADAPTER_FILE)
     try:
         adapters = from_tensors(tensors, manifest.extra["modules"])
-    except KeyError as exc:
-        raise ArtifactError(f"{folder}: {exc}") from exc
+    except ValueError as exc:
+        raise ArtifactError(f"{Path(folder) / ADAPTER_FILE} does not match its manifest: {exc}") from exc
     head = {k[len(HEAD_PREFIX) :]: v for k, v in tensors.items() if k.startswith(HEAD_PREFIX)}
     return manifest, adapters, head
 
@@ -157,8 +161,10 @@ def load_adapted(
     num_labels: int | None = None,
     model: str | None = None,
     force: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[LoadedModel, Manifest]:
-    """Load the artifact's base model (or `model`), check it is the right one, and apply the adapters.
+    """Load the artifact's base model (or `model`) in `dtype`, check it is the right one, and apply the
+    adapters (their factors cast to `dtype`, the edit log merged in fp64).
 
     `task` defaults to what the artifact was trained for ('causal' for an init artifact).
     """
@@ -167,9 +173,12 @@ def load_adapted(
     task = task or head_info.get("task", "causal")
     num_labels = num_labels or head_info.get("num_labels")
     source = base_source(manifest, model)
-    loaded = load_model(source, task=task, num_labels=num_labels)
+    loaded = load_model(source, task=task, num_labels=num_labels, dtype=dtype)
     check_same_model(manifest, model_fingerprint(loaded.folder), source, force)
-    inject(loaded.model, adapters)
+    try:
+        inject(loaded.model, adapters)
+    except ValueError as exc:  # --force across architectures: fingerprints may be skipped, shapes never
+        raise ArtifactError(f"the adapters of {folder} do not fit the model {source}: {exc}") from exc
     if head:
         load_head(loaded.model, head)
     if head_info.get("id2label"):

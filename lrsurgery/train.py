@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -20,17 +21,19 @@ import torch
 from torch import nn
 
 from lrsurgery.adapters import HEAD_PREFIX, adapted_layers, head_parameters, to_tensors
-from lrsurgery.artifacts import ArtifactError, Manifest, read_manifest, save_tensors, write_manifest
+from lrsurgery.artifacts import Manifest, file_digest, read_manifest, save_tensors, write_manifest
 from lrsurgery.checkpoint import load_checkpoint, load_checkpoint_extra, save_checkpoint
 from lrsurgery.data import DataSpec, Examples, build_examples, collate, read_labels
+from lrsurgery.errors import SEED_MAX, OptionError, UserError, check_choice, check_count, check_number
 from lrsurgery.flat import FlatParameters
 from lrsurgery.heldout import heldout_loss
 from lrsurgery.methods import TrainHooks, get_method
+from lrsurgery.outputs import check_output, output_folder, write_text_atomic
 from lrsurgery.progress import bar
 from lrsurgery.surgery import ADAPTED_KINDS, ADAPTER_FILE, load_adapted, trainable_count
 
 
-class TrainingDiverged(ValueError):
+class TrainingDiverged(UserError, ValueError):
     """The loss became NaN or Inf."""
 
 
@@ -56,13 +59,21 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if (self.max_steps is None) == (self.epochs is None):
-            raise ValueError("give exactly one of --max-steps or --epochs")
-        if self.schedule not in ("linear", "cosine", "constant"):
-            raise ValueError(f"--schedule must be linear, cosine or constant, got {self.schedule!r}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"--precision must be fp32 or bf16, got {self.precision!r}")
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("--batch-size and --grad-accum must be at least 1")
+            raise OptionError("give exactly one of --max-steps or --epochs")
+        check_choice("--schedule", self.schedule, ("linear", "cosine", "constant"))
+        check_choice("--precision", self.precision, ("fp32", "bf16"))
+        check_count("--max-steps", self.max_steps)
+        check_number("--epochs", self.epochs, 0, 1e6, low_open=True)
+        check_number("--lr", self.lr, 0, low_open=True)
+        check_number("--weight-decay", self.weight_decay, 0)
+        check_count("--batch-size", self.batch_size)
+        check_count("--grad-accum", self.grad_accum)
+        check_number("--warmup-ratio", self.warmup_ratio, 0, 1)
+        check_number("--max-grad-norm", self.max_grad_norm, 0, low_open=True)
+        check_count("--seed", self.seed, 0, SEED_MAX)
+        check_count("--save-every", self.save_every)
+        check_count("--log-every", self.log_every)
+        check_count("--eval-every", self.eval_every, 0)
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -134,198 +145,184 @@ def run_train(
     from accelerate.state import AcceleratorState
 
     out = Path(out)
-    work = out.with_name(out.name + ".partial")
-    if out.exists() and not overwrite:
-        raise ArtifactError(f"{out} already exists; choose another output or pass --overwrite")
-    if work.exists() and not resume:
-        if not overwrite:
-            raise ArtifactError(f"{work} holds an interrupted run; pass --resume to continue it or --overwrite")
-        shutil.rmtree(work)
-    # method options are checked before anything heavy is loaded
-    recorded = read_manifest(Path(init_dir), ADAPTED_KINDS).config
-    method_options = dict(method_options or {})
-    method_config = get_method(recorded["method"], **{**recorded["options"], **method_options})
-    torch.manual_seed(cfg.seed)
-    labels = read_labels(data) if data.task == "classification" else None
-    loaded, init_manifest = load_adapted(
-        Path(init_dir), task=data.task, num_labels=len(labels) if labels else None, force=force
-    )
-    model, tokenizer = loaded.model, loaded.tokenizer
-    examples = build_examples(data, tokenizer, labels)
-    held_out = build_examples(eval_data, tokenizer, labels) if eval_data else None
-    evaluated: dict[str, Any] = {}
-    head = head_parameters(model) if data.task == "classification" else {}
-    for p in head.values():
-        p.requires_grad_(True)
-    method_hooks = [method_config.hooks(), *(hooks or [])]
-    if cfg.gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    # accelerate keeps one process-wide state; reset what a previous run in this process set
-    AcceleratorState._reset_state()
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),  # lets torchrun/accelerate start several CPU processes (gloo)
-        mixed_precision="bf16" if cfg.precision == "bf16" else "no",
-    )
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    # placing and wrapping the model may give parameters new storage, so they move into their flat
-    # buffers (see flat.py) afterwards; `flat.check()` below makes sure nothing moved them out again
-    model = accelerator.prepare(model)
-    flat = FlatParameters(list(named.values()))
-    optimizer = accelerator.prepare(adamw(flat.flats, lr=cfg.lr, weight_decay=cfg.weight_decay))
-    total = total_steps(cfg, len(examples), accelerator.num_processes)
-    for h in method_hooks:
-        h.setup(accelerator.unwrap_model(model), total)
+    main = int(os.environ.get("RANK", "0")) == 0  # torchrun and accelerate set RANK; only rank 0 writes
+    inputs = [init_dir, data.path, eval_data.path if eval_data else None]
+    if not main:  # the main process checks, locks and writes the output; the others only refuse the same
+        check_output(out, inputs, overwrite)
+    with output_folder(out, inputs, overwrite, resume=resume, active=main) as run:
+        work = run.folder
+        # method options are checked before anything heavy is loaded
+        recorded = read_manifest(Path(init_dir), ADAPTED_KINDS).config
+        method_options = dict(method_options or {})
+        method_config = get_method(recorded["method"], **{**recorded["options"], **method_options})
+        torch.manual_seed(cfg.seed)
+        labels = read_labels(data) if data.task == "classification" else None
+        loaded, init_manifest = load_adapted(
+            Path(init_dir), task=data.task, num_labels=len(labels) if labels else None, force=force
+        )
+        model, tokenizer = loaded.model, loaded.tokenizer
+        examples = build_examples(data, tokenizer, labels)
+        held_out = build_examples(eval_data, tokenizer, labels) if eval_data else None
+        evaluated: dict[str, Any] = {}
+        head = head_parameters(model) if data.task == "classification" else {}
+        for p in head.values():
+            p.requires_grad_(True)
+        method_hooks = [method_config.hooks(), *(hooks or [])]
+        if cfg.gradient_checkpointing:
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # accelerate keeps one process-wide state; reset what a previous run in this process set
+        AcceleratorState._reset_state()
+        accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),  # lets torchrun/accelerate start several CPU processes (gloo)
+            mixed_precision="bf16" if cfg.precision == "bf16" else "no",
+        )
+        named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        # placing and wrapping the model may give parameters new storage, so they move into their flat
+        # buffers (see flat.py) afterwards; `flat.check()` below makes sure nothing moved them out again
+        model = accelerator.prepare(model)
+        flat = FlatParameters(list(named.values()))
+        optimizer = accelerator.prepare(adamw(flat.flats, lr=cfg.lr, weight_decay=cfg.weight_decay))
+        total = total_steps(cfg, len(examples), accelerator.num_processes)
+        for h in method_hooks:
+            h.setup(accelerator.unwrap_model(model), total)
 
-    start = 0
-    if accelerator.is_main_process:
-        work.mkdir(parents=True, exist_ok=True)
-        settings = {
-            "init": str(Path(init_dir).resolve()),
-            "train": asdict(cfg),
-            "data": asdict(data),
-            "data_fingerprint": examples.fingerprint,
-            "eval_data": asdict(eval_data) if eval_data else None,
-            "processes": accelerator.num_processes,
-            "method_options": method_options,
-        }
-        _pin_run_settings(work / "run.json", settings)
-    accelerator.wait_for_everyone()
-    if resume and (work / "checkpoint").exists():
-        start = load_checkpoint(work / "checkpoint", named, optimizer, flat)
-        extra = load_checkpoint_extra(work / "checkpoint")
-        for i, h in enumerate(method_hooks):
-            prefix = f"hook{i}."
-            h.load_state_dict({k[len(prefix) :]: v for k, v in extra.items() if k.startswith(prefix)})
-    _truncate_log(work / "metrics.jsonl", start)
-
-    pad = tokenizer.pad_token_id
-    model.train()
-    progress = bar(total, desc="train", unit="step", initial=start)
-    for step in range(start, total):
-        began = time.perf_counter()
-        lr = lr_at(step, total, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        task_loss = 0.0
-        extra_logged: dict[str, float] = {}
-        for micro in range(cfg.grad_accum):
-            idx = batch_indices(step, micro, len(examples), cfg, accelerator.num_processes, accelerator.process_index)
-            batch = {
-                k: v.to(accelerator.device) for k, v in collate([examples.rows[i] for i in idx], pad, data.task).items()
+        start = 0
+        if accelerator.is_main_process:
+            work.mkdir(parents=True, exist_ok=True)
+            settings = {
+                "init": str(Path(init_dir).resolve()),
+                "init_fingerprint": file_digest(Path(init_dir) / ADAPTER_FILE),
+                "train": asdict(cfg),
+                "data": asdict(data),
+                "data_fingerprint": examples.fingerprint,
+                "eval_data": asdict(eval_data) if eval_data else None,
+                "processes": accelerator.num_processes,
+                "method_options": method_options,
             }
-            with accelerator.autocast():
-                loss = model(**batch).loss
-                extras = {k: v for h in method_hooks for k, v in h.extra_loss(model, step).items()}
-                total_loss = loss + sum(extras.values()) if extras else loss
-            if not torch.isfinite(total_loss):
-                raise _diverged("the loss", float(total_loss), step, out, work)
-            accelerator.backward(total_loss / cfg.grad_accum)
-            task_loss += loss.item() / cfg.grad_accum
-            for k, v in extras.items():
-                extra_logged[k] = extra_logged.get(k, 0.0) + v.item() / cfg.grad_accum
-        if accelerator.num_processes > 1:  # log the loss of the whole global batch, not of one process
-            task_loss = float(accelerator.reduce(torch.tensor(task_loss, device=accelerator.device), "mean"))
-        for h in method_hooks:
-            added = h.add_gradients(accelerator.unwrap_model(model), step)
-            bad = [k for k, v in added.items() if not math.isfinite(v)]
-            if bad:
-                raise _diverged(bad[0], added[bad[0]], step, out, work)
-            extra_logged.update(added)
-        if step == start:
-            flat.check()  # nothing (accelerate, DDP, a hook) cut a gradient loose from the buffers
-        grad_norm = accelerator.clip_grad_norm_(flat.flats, cfg.max_grad_norm)
-        for h in method_hooks:
-            h.after_backward(model, step)
-        optimizer.step()
-        flat.zero_grad()
-        logged: dict[str, Any] = {}
-        for h in method_hooks:
-            logged.update(h.after_step(model, step, optimizer))
-        due = step + 1 == total or (cfg.eval_every > 0 and (step + 1) % cfg.eval_every == 0)
-        if held_out and accelerator.is_main_process and due:
-            evaluated = heldout_loss(accelerator.unwrap_model(model), held_out, pad, data.task, cfg.batch_size)
-            logged["eval_loss"] = evaluated["loss"]
-        record = {
-            "step": step + 1,
-            "loss": task_loss,
-            "lr": lr,
-            "grad_norm": float(grad_norm),
-            "step_time": time.perf_counter() - began,
-            **extra_logged,
-            **logged,
-        }
-        if accelerator.is_main_process and (step + 1) % cfg.log_every == 0:
-            with open(work / "metrics.jsonl", "a") as log:
-                log.write(json.dumps(record) + "\n")
-        progress.update(1)
-        progress.set_postfix(loss=f"{task_loss:.4f}")
-        if accelerator.is_main_process and (step + 1) % cfg.save_every == 0 and step + 1 < total:
-            hook_state = {f"hook{i}.{k}": v for i, h in enumerate(method_hooks) for k, v in h.state_dict().items()}
-            flat.check()
-            save_checkpoint(work / "checkpoint", step + 1, named, optimizer, extra=hook_state, flat=flat)
-    progress.close()
+            run.pin(settings)
+        accelerator.wait_for_everyone()
+        if resume and (work / "checkpoint").exists():
+            start = load_checkpoint(work / "checkpoint", named, optimizer, flat)
+            extra = load_checkpoint_extra(work / "checkpoint")
+            for i, h in enumerate(method_hooks):
+                prefix = f"hook{i}."
+                h.load_state_dict({k[len(prefix) :]: v for k, v in extra.items() if k.startswith(prefix)})
+        _truncate_log(work / "metrics.jsonl", start)
 
-    model = accelerator.unwrap_model(model)
-    if accelerator.is_main_process:
-        summary = {k: v for h in method_hooks for k, v in h.summary().items()}
-        _write_run(work, model, head, init_dir, init_manifest, examples, data, cfg, total, method_options, summary)
-        if held_out:
-            manifest = read_manifest(work)
-            manifest.extra["eval"] = {**evaluated, "data": asdict(eval_data), "fingerprint": held_out.fingerprint}
-            write_manifest(work, manifest)
-        shutil.rmtree(work / "checkpoint", ignore_errors=True)
-        (work / "run.json").unlink()
-        replaced = out.with_name(f".{out.name}.replaced")
-        if out.exists():
-            out.rename(replaced)
-        work.rename(out)
-        shutil.rmtree(replaced, ignore_errors=True)
+        pad = tokenizer.pad_token_id
+        model.train()
+        progress = bar(total, desc="train", unit="step", initial=start)
+        for step in range(start, total):
+            began = time.perf_counter()
+            lr = lr_at(step, total, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            task_loss = 0.0
+            extra_logged: dict[str, float] = {}
+            for micro in range(cfg.grad_accum):
+                world, rank = accelerator.num_processes, accelerator.process_index
+                idx = batch_indices(step, micro, len(examples), cfg, world, rank)
+                rows = collate([examples.rows[i] for i in idx], pad, data.task)
+                batch = {k: v.to(accelerator.device) for k, v in rows.items()}
+                with accelerator.autocast():
+                    loss = model(**batch).loss
+                    extras = {k: v for h in method_hooks for k, v in h.extra_loss(model, step).items()}
+                    total_loss = loss + sum(extras.values()) if extras else loss
+                if not torch.isfinite(total_loss):
+                    raise _diverged("the loss", float(total_loss.detach()), step, start, out, work)
+                accelerator.backward(total_loss / cfg.grad_accum)
+                task_loss += loss.item() / cfg.grad_accum
+                for k, v in extras.items():
+                    extra_logged[k] = extra_logged.get(k, 0.0) + v.item() / cfg.grad_accum
+            if accelerator.num_processes > 1:  # log the loss of the whole global batch, not of one process
+                task_loss = float(accelerator.reduce(torch.tensor(task_loss, device=accelerator.device), "mean"))
+            for h in method_hooks:
+                added = h.add_gradients(accelerator.unwrap_model(model), step)
+                bad = [k for k, v in added.items() if not math.isfinite(v)]
+                if bad:
+                    raise _diverged(bad[0], added[bad[0]], step, start, out, work)
+                extra_logged.update(added)
+            if step == start:
+                flat.check()  # nothing (accelerate, DDP, a hook) cut a gradient loose from the buffers
+            grad_norm = accelerator.clip_grad_norm_(flat.flats, cfg.max_grad_norm)
+            for h in method_hooks:
+                h.after_backward(model, step)
+            optimizer.step()
+            flat.zero_grad()
+            logged: dict[str, Any] = {}
+            for h in method_hooks:
+                logged.update(h.after_step(model, step, optimizer))
+            due = step + 1 == total or (cfg.eval_every > 0 and (step + 1) % cfg.eval_every == 0)
+            if held_out and accelerator.is_main_process and due:
+                evaluated = heldout_loss(accelerator.unwrap_model(model), held_out, pad, data.task, cfg.batch_size)
+                logged["eval_loss"] = evaluated["loss"]
+            record = {
+                "step": step + 1,
+                "loss": task_loss,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "step_time": time.perf_counter() - began,
+                **extra_logged,
+                **logged,
+            }
+            if accelerator.is_main_process and (step + 1) % cfg.log_every == 0:
+                with open(work / "metrics.jsonl", "a") as log:
+                    log.write(json.dumps(record) + "\n")
+            progress.update(1)
+            progress.set_postfix(loss=f"{task_loss:.4f}")
+            if accelerator.is_main_process and (step + 1) % cfg.save_every == 0 and step + 1 < total:
+                hook_state = {f"hook{i}.{k}": v for i, h in enumerate(method_hooks) for k, v in h.state_dict().items()}
+                flat.check()
+                save_checkpoint(work / "checkpoint", step + 1, named, optimizer, extra=hook_state, flat=flat)
+                run.keep()  # from here on a failure leaves the run to --resume
+        progress.close()
+
+        model = accelerator.unwrap_model(model)
+        if accelerator.is_main_process:
+            summary = {k: v for h in method_hooks for k, v in h.summary().items()}
+            _write_run(work, model, head, init_dir, init_manifest, examples, data, cfg, total, method_options, summary)
+            if held_out:
+                manifest = read_manifest(work)
+                manifest.extra["eval"] = {**evaluated, "data": asdict(eval_data), "fingerprint": held_out.fingerprint}
+                write_manifest(work, manifest)
+            shutil.rmtree(work / "checkpoint", ignore_errors=True)
     accelerator.wait_for_everyone()
     return out
 
 
-def _diverged(what: str, value: float, step: int, out: Path, work: Path) -> TrainingDiverged:
-    return TrainingDiverged(
-        f"{what} is {value} at step {step + 1}; nothing was written to {out}. "
-        f"The last checkpoint in {work} is kept: lower --lr and continue with --resume, "
-        "or start over with --overwrite"
-    )
-
-
-def _pin_run_settings(path: Path, settings: dict[str, Any]) -> None:
-    """Record a run's settings; refuse to resume it with different ones (the result would be neither run)."""
-    current = _flatten(json.loads(json.dumps(settings, default=str)))
-    if not path.exists():
-        path.write_text(json.dumps(current, indent=2))
-        return
-    before = json.loads(path.read_text())
-    changed = sorted(k for k in before.keys() | current.keys() if before.get(k) != current.get(k))
-    if changed:
-        raise ArtifactError(
-            f"cannot resume {path.parent}: it was started with different settings ({', '.join(changed)}); "
-            "use the same options, or --overwrite to start over"
+def _diverged(what: str, value: float, step: int, start: int, out: Path, work: Path) -> TrainingDiverged:
+    """The error for a non-finite loss or penalty, with the advice that fits where the run stands."""
+    where = f"{what} is {value} at step {step + 1}; nothing was written to {out}."
+    if step == start == 0:
+        return TrainingDiverged(
+            f"{where} It is not finite before any update, so the init artifact or the data give non-finite "
+            "values: check them (a lower --lr will not help)"
         )
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+    if (work / "checkpoint").exists():
+        return TrainingDiverged(
+            f"{where} The last checkpoint in {work} is kept: lower --lr and continue with --resume, "
+            "or start over with --overwrite"
+        )
+    return TrainingDiverged(f"{where} No checkpoint was saved yet: lower --lr and run again")
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines past `step` (written after the checkpoint a resumed run starts from)."""
+    """Keep the log lines up to `step` (those after it were written after the checkpoint a resumed run
+    starts from) and drop a line cut short by a crash or a full disk."""
     if not path.exists():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in lines))
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def _write_run(

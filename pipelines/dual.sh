@@ -17,7 +17,7 @@ DELTA_T=${DELTA_T:-5}
 export HF_HUB_OFFLINE=1
 DATA="$WORK/data"
 
-lrsurgery assets bbc-news -o "$DATA"
+lrsurgery assets bbc-news -o "$DATA" --overwrite
 TRAIN=(--data "$DATA/train.jsonl" --prompt-template $'Article: {text:.'"$CHARS"$'}\nTopic:' --response-template ' {label}'
   --seq-len "$SEQ_LEN" --batch-size "$BATCH" --max-steps "$STEPS" --lr "$LR" --warmup-ratio 0.1 --seed 0
   --eval-data "$DATA/test.jsonl")

@@ -10,14 +10,14 @@ export HF_HUB_OFFLINE=1
 export BBC_DATA="$WORK/data"
 start=$(date +%s)
 
-lrsurgery assets bbc-news -o "$BBC_DATA"
+lrsurgery assets bbc-news -o "$BBC_DATA" --overwrite
 lrsurgery init "$MODEL" --method pissa --rank 8 -o "$WORK/init" --overwrite
 lrsurgery train "$WORK/init" --data "$BBC_DATA/train.jsonl" \
   --prompt-template $'Article: {text:.400}\nTopic:' --response-template ' {label}' \
   --seq-len 128 --batch-size 8 --max-steps "$STEPS" --lr 3e-4 --warmup-ratio 0.1 \
   -o "$WORK/run" --overwrite
 lrsurgery fuse "$WORK/run" -o "$WORK/merged" --overwrite
-lrsurgery eval "$MODEL" "$WORK/merged" --task examples/tasks/bbc_topic.yaml -o "$WORK/results.json"
+lrsurgery eval "$MODEL" "$WORK/merged" --task examples/tasks/bbc_topic.yaml -o "$WORK/results.json" --overwrite
 
 python - "$WORK/results.json" "$MODEL" "$WORK/merged" <<'PY'
 import json, sys

@@ -14,7 +14,7 @@ DATA="$WORK/data"
 TEMPLATES=(--prompt-template $'Article: {text:.400}\nTopic:' --response-template ' {label}')
 start=$(date +%s)
 
-lrsurgery assets bbc-news -o "$DATA"
+lrsurgery assets bbc-news -o "$DATA" --overwrite
 if [ ! -d "$WORK/stats" ]; then  # calibration is reused across runs
   lrsurgery calibrate "$MODEL" --data "$DATA/train.jsonl" "${TEMPLATES[@]}" --samples 32 --seq-len 256 \
     --collect covariance,sensitivity -o "$WORK/stats"

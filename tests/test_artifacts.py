@@ -9,7 +9,8 @@ import torch
 from helpers import PROMPT
 
 from lrsurgery import surgery
-from lrsurgery.artifacts import ArtifactError, atomic_folder, fingerprint_tensors
+from lrsurgery.artifacts import ArtifactError, fingerprint_tensors
+from lrsurgery.outputs import output_folder
 from lrsurgery.data import DataSpec
 from lrsurgery.fuse import run_fuse
 from lrsurgery.models import model_fingerprint
@@ -85,16 +86,18 @@ def test_failed_training_leaves_no_output(tiny_llama, bbc_small, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_atomic_folder_replaces_only_when_complete(tmp_path):
+def test_output_folder_replaces_only_when_complete(tmp_path):
     out = tmp_path / "a"
-    with atomic_folder(out) as tmp:
-        (tmp / "x").write_text("1")
-    with pytest.raises(RuntimeError), atomic_folder(out, overwrite=True) as tmp:
-        (tmp / "x").write_text("2")
+    marker = json.dumps({"lrsurgery_version": "0", "kind": "test"})  # an lrsurgery output: may be replaced
+    with output_folder(out) as work:
+        (work.folder / "x").write_text("1")
+        (work.folder / "manifest.json").write_text(marker)
+    with pytest.raises(RuntimeError), output_folder(out, overwrite=True) as work:
+        (work.folder / "x").write_text("2")
         raise RuntimeError
     assert (out / "x").read_text() == "1"
-    with atomic_folder(out, overwrite=True) as tmp:
-        (tmp / "x").write_text("3")
+    with output_folder(out, overwrite=True) as work:
+        (work.folder / "x").write_text("3")
     assert (out / "x").read_text() == "3"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
 

@@ -9,11 +9,13 @@ from typing import Any
 
 from lrsurgery import __version__
 from lrsurgery.artifacts import MANIFEST, fingerprint_weights
+from lrsurgery.errors import check_count
 from lrsurgery.evaluation.classify import score_classification
 from lrsurgery.evaluation.generate import score_generate
 from lrsurgery.evaluation.loglik import score_multiple_choice, score_rolling
 from lrsurgery.evaluation.tasks import Task, TaskError
 from lrsurgery.models import LoadedModel, default_task, load_model, model_fingerprint, resolve_model
+from lrsurgery.outputs import check_output, output_file
 
 SCORERS = {
     "multiple_choice": score_multiple_choice,
@@ -89,8 +91,9 @@ def run_eval(
     from lrsurgery.progress import quiet_libraries
 
     quiet_libraries()
-    if batch_size < 1:
-        raise TaskError("--batch-size must be at least 1")
+    check_count("--batch-size", batch_size)
+    check_count("--limit", limit)
+    check_count("--num-fewshot", num_fewshot, 0)
     tasks = [Task.from_yaml(p, num_fewshot=num_fewshot) for p in task_files]
     docs = {t.task: t.docs(limit) for t in tasks}  # load (and check) all data before any model
     for t in tasks:
@@ -143,9 +146,22 @@ def markdown_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_report(report: dict[str, Any], out: Path) -> None:
-    """Write the results JSON atomically (NaN written as null)."""
-    from lrsurgery.artifacts import write_text_atomic
+def is_results_file(path: Path) -> bool:
+    """True when `path` is a results JSON that `lrsurgery eval -o` wrote (so `--overwrite` may replace it)."""
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and "results" in report and "lrsurgery_version" in report
+
+
+def check_report_path(out: Path, inputs: list[str | Path], overwrite: bool = False) -> None:
+    """Refuse a results path that would destroy data (see `outputs.check_output`), before any scoring."""
+    check_output(Path(out), inputs, overwrite, is_results_file, what="file")
+
+
+def write_report(report: dict[str, Any], out: Path, inputs: list[str | Path] = (), overwrite: bool = False) -> None:
+    """Write the results JSON atomically (NaN written as null), by the output protocol of `outputs`."""
 
     def clean(value: Any) -> Any:
         if isinstance(value, float) and math.isnan(value):
@@ -154,4 +170,5 @@ def write_report(report: dict[str, Any], out: Path) -> None:
             return {k: clean(v) for k, v in value.items()}
         return value
 
-    write_text_atomic(Path(out), json.dumps(clean(report), indent=2))
+    with output_file(out, inputs, overwrite, is_ours=is_results_file) as tmp:
+        tmp.write_text(json.dumps(clean(report), indent=2))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -19,6 +20,8 @@ from random import Random
 from typing import Any
 
 import yaml
+
+from lrsurgery.errors import UserError
 
 OUTPUT_TYPES = ("multiple_choice", "loglikelihood_rolling", "generate_until", "classification")
 
@@ -38,9 +41,32 @@ DEFAULT_METRICS: dict[str, tuple[str, ...]] = {
 # lm-eval fields whose Python hooks or features this runner does not implement.
 UNSUPPORTED = ("process_docs", "process_results", "use_prompt", "doc_to_image", "doc_to_audio", "gen_prefix")
 FEWSHOT_SEED = 1234  # lm-eval's default --fewshot_random_seed
+# the type each typed field of a task file must have (templates may be strings, lists or ints)
+FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "task": str,
+    "dataset_path": str,
+    "dataset_name": str,
+    "dataset_kwargs": dict,
+    "training_split": str,
+    "validation_split": str,
+    "test_split": str,
+    "fewshot_split": str,
+    "fewshot_config": dict,
+    "description": str,
+    "target_delimiter": str,
+    "fewshot_delimiter": str,
+    "num_fewshot": int,
+    "metric_list": list,
+    "generation_kwargs": dict,
+    "filter_list": list,
+    "repeats": int,
+    "max_length": int,
+    "timeout": (int, float),
+}
+KIND_NAMES = {str: "text", dict: "a mapping", list: "a list", int: "a whole number", (int, float): "a number"}
 
 
-class TaskError(ValueError):
+class TaskError(UserError, ValueError):
     """A task file is invalid or its data lacks what the templates need."""
 
 
@@ -105,6 +131,18 @@ class Task:
         return task
 
     def _validate(self, where: str) -> None:
+        for name, kind in FIELD_TYPES.items():
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, kind) or isinstance(value, bool) and kind is not bool):
+                raise TaskError(f"{where}: field '{name}' must be {KIND_NAMES.get(kind, kind)}, got {value!r}")
+        for name, low in (("num_fewshot", 0), ("repeats", 1), ("max_length", 1)):
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise TaskError(f"{where}: field '{name}' must be at least {low}, got {value}")
+        if not (math.isfinite(self.timeout) and self.timeout > 0):
+            raise TaskError(f"{where}: field 'timeout' must be a positive number of seconds, got {self.timeout}")
+        if any(not isinstance(entry, dict) for entry in self.metric_list):
+            raise TaskError(f"{where}: every metric_list entry must be a mapping such as {{metric: acc}}")
         allowed = METRICS[self.output_type]
         for entry in self.metric_list:
             name = entry.get("metric") if isinstance(entry, dict) else None
@@ -157,7 +195,7 @@ class Task:
             raise TaskError(f"task {self.task}: split {split!r} is empty ({', '.join(map(str, paths))})")
         try:
             dataset = datasets.load_dataset(self.dataset_path, self.dataset_name, split=split, **kwargs)
-        except (FileNotFoundError, ValueError, KeyError, datasets.exceptions.DatasetGenerationError) as exc:
+        except Exception as exc:  # datasets raises many types for unreadable data or wrong dataset_kwargs
             reason = f"{exc}: {exc.__cause__}" if exc.__cause__ else str(exc)
             raise TaskError(f"task {self.task}: cannot load split {split!r}: {reason}".splitlines()[0]) from exc
         rows = [dict(r) for r in dataset]
@@ -244,15 +282,27 @@ class Task:
         return str(gold)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The task file's mapping, with its `include:` chain merged in (a file's own keys win)."""
+    if path.resolve() in seen:
+        raise TaskError(f"{seen[0]}: `include:` loops back to {path}")
     try:
-        raw = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 - SafeLoader subclass
+        text = path.read_text()
+    except UnicodeDecodeError as exc:
+        raise TaskError(f"{path} is not a text file (a task file is YAML)") from exc
+    except OSError as exc:
+        raise TaskError(f"cannot read task file {path}: {exc.strerror or exc}") from exc
+    try:
+        raw = yaml.load(text, Loader=_Loader)  # noqa: S506 - SafeLoader subclass
     except yaml.YAMLError as exc:
-        raise TaskError(f"{path} is not valid YAML: {exc}") from exc
+        raise TaskError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from exc
     if not isinstance(raw, dict):
         raise TaskError(f"{path} is not a task file (a YAML mapping)")
     if "include" in raw:
-        base = _read_yaml(path.parent / raw.pop("include"))
+        include = raw.pop("include")
+        if not isinstance(include, str):
+            raise TaskError(f"{path}: `include:` must name one file, got {include!r}")
+        base = _read_yaml(path.parent / include, (*seen, path.resolve()))
         raw = {**base, **raw}
     return raw
 
@@ -290,14 +340,21 @@ def render(template: Any, doc: dict[str, Any]) -> Any:
         return template
     if template in doc:
         return doc[template]
+    if not isinstance(template, str):
+        raise TaskError(f"template {template!r} must be text, a list or a number")
     if template not in _TEMPLATES:
         env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
         env.filters["regex_replace"] = lambda s, pattern, repl, count=0: re.sub(pattern, repl, s, count=count)
-        _TEMPLATES[template] = env.from_string(template)
+        try:
+            _TEMPLATES[template] = env.from_string(template)
+        except jinja2.TemplateSyntaxError as exc:
+            raise TaskError(f"template {template!r} is not valid Jinja: {exc.message} (line {exc.lineno})") from exc
     try:
         return _TEMPLATES[template].render(**doc)
     except jinja2.UndefinedError as exc:
         raise TaskError(f"template {template!r} names a field the data lacks: {exc}") from exc
+    except Exception as exc:  # the template's own expressions (a filter on the wrong type, a division by 0, ...)
+        raise TaskError(f"template {template!r} fails on a document: {type(exc).__name__}: {exc}") from exc
 
 
 class FewshotSampler:

@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 from lrsurgery.adapters import ModuleAdapter
+from lrsurgery.errors import UserError, check_count, check_number
 from lrsurgery.linalg import all_finite
 
 
-class MethodError(ValueError):
+class MethodError(UserError, ValueError):
     """A method was given options or weights it cannot work with."""
 
 
@@ -73,10 +74,9 @@ class Method:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise MethodError(f"--rank must be at least 1, got {self.rank}")
-        if self.dropout < 0 or self.dropout >= 1:
-            raise MethodError(f"--dropout must be in [0, 1), got {self.dropout}")
+        check_count("--rank", self.rank, error=MethodError)
+        check_number("--alpha", self.alpha, 0, low_open=True, error=MethodError)  # the scale α/r must be > 0
+        check_number("--dropout", self.dropout, 0, 1, high_open=True, error=MethodError)
 
     @property
     def alpha_value(self) -> float:

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from lrsurgery.adapters import AdaptedLinear, LowRank, ModuleAdapter, adapted_layers
+from lrsurgery.errors import check_choice, check_count, check_number
 from lrsurgery.importance import ImportanceEMA, triplet_scores
 from lrsurgery.methods.base import MethodError, TrainHooks
 from lrsurgery.methods.pissa import PiSSA
@@ -78,27 +79,26 @@ class Dual(PiSSA):
     def __post_init__(self) -> None:
         if self.r_share is None or self.r_expert is None:
             raise MethodError("--method dual needs --r-share and --r-expert")
-        if self.r_share < 1 or self.r_expert < 1:
-            raise MethodError(f"--r-share and --r-expert must be at least 1, got {self.r_share} and {self.r_expert}")
+        check_count("--r-share", self.r_share, error=MethodError)
+        check_count("--r-expert", self.r_expert, error=MethodError)
         self.rank = self.r_share + self.r_expert
         super().__post_init__()
-        if not 0 <= self.expert_dropout < 1:
-            raise MethodError(f"--expert-dropout must be in [0, 1), got {self.expert_dropout}")
-        if self.ablation not in ABLATIONS:
-            raise MethodError(f"--ablation must be one of {', '.join(ABLATIONS)}, got {self.ablation!r}")
+        check_number("--expert-dropout", self.expert_dropout, 0, 1, high_open=True, error=MethodError)
+        check_choice("--ablation", self.ablation, tuple(ABLATIONS), error=MethodError)
         if self.k_final is None:
             self.k_final = max(1, round(0.75 * self.r_expert))
-        if not 1 <= self.k_final <= self.r_expert:
+        if (
+            isinstance(self.k_final, bool)
+            or not isinstance(self.k_final, int)
+            or not 1 <= self.k_final <= self.r_expert
+        ):
             raise MethodError(f"--k-final must be between 1 and --r-expert ({self.r_expert}), got {self.k_final}")
         if not 0 <= self.t1 < self.t2 <= 1:
             raise MethodError(f"--t1 and --t2 must satisfy 0 ≤ t1 < t2 ≤ 1, got t1={self.t1}, t2={self.t2}")
-        if self.delta_t < 1:
-            raise MethodError(f"--delta-t must be at least 1, got {self.delta_t}")
-        for flag, beta in (("--beta1", self.beta1), ("--beta2", self.beta2)):
-            if not 0 <= beta < 1:
-                raise MethodError(f"{flag} must be in [0, 1), got {beta}")
-        if self.orth_weight < 0:
-            raise MethodError(f"--orth-weight must be non-negative, got {self.orth_weight}")
+        check_count("--delta-t", self.delta_t, error=MethodError)
+        check_number("--beta1", self.beta1, 0, 1, high_open=True, error=MethodError)
+        check_number("--beta2", self.beta2, 0, 1, high_open=True, error=MethodError)
+        check_number("--orth-weight", self.orth_weight, 0, error=MethodError)
 
     @property
     def shared_init(self) -> bool:

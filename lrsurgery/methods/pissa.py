@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 
 from lrsurgery.adapters import ModuleAdapter
+from lrsurgery.errors import check_choice, check_count
 from lrsurgery.linalg import truncated_svd
 from lrsurgery.methods.base import Method, MethodError
 
@@ -28,8 +29,9 @@ class PiSSA(Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.svd not in ("exact", "randomized"):
-            raise MethodError(f"--svd must be exact or randomized, got {self.svd!r}")
+        check_choice("--svd", self.svd, ("exact", "randomized"), error=MethodError)
+        check_count("--oversample", self.oversample, 0, error=MethodError)
+        check_count("--power-iters", self.power_iters, 0, error=MethodError)
 
     def principal_factors(
         self, weight: torch.Tensor, rank: int, scale: float, generator: torch.Generator

@@ -31,6 +31,7 @@ import torch
 from lrsurgery.adapters import ModuleAdapter
 from lrsurgery.allocation import allocate_alphas, allocate_ranks
 from lrsurgery.artifacts import check_same_model, read_manifest
+from lrsurgery.errors import check_count, check_number
 from lrsurgery.linalg import (
     Workspace,
     all_finite,
@@ -64,10 +65,8 @@ class TLoRA(Method):
             raise MethodError(f"--a-init must be wc, w or random, got {self.a_init!r}")
         if self.variant == "theory" and self.a_init != "wc":
             raise MethodError("--variant theory applies to --a-init wc only")
-        if self.min_rank < 0:
-            raise MethodError(f"--min-rank must be 0 or more, got {self.min_rank}")
-        if not (self.damping >= 0 and math.isfinite(self.damping)):
-            raise MethodError(f"--damping must be a finite number ≥ 0, got {self.damping}")
+        check_count("--min-rank", self.min_rank, 0, error=MethodError)
+        check_number("--damping", self.damping, 0, error=MethodError)
         self._ranks: dict[str, int] = {}
         self._alphas: dict[str, float] = {}
         self._covariance: Any = None
@@ -82,7 +81,7 @@ class TLoRA(Method):
         return self.rank_adapt or self.alpha_adapt
 
     def prepare(self, shapes: dict[str, tuple[int, int]], model: dict[str, Any], force: bool = False) -> dict[str, Any]:
-        scores = self._read_stats(list(shapes), model, force)
+        scores = self._read_stats(shapes, model, force)
         caps = {n: min(s) for n, s in shapes.items()}
         budget = self.rank * len(shapes)
         if self.rank_adapt:
@@ -110,8 +109,11 @@ class TLoRA(Method):
             "b": "zeros",
         }
 
-    def _read_stats(self, names: list[str], model: dict[str, Any], force: bool) -> dict[str, float]:
-        """Check the stats artifact against the model and targets; return the sensitivities (if used)."""
+    def _read_stats(self, shapes: dict[str, tuple[int, int]], model: dict[str, Any], force: bool) -> dict[str, float]:
+        """Check the stats artifact against the model and targets; return the sensitivities (if used).
+
+        `force` skips the model-fingerprint check only: every covariance must still be d_in × d_in."""
+        names = list(shapes)
         if not (self.needs_covariance or self.needs_sensitivity):
             return {}
         if not self.stats:
@@ -130,6 +132,14 @@ class TLoRA(Method):
             if missing:
                 raise MethodError(f"{self.stats} has no covariance for {len(missing)} target(s), e.g. {missing[0]}")
             self._covariance = CovarianceReader(Path(self.stats))
+            for name, (_, d_in) in shapes.items():
+                found = self._covariance.shape(name)
+                if found != (d_in, d_in):
+                    raise MethodError(
+                        f"{self.stats} holds a {found} covariance for {name}, whose weight takes {d_in} inputs: "
+                        "the statistics were calibrated on another architecture (--force skips only the "
+                        "model-fingerprint check); calibrate this model"
+                    )
         if not self.needs_sensitivity:
             return {}
         if "sensitivity" not in manifest.extra:
@@ -191,5 +201,10 @@ class TLoRA(Method):
         if self.variant == "wc":
             return list(top_right_singular_vectors_of_product(stack, covariances, top, work))  # Eq. 4
         roots = torch.stack([psd_power(c, 0.5, self.damping) for c in covariances])
-        inverse_roots = torch.stack([psd_power(c, -0.5, self.damping) for c in covariances])
+        try:
+            inverse_roots = torch.stack([psd_power(c, -0.5, self.damping) for c in covariances])
+        except ValueError as exc:  # a singular C with --damping 0
+            raise MethodError(
+                f"--variant theory: a covariance of {names[0]}'s shape group is singular; use --damping > 0"
+            ) from exc
         return list(top_right_singular_vectors(stack @ roots, top) @ inverse_roots)  # Eq. 3
