@@ -10,10 +10,10 @@ from helpers import PROMPT
 
 from lrsurgery import surgery
 from lrsurgery.artifacts import ArtifactError, fingerprint_tensors
-from lrsurgery.outputs import output_folder
 from lrsurgery.data import DataSpec
 from lrsurgery.fuse import run_fuse
 from lrsurgery.models import model_fingerprint
+from lrsurgery.outputs import output_folder
 from lrsurgery.surgery import ADAPTER_FILE, load_adapted, run_init
 from lrsurgery.train import TrainConfig, run_train
 
