@@ -249,6 +249,7 @@ def eval_(
     allow_code_execution: bool = typer.Option(
         False, "--allow-code-execution", help="Run model-written programs (pass@1 tasks such as HumanEval)."
     ),
+    dtype: str = typer.Option("fp32", "--dtype", help="Dtype the models run in: fp32, bf16, fp16 or fp64."),
     out: Path = typer.Option(None, "-o", "--out", help="Write the results JSON here."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing results file written by eval."),
     config: Path = ConfigOption,
@@ -267,6 +268,7 @@ def eval_(
         batch_size=batch_size,
         num_fewshot=num_fewshot,
         allow_code_execution=allow_code_execution,
+        dtype=dtype,
     )
     typer.echo(markdown_table(report))
     if out:

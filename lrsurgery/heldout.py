@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lrsurgery.data import IGNORE, Examples, collate
+from lrsurgery.linalg import at_least_fp32
 
 
 @torch.no_grad()
@@ -23,7 +24,7 @@ def heldout_loss(model: nn.Module, examples: Examples, pad_id: int, task: str, b
     for start in range(0, len(examples.rows), batch_size):
         batch = collate(examples.rows[start : start + batch_size], pad_id, task)
         labels = batch.pop("labels").to(device)
-        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
+        logits = at_least_fp32(model(**{k: v.to(device) for k, v in batch.items()}).logits)
         if task == "classification":
             total += float(F.cross_entropy(logits, labels, reduction="sum"))
             count += labels.numel()

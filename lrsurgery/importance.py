@@ -9,9 +9,9 @@ Per element w with gradient g, at every update:
 and the importance of rank-1 triplet i of a module (B (d_out, r), E (r,), A (r, d_in)) is
     I(E_i) + mean_j I(B_ji) + mean_j I(A_ij)       (Eq. 13).
 
-`ImportanceEMA` keeps S̄ and Ū (fp32, zero at the start) for a fixed list of parameters and updates all of
-them with a handful of `torch._foreach_*` calls per step; `triplet_scores` reduces them per triplet with
-one batched mean per group of same-shaped factors.
+`ImportanceEMA` keeps S̄ and Ū (fp32, or fp64 for fp64 parameters; zero at the start) for a fixed list
+of parameters and updates all of them with a handful of `torch._foreach_*` calls per step;
+`triplet_scores` reduces them per triplet with one batched mean per group of same-shaped factors.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
+
+from lrsurgery.linalg import at_least_fp32
 
 
 class ImportanceEMA:
@@ -29,15 +31,15 @@ class ImportanceEMA:
             raise ValueError(f"beta1 and beta2 must be in [0, 1), got {beta1} and {beta2}")
         self.params = list(params)
         self.beta1, self.beta2 = beta1, beta2
-        self.sbar = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
-        self.ubar = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+        self.sbar = [at_least_fp32(torch.zeros_like(p)) for p in self.params]
+        self.ubar = [at_least_fp32(torch.zeros_like(p)) for p in self.params]
 
     @torch.no_grad()
     def update(self) -> None:
         """One EMA step from the parameters' current `.grad` (a missing gradient counts as zero)."""
-        weights = [p.detach().float() for p in self.params]
+        weights = [at_least_fp32(p.detach()) for p in self.params]
         grads = [
-            p.grad.float() if p.grad is not None else torch.zeros_like(w)
+            at_least_fp32(p.grad) if p.grad is not None else torch.zeros_like(w)
             for p, w in zip(self.params, weights, strict=True)
         ]
         s = torch._foreach_mul(weights, grads)

@@ -91,6 +91,11 @@ def symmetrize_upper_(total: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def at_least_fp32(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` upcast to fp32 when it is in a narrower float type (bf16, fp16); fp32 and fp64 as they are."""
+    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
+
+
 def truncated_svd(
     matrix: torch.Tensor,
     rank: int,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -31,7 +32,46 @@ def outputs(model: torch.nn.Module, tokenizer, texts: list[str] = SAMPLE_TEXTS) 
 
 
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).abs().max())
+    """Largest elementwise |a − b|, computed in fp64 (exact for fp32 inputs)."""
+    return float((torch.as_tensor(a).double() - torch.as_tensor(b).double()).abs().max())
+
+
+FP32_UNIT = 2.0**-24  # unit roundoff of IEEE-754 single precision, the same on every machine
+FP64_UNIT = 2.0**-53
+
+
+def sum_tolerance(terms: int, unit: float = FP32_UNIT) -> float:
+    """Relative difference allowed between two float sums of `terms` products that differ only in their
+    order of summation (another machine's kernels, another batching): 8·√n·u, the probabilistic rounding
+    bound of Higham & Mary (2019) with λ = 8, which holds for any order except with probability < 1e-13."""
+    return 8 * math.sqrt(terms) * unit
+
+
+# Two computations of the same function run in fp64 differ by fp64 rounding: about 1e-16 of the
+# values' scale per operation, ≲1e-12 through a 30-layer model on any IEEE-754 machine (another order
+# of operations changes the digits, not the size). 1e-9 of the scale leaves three orders of margin and
+# is still 1e5 times below the fp32 rounding that the fp32 checks allow.
+FP64_EXACT = 1e-9
+
+
+def assert_same_function(got32, got64, want32, want64, what: str = "outputs") -> float:
+    """Check that two models (or two ways of computing) give the same function, at the fp32 noise floor.
+
+    `got64`/`want64` are the same two computations run in fp64. Their difference must be fp64 rounding
+    (≤ FP64_EXACT × the outputs' scale): that is the exactness of the maths. The fp32 outputs may then
+    differ by at most their own rounding, measured in this run on this machine's kernels: elementwise,
+    |got32 − want32| ≤ |got32 − got64| + |got64 − want64| + |want64 − want32| (triangle inequality), so
+    no tolerance measured on another CPU is needed. Returns the fp32 bound.
+    """
+    got32, got64, want32, want64 = (torch.as_tensor(t).double() for t in (got32, got64, want32, want64))
+    scale = float(want64.abs().max())
+    exact = max_abs(got64, want64)
+    assert exact <= FP64_EXACT * scale, f"{what}: fp64 difference {exact:.3e} > {FP64_EXACT:g} × scale {scale:.3g}"
+    # the three terms are each rounded once more when summed here: 1e-12 of the bound covers that
+    bound = (max_abs(got32, got64) + exact + max_abs(want32, want64)) * (1 + 1e-12)
+    found = max_abs(got32, want32)
+    assert found <= bound, f"{what}: fp32 difference {found:.3e} > the fp32 rounding of the two ({bound:.3e})"
+    return bound
 
 
 def cli(*args) -> tuple[int, str]:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import write_jsonl
+from helpers import FP64_UNIT, sum_tolerance, write_jsonl
 
 from lrsurgery import calibrate as calibration
 from lrsurgery.artifacts import load_tensors
@@ -57,9 +57,10 @@ def _check_against_whole_model(folder, data_path, tmp_path, cfg, per_block):
     manifest = json.loads((stats / "manifest.json").read_text())
     owners = {m["covariance"] for m in manifest["extra"]["modules"].values()}
     assert len(owners) == per_block * manifest["extra"]["blocks"]
+    tokens = manifest["extra"]["tokens"]  # both sum the same activations over these tokens, in fp32 here
     for name, expected in reference.items():
         got = load_covariance(stats, name).double()
-        assert float((got - expected).norm() / expected.norm()) <= 1e-5, name
+        assert float((got - expected).norm() / expected.norm()) <= sum_tolerance(tokens), name
         assert torch.equal(got, got.T), name
 
 
@@ -74,7 +75,7 @@ def test_upper_triangle_gram_equals_the_full_product(d):
     full = sum(rows.T @ rows for rows in batches)
     got = symmetrize_upper_(upper)
     assert torch.equal(got, got.T)
-    assert float((got - full).abs().max() / full.abs().max()) <= 1e-13
+    assert float((got - full).abs().max() / full.abs().max()) <= sum_tolerance(340, FP64_UNIT)
 
 
 def test_sequential_equals_whole_model_tiny(tiny_llama, lm_data, tmp_path):
@@ -141,7 +142,7 @@ def test_merged_stats_equal_one_run_over_the_union(tiny_llama, bbc, tmp_path):
     for name in sums_a:
         union = (sums_a[name] + sums_b[name]) / (n_a + n_b)
         got = load_covariance(merged, name).double()
-        assert float((got - union).norm() / union.norm()) <= 1e-5, name
+        assert float((got - union).norm() / union.norm()) <= sum_tolerance(n_a + n_b), name
     manifest = json.loads((merged / "manifest.json").read_text())
     assert manifest["data"]["samples"] == 12 and len(manifest["data"]["fingerprint"]) == 2
 
@@ -170,6 +171,7 @@ def test_inspect_summary(tiny_llama, lm_data, tmp_path):
     assert len(rows) == 8  # 2 blocks x 4 distinct inputs
     for row in rows:
         cov = load_covariance(stats, row["covariance"]).double()
+        # Σ eigenvalues (fp64 eigh of the same matrix) is the trace up to ~d·1e-16: any machine is far inside 1e-6
         assert row["trace"] == pytest.approx(float(cov.trace()), rel=1e-6)
         assert 1 <= row["effective_rank"] <= row["dim"] and row["condition"] >= 1
     qkv = next(r for r in rows if r["covariance"].endswith("q_proj"))
@@ -192,8 +194,8 @@ def test_calibrate_collects_sensitivity(tiny_llama, lm_data, tmp_path, path):
     samples = [collate([r], loaded.tokenizer.pad_token_id, "causal") for r in rows]
     expected = whole_model(loaded.model, samples, find_targets(loaded.model))
     assert len(got) == 14
-    for name, value in got.items():
-        assert value == pytest.approx(float(expected[f"sens.{name}"]), rel=1e-4)
+    for name, value in got.items():  # the same fp32 per-sample gradients, summed over ≤ 3·24 tokens
+        assert value == pytest.approx(float(expected[f"sens.{name}"]), rel=sum_tolerance(3 * 24))
     assert load_covariance(stats, "layers.0.mlp.up_proj").shape == (32, 32)
 
 
@@ -216,11 +218,12 @@ def test_disk_offload_gives_the_same_covariances(request, model_fixture, lm_data
         CalibrateConfig(samples=4, seq_len=32, offload="disk"),
         tmp_path / "disk",
     )
+    tokens = json.loads((memory / "manifest.json").read_text())["extra"]["tokens"]
     for file in sorted(memory.glob("block_*.safetensors")):
         a, b = load_tensors(file), load_tensors(disk / file.name)
         assert a.keys() == b.keys()
-        for key in a:
-            assert torch.allclose(a[key], b[key], rtol=1e-6, atol=1e-7), key
+        for key in a:  # the same fp32 sums; only a kernel that depends on memory layout could reorder them
+            assert float((a[key] - b[key]).double().norm() / a[key].double().norm()) <= sum_tolerance(tokens), key
 
 
 def test_response_tokens_only(tiny_llama, bbc_small, tmp_path):
@@ -243,7 +246,7 @@ def test_response_tokens_only(tiny_llama, bbc_small, tmp_path):
     assert 0 < x.shape[0] < sum(len(r["input_ids"]) for r in rows)
     expected = x.T @ x / x.shape[0]
     got = load_covariance(stats, name).double()
-    assert float((got - expected).norm() / expected.norm()) <= 1e-5
+    assert float((got - expected).norm() / expected.norm()) <= sum_tolerance(x.shape[0])
     with pytest.raises(CalibrationError, match="--tokens response needs prompt/response data"):
         run_calibrate(str(tiny_llama), DataSpec(path=str(bbc_small)), cfg, tmp_path / "t")
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import cli, max_abs, outputs
+from helpers import FP32_UNIT, assert_same_function, cli, outputs
 
 from lrsurgery.calibrate import CalibrateConfig, run_calibrate
 from lrsurgery.data import DataSpec
@@ -51,15 +51,31 @@ def _factors(init):
 @pytest.mark.slow
 @pytest.mark.parametrize("method, options", [("pissa", {"rank": 8}), ("dual", {"r_share": 4, "r_expert": 4})])
 def test_svd_init_on_the_gpu_equals_the_cpu_and_leaves_output_unchanged(smollm2, tmp_path, method, options):
+    """Both devices take fp32 SVDs, whose top-r part is accurate to about u·‖W‖/gap (backward stability,
+    whatever the library): each device's error against an fp64 SVD is measured, and the GPU's may be at
+    most 10 times the CPU's (cuSOLVER and LAPACK differ in algorithm, not in accuracy class)."""
     on_cpu = run_init(str(smollm2), method, tmp_path / "cpu", options)
     on_gpu = run_init(str(smollm2), method, tmp_path / "gpu", options, device="cuda")
     cpu_factors, gpu_factors = _factors(on_cpu), _factors(on_gpu)
     assert cpu_factors.keys() == gpu_factors.keys()
+    root = load_model(smollm2, task="base").model
+    rank = options.get("rank") or options["r_share"]
     for name, product in cpu_factors.items():
-        assert float((gpu_factors[name] - product).abs().max()) <= 1e-5 * float(product.abs().max()), name
+        u, s, vh = torch.linalg.svd(root.get_submodule(name).weight.detach().double(), full_matrices=False)
+        exact = (u[:, :rank] * s[:rank]) @ vh[:rank]
+        cpu_error = float((product - exact).abs().max())
+        gpu_error = float((gpu_factors[name] - exact).abs().max())
+        assert gpu_error <= 10 * cpu_error + 64 * FP32_UNIT * float(exact.abs().max()), (name, gpu_error, cpu_error)
     adapted, _ = load_adapted(on_gpu)
     plain = load_model(smollm2)
-    assert max_abs(outputs(adapted.model, adapted.tokenizer), outputs(plain.model, plain.tokenizer)) <= 2e-4
+    tok = plain.tokenizer
+    assert_same_function(
+        outputs(adapted.model, tok),
+        outputs(load_adapted(on_gpu, dtype=torch.float64)[0].model, tok),
+        outputs(plain.model, tok),
+        outputs(load_model(smollm2, dtype=torch.float64).model, tok),
+        f"{method} init on the GPU",
+    )
 
 
 @gpu
@@ -74,8 +90,11 @@ def test_tlora_init_on_the_gpu_spans_the_cpu_subspaces(smollm2, bbc_small, tmp_p
     )
     assert gpu_manifest.extra["method"]["ranks"] == cpu_manifest.extra["method"]["ranks"]
     assert gpu_manifest.config["device"].startswith("cuda")
+    # Both devices solve the same fp64 Gram problems; the subspaces' error is set by the Grams'
+    # conditioning, not by the device: test_tlora bounds each at 1e-5 from the exact SVD of W·C (worst
+    # seen 1.5e-6, layers.11.mlp.down_proj), so two of them are within 2e-5 of each other.
     worst = max(subspace_distance(gpu_adapters[n].A, a.A) for n, a in cpu_adapters.items())
-    assert worst <= 1e-6, worst
+    assert worst <= 2e-5, worst
 
 
 @gpu
@@ -85,6 +104,9 @@ def test_calibration_on_the_gpu_equals_the_cpu(smollm2, bbc_small, tmp_path):
     data = DataSpec(path=str(bbc_small))
     on_cpu = run_calibrate(str(smollm2), data, CalibrateConfig(**cfg), tmp_path / "cpu")
     on_gpu = run_calibrate(str(smollm2), data, CalibrateConfig(**cfg, device="cuda"), tmp_path / "gpu")
+    tokens = json.loads((on_cpu / "manifest.json").read_text())["extra"]["tokens"]
     for name in ("layers.0.self_attn.q_proj", "layers.14.mlp.down_proj", "layers.29.mlp.up_proj"):
         want, got = load_covariance(on_cpu, name).double(), load_covariance(on_gpu, name).double()
-        assert float((got - want).norm() / want.norm()) <= 1e-5, name
+        # fp32 sums of `tokens` outer products on each device: within n·u of the exact sum (Higham's
+        # bound for any summation order), so within 2·n·u of each other, plus the activations' rounding
+        assert float((got - want).norm() / want.norm()) <= 4 * tokens * FP32_UNIT, name

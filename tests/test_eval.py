@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from helpers import PROMPT, RESPONSE, cli, write_jsonl
+from helpers import FP64_EXACT, PROMPT, RESPONSE, assert_same_function, cli, write_jsonl
 
 from lrsurgery.evaluation.loglik import encode_pair, rolling_windows, score_multiple_choice, score_pairs
 from lrsurgery.evaluation.runner import run_eval
@@ -32,10 +32,11 @@ def _task(tmp_path, data, name="task.yaml", **fields):
 
 @torch.no_grad()
 def _direct(loaded, context, continuation):
-    """Sum of log p(continuation token | everything before it), one unpadded forward of the pair."""
+    """Sum of log p(continuation token | everything before it), one unpadded forward of the pair, in the
+    model's dtype."""
     ctx, cont = encode_pair(loaded.tokenizer, context, continuation)
     ids = torch.tensor([list(ctx) + cont])
-    logprobs = F.log_softmax(loaded.model(ids).logits.float(), -1)[0]
+    logprobs = F.log_softmax(loaded.model(ids).logits, -1)[0]
     return sum(float(logprobs[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
 
 
@@ -60,16 +61,21 @@ def test_encode_pair_moves_trailing_space(tiny_llama):
 @pytest.mark.parametrize("share_context", [True, False])
 @pytest.mark.parametrize("batch_size", [1, 4])
 def test_batched_scoring_equals_one_full_forward_per_request(tiny_llama, share_context, batch_size):
-    loaded = load_model(tiny_llama)
-    pairs = [encode_pair(loaded.tokenizer, c, x) for c, x in REQUESTS]
-    got = score_pairs(loaded, pairs, window=256, batch_size=batch_size, share_context=share_context)
-    for (context, continuation), value in zip(REQUESTS, got, strict=True):
-        assert value == pytest.approx(_direct(loaded, context, continuation), abs=2e-5)
+    """Padded, batched (and context-sharing) scoring is the same computation as one forward per request:
+    exact in fp64, within the two computations' own rounding in fp32."""
+    scores, direct = {}, {}
+    for dtype in (torch.float32, torch.float64):
+        loaded = load_model(tiny_llama, dtype=dtype)
+        pairs = [encode_pair(loaded.tokenizer, c, x) for c, x in REQUESTS]
+        scores[dtype] = score_pairs(loaded, pairs, window=256, batch_size=batch_size, share_context=share_context)
+        direct[dtype] = [_direct(loaded, context, continuation) for context, continuation in REQUESTS]
+    assert_same_function(scores[torch.float32], scores[torch.float64], direct[torch.float32], direct[torch.float64])
 
 
 def test_acc_and_acc_norm_follow_lm_eval(tiny_llama, tmp_path):
     """acc = argmax of summed log-prob; acc_norm = argmax of log-prob / len(choice string)."""
     loaded = load_model(tiny_llama)
+    loaded64 = load_model(tiny_llama, dtype=torch.float64)
     docs = [
         {"q": f"Question {i}: what is it?", "choices": ["a", "a much longer answer", "bc"], "gold": i % 3}
         for i in range(6)
@@ -78,10 +84,12 @@ def test_acc_and_acc_norm_follow_lm_eval(tiny_llama, tmp_path):
     fields = dict(output_type="multiple_choice", doc_to_text="{{q}}", doc_to_choice="{{choices}}", doc_to_target="gold")
     task = Task.from_yaml(_task(tmp_path, data, **fields, metric_list=[{"metric": "acc"}, {"metric": "acc_norm"}]))
     result = score_multiple_choice(task, loaded, task.docs(), batch_size=4)
+    result64 = score_multiple_choice(task, loaded64, task.docs(), batch_size=4)
+    direct = [[_direct(model, d["q"], " " + c) for d in docs for c in d["choices"]] for model in (loaded, loaded64)]
+    flat = [[v for lls in r["loglikelihoods"] for v in lls] for r in (result, result64)]
+    assert_same_function(flat[0], flat[1], direct[0], direct[1], "choice log-likelihoods")
     acc, acc_norm = [], []
-    for doc, got in zip(docs, result["loglikelihoods"], strict=True):
-        lls = [_direct(loaded, doc["q"], " " + c) for c in doc["choices"]]
-        assert got == pytest.approx(lls, abs=2e-5)
+    for doc, lls in zip(docs, result["loglikelihoods"], strict=True):  # the rule, on the scores it used
         acc.append(max(range(3), key=lambda i: lls[i]) == doc["gold"])
         acc_norm.append(max(range(3), key=lambda i: lls[i] / len(doc["choices"][i])) == doc["gold"])
     assert result["acc"] == pytest.approx(sum(acc) / 6)
@@ -130,27 +138,41 @@ def test_perplexity_matches_direct_loss(tiny_llama, tmp_path, max_length):
         max_length=max_length,
         metric_list=[{"metric": m} for m in metrics],
     )
-    got = run_eval([str(tiny_llama)], [path])["results"][str(tiny_llama)]["t"]
-    total, tokens = 0.0, 0
+    words = (30 + 1) + (5 + 1)  # lm-eval's re.split(r"\s+") counts the "" after trailing whitespace too
+    nbytes = sum(len(t.encode()) for t in texts)
+    tokens = sum(len(tok(text)["input_ids"]) for text in texts)
+    implied, direct = [], []
+    for dtype, name in ((torch.float32, "fp32"), (torch.float64, "fp64")):
+        got = run_eval([str(tiny_llama)], [path], dtype=name)["results"][str(tiny_llama)]["t"]
+        # the total log-likelihood each metric implies, by its lm-eval definition
+        implied.append(
+            [
+                -math.log(got["token_perplexity"]) * tokens,
+                -math.log(got["word_perplexity"]) * words,
+                -math.log(got["byte_perplexity"]) * nbytes,
+                -got["bits_per_byte"] * nbytes * math.log(2),
+            ]
+        )
+        direct.append([_rolling_total(load_model(tiny_llama, dtype=dtype).model, tok, texts, max_length)] * 4)
+    assert_same_function(implied[0], implied[1], direct[0], direct[1], "perplexities")
+    assert got["word_perplexity_stderr"] is None and got["n"] == 2
+
+
+def _rolling_total(model, tok, texts, max_length):
+    """Σ log p of every token of `texts` after the BOS token, by direct forwards."""
+    total = 0.0
     for text in texts:
         ids = tok(text)["input_ids"]
         if max_length == 256:  # fits one window: one forward of [BOS] + text is the exact reference
             seq = torch.tensor([[tok.bos_token_id] + ids])
-            total -= float(loaded.model(seq, labels=seq).loss) * len(ids)
+            total -= float(model(seq, labels=seq).loss) * len(ids)
         else:  # several windows: each scored by a direct forward of its (context, continuation)
             for ctx, cont in rolling_windows(ids, tok.bos_token_id, max_length):
                 assert len(ctx) + len(cont) - 1 <= max_length
                 seq = torch.tensor([ctx + cont])
-                logprobs = F.log_softmax(loaded.model(seq).logits.float(), -1)[0]
+                logprobs = F.log_softmax(model(seq).logits, -1)[0]
                 total += sum(float(logprobs[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
-        tokens += len(ids)
-    words = (30 + 1) + (5 + 1)  # lm-eval's re.split(r"\s+") counts the "" after trailing whitespace too
-    nbytes = sum(len(t.encode()) for t in texts)
-    assert got["token_perplexity"] == pytest.approx(math.exp(-total / tokens), rel=1e-5)
-    assert got["word_perplexity"] == pytest.approx(math.exp(-total / words), rel=1e-5)
-    assert got["byte_perplexity"] == pytest.approx(math.exp(-total / nbytes), rel=1e-5)
-    assert got["bits_per_byte"] == pytest.approx(-total / nbytes / math.log(2), rel=1e-5)
-    assert got["word_perplexity_stderr"] is None and got["n"] == 2
+    return total
 
 
 def test_unmerged_artifact_scores_like_its_fused_folder(tiny_llama, bbc_small, tmp_path):
@@ -162,7 +184,7 @@ def test_unmerged_artifact_scores_like_its_fused_folder(tiny_llama, bbc_small, t
     init = run_init(str(tiny_llama), "pissa", tmp_path / "init", {"rank": 4})
     data = DataSpec(path=str(bbc_small), prompt_template=PROMPT, response_template=RESPONSE, seq_len=64)
     run = run_train(init, data, TrainConfig(max_steps=3, batch_size=2, lr=1e-2), tmp_path / "run")
-    fused = run_fuse(run, tmp_path / "merged")
+    fused = run_fuse(run, tmp_path / "merged", dtype="fp64")  # compared in fp64: the same function, exactly
     docs = write_jsonl(tmp_path / "docs.jsonl", [json.loads(line) for line in bbc_small.read_text().splitlines()[:8]])
     mc = _task(
         tmp_path,
@@ -183,13 +205,13 @@ def test_unmerged_artifact_scores_like_its_fused_folder(tiny_llama, bbc_small, t
         output_type="loglikelihood_rolling",
         doc_to_target="text",
     )
-    report = run_eval([str(run), str(fused), str(tiny_llama)], [mc, ppl])
+    report = run_eval([str(run), str(fused), str(tiny_llama)], [mc, ppl], dtype="fp64")
     adapted, merged, base = (report["results"][m] for m in (str(run), str(fused), str(tiny_llama)))
-    for metric in ("acc", "acc_norm", "mcc"):
-        assert adapted["mc"][metric] == pytest.approx(merged["mc"][metric], abs=1e-9)
-    assert adapted["ppl"]["byte_perplexity"] == pytest.approx(merged["ppl"]["byte_perplexity"], rel=1e-5)
+    for metric in ("acc", "acc_norm", "mcc"):  # fp64 scores differ by ~1e-15: no choice can flip
+        assert adapted["mc"][metric] == merged["mc"][metric]
+    assert adapted["ppl"]["byte_perplexity"] == pytest.approx(merged["ppl"]["byte_perplexity"], rel=FP64_EXACT)
     tuned, untuned = adapted["ppl"]["byte_perplexity"], base["ppl"]["byte_perplexity"]
-    assert abs(tuned - untuned) > 1e-4 * untuned  # 10x the tolerance above: the adapter is really applied
+    assert abs(tuned - untuned) > 1e-4 * untuned  # the adapter is really applied
     assert report["models"][str(run)]["artifact"] == "train"
     assert report["models"][str(run)]["base_fingerprint"] == report["models"][str(tiny_llama)]["fingerprint"]
 

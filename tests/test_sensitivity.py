@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import PROMPT, RESPONSE, assert_same_tensors
+from helpers import PROMPT, RESPONSE, assert_same_tensors, sum_tolerance
 
 from lrsurgery import calibrate as calibration
 from lrsurgery.calibrate import CalibrateConfig, run_calibrate
@@ -44,11 +44,13 @@ def test_batched_per_sample_sensitivity_equals_one_backward_per_sample(tiny_llam
     batches = [collate(rows[i : i + 3], loaded.tokenizer.pad_token_id, "causal") for i in (0, 3)]
     targets = find_targets(loaded.model)
     got = whole_model(loaded.model, batches, targets)
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)  # g·xᵀ sums over these, in fp32 both ways
+    tol = sum_tolerance(tokens)
     for name in (targets[0], targets[-1]):
         expected = direct(loaded, rows, name)
-        assert float(got[f"sens.{name}"]) == pytest.approx(float(expected.mean()), rel=1e-5)
-        assert torch.allclose(got[f"sens_rows.{name}"].double(), expected.mean(dim=1), rtol=1e-5)
-        assert torch.allclose(got[f"sens_cols.{name}"].double(), expected.mean(dim=0), rtol=1e-5)
+        assert float(got[f"sens.{name}"]) == pytest.approx(float(expected.mean()), rel=tol)
+        assert torch.allclose(got[f"sens_rows.{name}"].double(), expected.mean(dim=1), rtol=tol, atol=0)
+        assert torch.allclose(got[f"sens_cols.{name}"].double(), expected.mean(dim=0), rtol=tol, atol=0)
 
 
 def _sequential_vs_whole(folder, data, tmp_path, **options):
@@ -59,8 +61,9 @@ def _sequential_vs_whole(folder, data, tmp_path, **options):
     seq = run_calibrate(str(folder), DataSpec(path=str(data)), CalibrateConfig(**cfg, **options), tmp_path / "s")
     reference, got = sensitivity_tensors(whole), sensitivity_tensors(seq)
     assert reference.keys() == got.keys()
+    tokens = cfg["samples"] * cfg["seq_len"]  # the same fp32 gradients, by blocks or whole, summed over these
     for key, expected in reference.items():
-        assert float((got[key] - expected).norm() / expected.norm()) <= 1e-4, key
+        assert float((got[key] - expected).norm() / expected.norm()) <= sum_tolerance(tokens), key
     return seq
 
 

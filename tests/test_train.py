@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import PROMPT, RESPONSE, assert_same_tensors
+from helpers import PROMPT, RESPONSE, assert_same_tensors, sum_tolerance
 
 from lrsurgery.artifacts import ArtifactError, load_tensors
 from lrsurgery.data import DataSpec, collate
@@ -174,6 +174,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_llama, tmp_path
     two = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert two["config"]["train"]["batch_size"] == 2
     a, b = load_tensors(one / ADAPTER_FILE), load_tensors(tmp_path / "two" / ADAPTER_FILE)
+    # the same gradients summed in another order (relative ~1e-6) change each AdamW update (≤ lr = 1e-2) by
+    # ~1e-8; after 3 steps the two runs stay far inside 1e-5
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5), key
     assert any(not torch.equal(a[k], load_tensors(init / ADAPTER_FILE)[k]) for k in a if k.endswith("lora_B"))
@@ -204,4 +206,4 @@ def test_held_out_loss_is_logged_and_recorded(tiny_llama, bbc, bbc_small, tmp_pa
         tokens += n
     for batch_size in (1, 3):
         got = heldout_loss(loaded.model, examples, loaded.tokenizer.pad_token_id, "causal", batch_size)
-        assert got["count"] == tokens and got["loss"] == pytest.approx(weighted / tokens, rel=1e-5)
+        assert got["count"] == tokens and got["loss"] == pytest.approx(weighted / tokens, rel=sum_tolerance(tokens))

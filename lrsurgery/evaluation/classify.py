@@ -13,6 +13,7 @@ import torch
 from lrsurgery.evaluation.loglik import max_length
 from lrsurgery.evaluation.metrics import aggregate
 from lrsurgery.evaluation.tasks import Task, TaskError, render
+from lrsurgery.linalg import at_least_fp32
 from lrsurgery.models import LoadedModel
 from lrsurgery.progress import bar
 
@@ -55,7 +56,7 @@ def score_classification(
             max_length=max_length(loaded, task),
             return_tensors="pt",
         )
-        logits = loaded.model(**enc).logits.float()
+        logits = at_least_fp32(loaded.model(**enc).logits)
         values = logits[:, 0].tolist() if n_labels == 1 else logits.argmax(-1).tolist()
         for i, value in zip(chunk, values, strict=True):
             preds[i] = value

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from lrsurgery.evaluation.metrics import aggregate
 from lrsurgery.evaluation.tasks import Task, contexts
+from lrsurgery.linalg import at_least_fp32
 from lrsurgery.models import LoadedModel
 from lrsurgery.progress import bar
 
@@ -119,7 +120,7 @@ def _full_batch(loaded: LoadedModel, pairs: list[TokenPair]) -> list[float]:
     for row, seq in enumerate(seqs):
         ids[row, : len(seq)] = torch.tensor(seq)
         mask[row, : len(seq)] = 1
-    logprobs = F.log_softmax(loaded.model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+    logprobs = F.log_softmax(at_least_fp32(loaded.model(input_ids=ids, attention_mask=mask).logits), dim=-1)
     scores = []
     for row, ((_, cont), seq) in enumerate(zip(pairs, seqs, strict=True)):
         positions = torch.arange(len(seq) - len(cont), len(seq))
@@ -143,7 +144,7 @@ def _shared_batch(loaded: LoadedModel, ctxs: list[list[int]], conts: list[list[l
     logits = loaded.model(
         input_ids=ids, attention_mask=ctx_mask, position_ids=positions, past_key_values=cache, use_cache=True
     ).logits[:, -1]
-    first = F.log_softmax(logits.float(), dim=-1)  # (G, vocab): the first continuation token
+    first = F.log_softmax(at_least_fp32(logits), dim=-1)  # (G, vocab): the first continuation token
     scores = [[float(first[g, c[0]]) for c in group] for g, group in enumerate(conts)]
     rows = [(g, j) for g, group in enumerate(conts) for j, c in enumerate(group) if len(c) > 1]
     if not rows:
@@ -161,7 +162,7 @@ def _shared_batch(loaded: LoadedModel, ctxs: list[list[int]], conts: list[list[l
     logits = loaded.model(
         input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
     ).logits
-    logprobs = F.log_softmax(logits.float(), dim=-1)  # (R, rest, vocab)
+    logprobs = F.log_softmax(at_least_fp32(logits), dim=-1)  # (R, rest, vocab)
     for r, (g, j) in enumerate(rows):
         target = torch.tensor(conts[g][j][1:])
         scores[g][j] += float(logprobs[r, torch.arange(len(target)), target].sum())

@@ -7,9 +7,11 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lrsurgery import __version__
 from lrsurgery.artifacts import MANIFEST, fingerprint_weights
-from lrsurgery.errors import check_count
+from lrsurgery.errors import check_choice, check_count
 from lrsurgery.evaluation.classify import score_classification
 from lrsurgery.evaluation.generate import score_generate
 from lrsurgery.evaluation.loglik import score_multiple_choice, score_rolling
@@ -25,17 +27,21 @@ SCORERS = {
 DETAILS = ("loglikelihoods", "generations")  # per-document outputs kept out of the report
 
 
-def load_for_eval(spec: str, task: Task) -> tuple[LoadedModel, dict[str, Any]]:
-    """Load a model folder/name, or an init/train artifact applied to its base model in memory.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+
+def load_for_eval(spec: str, task: Task, dtype: str = "fp32") -> tuple[LoadedModel, dict[str, Any]]:
+    """Load a model folder/name, or an init/train artifact applied to its base model in memory, in `dtype`.
 
     Returns the model and what identifies it: source, fingerprint (of the weights; for an artifact
-    the base model's and the adapter files'), artifact kind.
+    the base model's and the adapter files'), artifact kind, dtype.
     """
     from lrsurgery.surgery import load_adapted
 
     classification = task.output_type == "classification"
     if (Path(spec) / MANIFEST).is_file():
-        loaded, manifest = load_adapted(Path(spec), task="classification" if classification else None)
+        head = "classification" if classification else None
+        loaded, manifest = load_adapted(Path(spec), task=head, dtype=DTYPES[dtype])
         if not classification and manifest.extra.get("head", {}).get("task") == "classification":
             raise TaskError(f"task {task.task} ({task.output_type}) needs a causal LM; {spec} is a classifier")
         adapter = fingerprint_weights(sorted(Path(spec).glob("*.safetensors")))
@@ -44,6 +50,7 @@ def load_for_eval(spec: str, task: Task) -> tuple[LoadedModel, dict[str, Any]]:
             "artifact": manifest.kind,
             "fingerprint": adapter,
             "base_fingerprint": manifest.model.get("fingerprint"),
+            "dtype": dtype,
         }
         return loaded, info
     folder = resolve_model(spec)
@@ -51,15 +58,15 @@ def load_for_eval(spec: str, task: Task) -> tuple[LoadedModel, dict[str, Any]]:
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(folder)
-        loaded = load_model(spec, task="classification", num_labels=config.num_labels)
+        loaded = load_model(spec, task="classification", num_labels=config.num_labels, dtype=DTYPES[dtype])
     else:
         if default_task(folder) != "causal":
             raise TaskError(
                 f"task {task.task} ({task.output_type}) needs a causal language model; "
                 f"{spec} is saved as an encoder without a language-model head"
             )
-        loaded = load_model(spec, task="causal")
-    return loaded, {"source": spec, "fingerprint": model_fingerprint(loaded.folder)}
+        loaded = load_model(spec, task="causal", dtype=DTYPES[dtype])
+    return loaded, {"source": spec, "fingerprint": model_fingerprint(loaded.folder), "dtype": dtype}
 
 
 def score(
@@ -82,8 +89,9 @@ def run_eval(
     batch_size: int = 8,
     num_fewshot: int | None = None,
     allow_code_execution: bool = False,
+    dtype: str = "fp32",
 ) -> dict[str, Any]:
-    """Score every model on every task.
+    """Score every model on every task, each model loaded in `dtype` (fp32, bf16, fp16 or fp64).
 
     Returns {'results': {model: {task: {metric, metric_stderr, ..., n, num_fewshot, config_hash}}},
     'models': {model: {source, fingerprint, ...}}, 'lrsurgery_version'}.
@@ -91,6 +99,7 @@ def run_eval(
     from lrsurgery.progress import quiet_libraries
 
     quiet_libraries()
+    check_choice("--dtype", dtype, tuple(DTYPES))
     check_count("--batch-size", batch_size)
     check_count("--limit", limit)
     check_count("--num-fewshot", num_fewshot, 0)
@@ -107,7 +116,7 @@ def run_eval(
         for task in tasks:
             kind = task.output_type == "classification"
             if kind not in cache:
-                cache[kind] = load_for_eval(spec, task)
+                cache[kind] = load_for_eval(spec, task, dtype)
             loaded, info = cache[kind]
             models_info[spec] = info
             metrics = score(task, loaded, docs[task.task], batch_size, allow_code_execution)
