@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import errno
+import sys
 import time
 from collections.abc import Callable, Iterator
 from functools import wraps
@@ -18,10 +19,41 @@ from typing import Any, NoReturn
 
 import typer
 import yaml
+from typer.core import TyperGroup
 
 from lrsurgery.errors import UserError
 
+# click's exception classes, wherever this typer takes click from (recent versions carry their own copy)
+CLICK_ERRORS = sys.modules[typer.BadParameter.__module__]
+ClickException: type[Exception] = CLICK_ERRORS.ClickException
+NoArgsIsHelp: type[Exception] = getattr(CLICK_ERRORS, "NoArgsIsHelpError", ())  # click ≥ 8.2
+
+
+class OneLineErrors(TyperGroup):
+    """The command group, with click's usage errors (an unknown flag, a value of the wrong type, an
+    unreadable path) shown as one red line, as lrsurgery's own user errors are, instead of a usage box."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except NoArgsIsHelp as exc:
+            exc.show()  # `lrsurgery` alone prints the help
+            sys.exit(exc.exit_code)
+        except ClickException as exc:
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            typer.secho(f"error: {' '.join(exc.format_message().split())}{hint}", fg=typer.colors.RED, err=True)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            typer.secho("error: aborted", fg=typer.colors.RED, err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=OneLineErrors,
     help="Model surgery for transformers: calibrate → init → train → fuse → eval.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,

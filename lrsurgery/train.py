@@ -298,8 +298,8 @@ def _diverged(what: str, value: float, step: int, start: int, out: Path, work: P
     where = f"{what} is {value} at step {step + 1}; nothing was written to {out}."
     if step == start == 0:
         return TrainingDiverged(
-            f"{where} It is not finite before any update, so the init artifact or the data give non-finite "
-            "values: check them (a lower --lr will not help)"
+            f"{where} It is not finite before any update, so the model, its init artifact or the data give "
+            "non-finite values: check them (a lower --lr will not help)"
         )
     if (work / "checkpoint").exists():
         return TrainingDiverged(

@@ -37,13 +37,13 @@ def _save_tiny(folder: Path, config, tokenizer_source: Path, model_cls, seed: in
     return folder
 
 
-def _tiny_llama(folder: Path, tokenizer_source: Path, seed: int) -> Path:
+def _tiny_llama(folder: Path, tokenizer_source: Path, seed: int, hidden: int = 32) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=49152,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -65,6 +65,12 @@ def tiny_llama(tmp_path_factory, smollm2) -> Path:
 def tiny_llama_other(tmp_path_factory, smollm2) -> Path:
     """Same architecture as tiny_llama, different weights."""
     return _tiny_llama(tmp_path_factory.mktemp("tiny_llama_other"), smollm2, seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_wide(tmp_path_factory, smollm2) -> Path:
+    """Another architecture with the same module names: hidden size 48 instead of 32."""
+    return _tiny_llama(tmp_path_factory.mktemp("tiny_llama_wide"), smollm2, seed=3, hidden=48)
 
 
 @pytest.fixture(scope="session")
