@@ -92,3 +92,20 @@ def assert_same_tensors(file_a: Path, file_b: Path) -> None:
     assert a.keys() == b.keys(), (file_a, file_b)
     for key in a:
         assert torch.equal(a[key], b[key]), (file_a, key)
+
+
+def assert_adapted_equals_base(artifact: Path, base_folder: Path, task: str = "causal") -> None:
+    """An init artifact leaves the base model's function unchanged: the adapted model against the base
+    model, in fp32 and fp64 (see assert_same_function)."""
+    from lrsurgery.models import load_model
+    from lrsurgery.surgery import load_adapted
+
+    base = load_model(base_folder, task=task)
+    tok = base.tokenizer
+    assert_same_function(
+        outputs(load_adapted(artifact, task=task)[0].model, tok),
+        outputs(load_adapted(artifact, task=task, dtype=torch.float64)[0].model, tok),
+        outputs(base.model, tok),
+        outputs(load_model(base_folder, task=task, dtype=torch.float64).model, tok),
+        f"{artifact.name} on {base_folder.name}",
+    )
