@@ -292,7 +292,9 @@ def _check_tensor(name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> No
 def from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, ModuleAdapter]:
     """Inverse of `to_tensors`, checking every tensor against the description (ValueError naming it)."""
     out: dict[str, ModuleAdapter] = {}
+    described = {k for k in tensors if k.startswith(HEAD_PREFIX)}
     for name, info in meta.items():
+        described |= {k for k in tensors if k.startswith(f"{name}.")}
         shape = info.get("shape") if isinstance(info, dict) else None
         edits = info.get("edits") if isinstance(info, dict) else None
         valid = isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) and d > 0 for d in shape)
@@ -314,4 +316,7 @@ def from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict
             edits=log,
             expert=LowRank(**_branch(tensors, f"{name}.expert", expert, d_out, d_in)) if expert is not None else None,
         )
+    extra = sorted(set(tensors) - described)
+    if extra:
+        raise ValueError(f"it holds tensors its manifest does not describe, e.g. {extra[0]}")
     return out

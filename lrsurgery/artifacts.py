@@ -30,8 +30,20 @@ MANIFEST = "manifest.json"
 BASE_SCHEMA: dict[str, type] = {"kind": str, "config": dict, "model": dict, "extra": dict, "format_version": int}
 # what each kind of artifact must hold, by dotted path, for the stages that read it
 SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "init": {"config": dict, "config.method": str, "config.options": dict, "model": dict, "extra.modules": dict},
-    "train": {"config": dict, "config.method": str, "config.options": dict, "model": dict, "extra.modules": dict},
+    "init": {
+        "config.method": str,
+        "config.options": dict,
+        "model.fingerprint": str,
+        "model.source": str,
+        "extra.modules": dict,
+    },
+    "train": {
+        "config.method": str,
+        "config.options": dict,
+        "model.fingerprint": str,
+        "model.source": str,
+        "extra.modules": dict,
+    },
     "stats": {
         "config.collect": list,
         "config.dtype": str,
@@ -73,14 +85,18 @@ def read_manifest(folder: str | Path, expect_kind: str | tuple[str, ...] | None 
         raise ArtifactError(f"{folder} is not an lrsurgery artifact (no {MANIFEST})")
     try:
         raw = json.loads(path.read_text())
-        manifest = Manifest(**raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{path} is corrupt: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ArtifactError(f"{path} is corrupt: it is not a JSON object")
+    version = raw.get("format_version")
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise ArtifactError(f"{folder} uses artifact format {version}; this lrsurgery reads up to {FORMAT_VERSION}")
+    unknown = sorted(set(raw) - set(Manifest.__dataclass_fields__))
+    if unknown:
+        raise ArtifactError(f"{path} is corrupt: unknown field(s) {', '.join(unknown)}")
+    manifest = Manifest(**raw)
     _check_schema(manifest, path, BASE_SCHEMA)
-    if manifest.format_version > FORMAT_VERSION:
-        raise ArtifactError(
-            f"{folder} uses artifact format {manifest.format_version}; this lrsurgery reads up to {FORMAT_VERSION}"
-        )
     if expect_kind is not None:
         kinds = (expect_kind,) if isinstance(expect_kind, str) else expect_kind
         if manifest.kind not in kinds:

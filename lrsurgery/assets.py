@@ -91,7 +91,7 @@ def run_assets(name: str, out: Path, overwrite: bool = False) -> dict[str, int]:
     """Write the offline data set `name` into the folder `out` by the output protocol; return row counts."""
     if name not in DATASETS:
         raise AssetError(f"unknown data set {name!r}; available: {', '.join(DATASETS)}")
-    with output_folder(out, overwrite=overwrite) as work:
+    with output_folder(out, "data", overwrite=overwrite) as work:
         counts = DATASETS[name](work.folder)
         record = {"data_set": name, "rows": counts, "lrsurgery_version": __version__}
         write_text_atomic(work.folder / DATA_MARKER, json.dumps(record, indent=2))

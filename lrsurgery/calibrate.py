@@ -158,7 +158,7 @@ def run_calibrate(
     """Collect per-module statistics (see module doc) into a stats artifact at `out`; return `out`."""
     device = compute_device(cfg.device)
     folder = resolve_model(model)
-    with output_folder(out, [folder, data.path], overwrite, resume=resume) as run:
+    with output_folder(out, "stats", [folder, data.path], overwrite, resume=resume) as run:
         _calibrate(model, folder, data, cfg, run, device)
     return Path(out)
 

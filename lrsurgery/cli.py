@@ -202,12 +202,16 @@ def fuse(
     config: Path = ConfigOption,
 ) -> None:
     """Merge edits and adapters into the weights (or export them as PEFT), optionally push to the Hub."""
-    from lrsurgery.hub import PushError, push_folder
+    from lrsurgery.hub import check_repo_id, push_folder
 
     if fmt not in ("hf", "peft"):
         fail(f"--format must be hf or peft, got {fmt!r}")
     if max_rank is not None and fmt != "peft":
         fail("--max-rank applies to --format peft")
+    if not push_to_hub and (private or revision or dry_run):
+        fail("--private, --revision and --dry-run apply to --push-to-hub USER/NAME")
+    if push_to_hub:
+        check_repo_id(push_to_hub)
     with timed(out):
         if fmt == "hf":
             from lrsurgery.fuse import run_fuse
@@ -226,10 +230,7 @@ def fuse(
                     f"worst module {worst[0]} {worst[1]:.3e} (all in {out}/lrsurgery_export.json)"
                 )
     if push_to_hub:
-        try:
-            files = push_folder(out, push_to_hub, private=private, revision=revision, dry_run=dry_run)
-        except PushError as exc:
-            fail(str(exc))
+        files = push_folder(out, push_to_hub, private=private, revision=revision, dry_run=dry_run)
         verb = "would upload" if dry_run else "uploaded"
         typer.echo(f"{verb} {len(files)} files to {push_to_hub}" + (":\n  " + "\n  ".join(files) if dry_run else ""))
 
@@ -281,6 +282,7 @@ def assets(
     name: str = typer.Argument(..., help=f"Offline data set to prepare: {', '.join(DATASETS)}."),
     out: Path = typer.Option(..., "-o", "--out", help="Folder for train.jsonl and test.jsonl."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a data folder written by `assets`."),
+    config: Path = ConfigOption,
 ) -> None:
     """Write an offline data package as JSONL files usable with --data."""
     from lrsurgery.assets import run_assets

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import difflib
 import errno
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from functools import wraps
@@ -62,22 +64,56 @@ app = typer.Typer(
 
 
 def load_config(ctx: typer.Context, value: Path | None) -> Path | None:
-    """Read `--config FILE` into the command's defaults; refuse an unreadable file or an unknown key."""
+    """Read `--config FILE` into the command's defaults. Its keys are the option names as on the command
+    line (`format` or `--format` for `--format`, `max_steps` or `max-steps` for `--max-steps`, `model`
+    for an argument); an unknown key, or a value the option cannot take, is refused naming the file."""
     if value is None:
         return value
     data = read_config(value)
-    params = {p.name: p for p in ctx.command.params if p.name and p.name != "config"}
+    names: dict[str, Any] = {}  # every spelling a key may use → the parameter
+    for param in ctx.command.params:
+        if param.name and param.name != "config":
+            names[param.name] = param
+            for flag in getattr(param, "opts", []):
+                if flag.startswith("--"):
+                    names[flag[2:].replace("-", "_")] = param
+    defaults: dict[str, Any] = {}
     for key, setting in data.items():
-        name = str(key).replace("-", "_")
-        if name not in params:
-            close = difflib.get_close_matches(name, list(params), n=1)
-            hint = f"; did you mean {_flag(close[0])}?" if close else f"; options are {', '.join(map(_flag, params))}"
+        param = names.get(str(key).lstrip("-").replace("-", "_"))
+        if param is None:
+            close = difflib.get_close_matches(str(key).lstrip("-").replace("-", "_"), list(names), n=1)
+            hint = f"; did you mean {_spelling(names[close[0]])}?" if close else ""
             fail(f"--config {value}: unknown option {key!r}{hint}")
-        single = not getattr(params[name], "multiple", False) and params[name].nargs == 1
-        if isinstance(setting, dict) or (single and isinstance(setting, list)):
-            fail(f"--config {value}: {key!r} must be a single value, got {setting!r}")
-    ctx.default_map = {**(ctx.default_map or {}), **{str(k).replace("-", "_"): v for k, v in data.items()}}
+        defaults[param.name] = _config_value(value, key, setting, param, ctx)
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
+
+
+def _config_value(path: Path, key: Any, setting: Any, param: Any, ctx: typer.Context) -> Any:
+    """`setting` checked against what the option takes (one value or a list, its type); fail naming the file."""
+    single = not getattr(param, "multiple", False) and param.nargs == 1
+    if isinstance(setting, dict) or (single and isinstance(setting, list)):
+        fail(f"--config {path}: {key!r} must be a single value, got {setting!r}")
+    flag_like = getattr(param, "is_flag", False)
+    if isinstance(setting, bool) and not flag_like:
+        fail(f"--config {path}: {key!r} takes a value, not {str(setting).lower()}")
+    if setting is None:
+        return None
+    try:
+        for item in setting if isinstance(setting, list) else [setting]:
+            if hasattr(param, "get_runtime_param"):  # typer ≥ 0.26 converts with its own coercion
+                param.get_runtime_param().coerce(item, param=param, ctx=ctx)
+            else:
+                param.type.convert(item, param, ctx)
+    except ClickException as exc:
+        fail(f"--config {path}: {key!r}: {exc.format_message()}")
+    return setting
+
+
+def _spelling(param: Any) -> str:
+    """How a parameter is written on the command line: its long flag, or its argument name."""
+    flags = [f for f in getattr(param, "opts", []) if f.startswith("--")]
+    return flags[0] if flags and getattr(param, "param_type_name", "") == "option" else param.name
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -102,10 +138,6 @@ def read_config(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         fail(f"--config {path} must hold a mapping of option names to values")
     return data
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 ConfigOption = typer.Option(
@@ -152,6 +184,8 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None  # `kill` cleans up as Ctrl-C
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
@@ -160,5 +194,13 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             fail(describe_os_error(exc))
         except KeyboardInterrupt:
             fail("interrupted; the output was not written (train and calibrate continue with --resume)", 130)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM as a KeyboardInterrupt, so work folders without progress and locks are cleaned up."""
+    raise KeyboardInterrupt

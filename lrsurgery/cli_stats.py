@@ -79,6 +79,7 @@ def merge_stats_cmd(
     out: Path = typer.Option(..., "-o", "--out", help="Output statistics folder."),
     force: bool = typer.Option(False, "--force", help="Merge even if the model fingerprints differ."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing statistics folder."),
+    config: Path = ConfigOption,
 ) -> None:
     """Add calibration statistics gathered on different data (sums and token counts add)."""
     from lrsurgery.stats import merge_stats
@@ -94,17 +95,18 @@ def inspect(
     top: int = typer.Option(10, "--top", help="Modules shown in the sensitivity ranking (0: all)."),
     heatmap: Path = typer.Option(None, "--heatmap", help="Also write a PNG of sensitivity by block x module."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a heatmap PNG written by lrsurgery."),
+    config: Path = ConfigOption,
 ) -> None:
     """Summarise a stats artifact: covariance trace, effective rank and condition; sensitivity ranking."""
     from lrsurgery.artifacts import read_manifest
     from lrsurgery.errors import check_count
     from lrsurgery.outputs import check_output
-    from lrsurgery.stats import is_lrsurgery_png, load_sensitivity, save_heatmap, summarise
+    from lrsurgery.stats import load_sensitivity, png_kind, save_heatmap, summarise
 
     check_count("--top", top, 0)
     manifest = read_manifest(stats, "stats")
     if heatmap:
-        check_output(heatmap, [stats], overwrite, is_lrsurgery_png, what="file")
+        check_output(heatmap, [stats], overwrite, "figure", png_kind, what="file")
     if "covariance" in manifest.config["collect"]:
         typer.echo("| covariance | shared by | dim | trace | effective rank | condition |")
         typer.echo("|---|---|---|---|---|---|")
@@ -116,7 +118,7 @@ def inspect(
             )
     if "sensitivity" in manifest.extra:
         ranking = sorted(load_sensitivity(stats).items(), key=lambda kv: -kv[1])
-        total = sum(v for _, v in ranking)
+        total = sum(v for _, v in ranking) or float("nan")  # all zero: no shares to show
         typer.echo("\n| rank | module | sensitivity | share |\n|---|---|---|---|")
         for i, (name, value) in enumerate(ranking[: top or None], start=1):
             typer.echo(f"| {i} | {name} | {value:.4g} | {value / total:.1%} |")

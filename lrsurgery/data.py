@@ -11,6 +11,7 @@ Three kinds of example, chosen by the task and the options:
 from __future__ import annotations
 
 import os
+import re
 import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from lrsurgery.artifacts import fingerprint_tensors
 from lrsurgery.errors import UserError, check_choice, check_count
 
 IGNORE = -100
+MAX_FORMAT_WIDTH = 100_000  # the widest {field:>N} or {field:.N} a template may ask for
 LOCAL_BUILDERS = {
     ".json": "json",
     ".jsonl": "json",
@@ -116,11 +118,25 @@ def load_rows(path: str, split: str = "train"):
 
 
 def template_fields(template: str, flag: str = "template") -> list[str]:
-    """The row fields a Python format template names; DataError for a template that does not parse."""
+    """The columns a Python format template names; DataError for a template that does not parse, a field
+    that is not a plain column name ({row.attr} and {row[0]} reach into Python objects), or a width or
+    precision too large to be meant."""
     try:
-        return [field for _, field, _, _ in string.Formatter().parse(template) if field]
+        parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
         raise DataError(f"{flag} {template!r} is not a valid Python format string: {exc}") from exc
+    fields = []
+    for _, field, spec, _ in parsed:
+        if field is None:
+            continue
+        if not field.isidentifier():
+            raise DataError(f"{flag} {template!r}: {{{field}}} must name a column, such as {{text}} or {{text:.400}}")
+        if any(int(number) > MAX_FORMAT_WIDTH for number in re.findall(r"\d+", spec or "")):
+            raise DataError(
+                f"{flag} {template!r}: the format {spec!r} asks for more than {MAX_FORMAT_WIDTH} characters"
+            )
+        fields.append(field)
+    return fields
 
 
 def render_template(template: str, row: dict[str, Any], flag: str) -> str:
@@ -151,7 +167,6 @@ def build_examples(spec: DataSpec, tokenizer: Any, labels: list[str] | None = No
         rows, labels = _classification(dataset, spec, tokenizer, labels)
     elif spec.task == "causal" and spec.prompt_template:
         fields = template_fields(spec.prompt_template) + template_fields(spec.response_template or "")
-        fields = [f.split(".")[0].split("[")[0] for f in fields]  # {row.attr} and {row[0]} name the column "row"
         require_columns(columns, fields, spec.path, "the prompt/response templates")
         if not spec.response_template:
             raise DataError("--prompt-template needs --response-template (the part the loss is computed on)")

@@ -30,6 +30,7 @@ from lrsurgery.outputs import check_output, output_folder, write_text_atomic
 from lrsurgery.shards import LazyWeights
 from lrsurgery.surgery import read_adapters
 
+PEFT = "PEFT adapter"  # the kind of output folder the export writes (outputs.FOLDER_MARKERS)
 TASK_TYPES = {"causal": "CAUSAL_LM", "classification": "SEQ_CLS", "base": "FEATURE_EXTRACTION"}
 
 
@@ -84,7 +85,7 @@ def run_export_peft(
     check_count("--max-rank", max_rank)
     check_choice("--dtype", dtype, tuple(DTYPES))
     target = DTYPES[dtype]
-    check_output(Path(out), overwrite=overwrite)
+    check_output(out, [artifact], overwrite, PEFT)
     manifest, adapters, head = read_adapters(Path(artifact))
     folder = base_folder(manifest, model, force)
     skeleton, _, task = output_model(folder, manifest)
@@ -138,7 +139,7 @@ def run_export_peft(
         "module_relative_error": errors,
         "module_rank": ranks,
     }
-    with output_folder(out, [artifact, folder], overwrite) as work:
+    with output_folder(out, PEFT, [artifact, folder], overwrite) as work:
         tmp = work.folder
         save_tensors(tmp / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
         write_text_atomic(tmp / "adapter_config.json", json.dumps(config, indent=2))

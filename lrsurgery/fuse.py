@@ -23,6 +23,7 @@ from lrsurgery.progress import progress
 from lrsurgery.shards import LazyWeights, ShardWriter, parse_size
 from lrsurgery.surgery import base_source, read_adapters
 
+MERGED = "merged model"  # the kind of output folder fuse writes (outputs.FOLDER_MARKERS)
 # fp64 writes the merge exactly as computed (for checking a fuse against the adapted model in fp64)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 SIDE_FILES = (
@@ -78,7 +79,7 @@ def run_fuse(
     check_choice("--dtype", dtype, tuple(DTYPES))
     max_bytes = parse_size(shard_size)
     target = DTYPES[dtype]
-    check_output(Path(out), overwrite=overwrite)
+    check_output(out, [artifact], overwrite, MERGED)
     manifest, adapters, head = read_adapters(Path(artifact))
     folder = base_folder(manifest, model, force)
     skeleton, config, _ = output_model(folder, manifest)
@@ -92,7 +93,7 @@ def run_fuse(
         for name, k in sources.items()
     ]
     plan += [(name, tuple(t.shape), target) for name, t in head.items()]
-    with output_folder(out, [artifact, folder], overwrite) as work:
+    with output_folder(out, MERGED, [artifact, folder], overwrite) as work:
         tmp = work.folder
         writer = ShardWriter(tmp, plan, max_bytes)
         check_disk(out, writer.total_size)

@@ -82,6 +82,18 @@ def write_model_card(folder: Path, manifest: Manifest, artifact: Path, fmt: str)
     write_text_atomic(folder / "README.md", model_card(manifest, artifact, fmt))
 
 
+def check_repo_id(repo_id: str) -> None:
+    """Refuse a Hub repository name that the Hub would refuse (before any work is done)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise PushError(f"--push-to-hub {repo_id!r} is not a valid repository name (USER/NAME): {exc}") from exc
+    if "/" not in repo_id:
+        raise PushError(f"--push-to-hub {repo_id!r}: give the repository as USER/NAME (or ORG/NAME)")
+
+
 def push_folder(
     folder: Path, repo_id: str, private: bool = False, revision: str | None = None, dry_run: bool = False
 ) -> list[str]:

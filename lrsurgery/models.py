@@ -82,6 +82,12 @@ def check_model_folder(path: Path) -> Path:
         raise ModelError(f"{config} is not valid JSON: {exc}") from exc
     if not isinstance(parsed, dict) or "model_type" not in parsed:
         raise ModelError(f"{config} is not a transformers model config (it has no model_type)")
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path)
+    except Exception as exc:  # transformers and huggingface_hub raise many types for a config they refuse
+        raise ModelError(f"{config} is not a valid {parsed['model_type']!r} config: {_first_line(exc)}") from exc
     for file in files:
         read_header(file)  # raises WeightsFileError naming a truncated or damaged file
     return path
@@ -208,13 +214,20 @@ def load_model(
     except ModelError:
         raise
     except (ValueError, RuntimeError, OSError) as exc:  # mis-shaped or unreadable weights, bad config
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot load {spec} for task {task!r}: {reason}") from exc
+        raise ModelError(f"cannot load {spec} for task {task!r}: {_first_line(exc)}") from exc
     tokenizer = load_tokenizer(folder)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, folder=folder, source=str(spec))
+
+
+def _first_line(exc: Exception) -> str:
+    """The first line of an exception's message (library messages often run on), or its type."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    first = (lines[0] + (" " + lines[1] if lines[0].endswith(":") and len(lines) > 1 else "")) if lines else ""
+    first = first or type(exc).__name__
+    return first.replace("For details look at the above report!", "the config and the weights disagree").strip()
 
 
 def load_tokenizer(folder: Path) -> Any:
@@ -224,8 +237,7 @@ def load_tokenizer(folder: Path) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (ValueError, OSError, TypeError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot load the tokenizer of {folder}: {reason}") from exc
+        raise ModelError(f"cannot load the tokenizer of {folder}: {_first_line(exc)}") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

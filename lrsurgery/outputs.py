@@ -29,8 +29,14 @@ from lrsurgery.errors import ArtifactError
 
 WORK_MARKER = ".lrsurgery-work"  # inside OUT.partial while a stage works in it
 PIN_FILE = "run.json"
-# provenance files that mark a folder as lrsurgery's; each holds a JSON object with `lrsurgery_version`
-FOLDER_MARKERS = ("manifest.json", "lrsurgery_fuse.json", "lrsurgery_export.json", "lrsurgery_data.json")
+# the provenance file that marks each kind of output folder (a JSON object with `lrsurgery_version`);
+# an artifact's manifest says its kind itself (init, train, stats)
+FOLDER_MARKERS = {
+    "manifest.json": None,
+    "lrsurgery_fuse.json": "merged model",
+    "lrsurgery_export.json": "PEFT adapter",
+    "lrsurgery_data.json": "data",
+}
 
 
 class OutputError(ArtifactError):
@@ -45,13 +51,16 @@ def _json_object(path: Path) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def is_lrsurgery_folder(path: Path) -> bool:
-    """True when `path` is a folder lrsurgery wrote (it holds one of the provenance files)."""
+def folder_kind(path: Path) -> str | None:
+    """Which lrsurgery output the folder `path` is (init, train, stats, merged model, PEFT adapter, data),
+    or None when lrsurgery did not write it."""
     if not path.is_dir():
-        return False
-    if (path / WORK_MARKER).is_file():
-        return True
-    return any("lrsurgery_version" in (_json_object(path / name) or {}) for name in FOLDER_MARKERS)
+        return None
+    for name, kind in FOLDER_MARKERS.items():
+        record = _json_object(path / name) or {}
+        if "lrsurgery_version" in record:
+            return kind or str(record.get("kind"))
+    return None
 
 
 def work_folder(out: Path) -> Path:
@@ -63,16 +72,26 @@ def _same_or_nested(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
+def _absolute(out: str | os.PathLike) -> Path:
+    """`out` as an absolute path without `.` or `..` (so `-o .` names the current folder)."""
+    target = Path(os.path.abspath(out))
+    if not target.name:
+        raise OutputError(f"{out} cannot be an output; give a path to a new folder or file")
+    return target
+
+
 def check_output(
-    out: Path,
+    out: str | os.PathLike,
     inputs: Iterable[str | os.PathLike | None] = (),
     overwrite: bool = False,
-    is_ours: Callable[[Path], bool] = is_lrsurgery_folder,
+    kind: str = "",
+    kind_of: Callable[[Path], str | None] = folder_kind,
     what: str = "folder",
 ) -> None:
     """Refuse an output that would destroy data: an input (or, for a folder, one inside or around an
-    input), an existing path without `overwrite`, or an existing path lrsurgery did not write."""
-    target = out.resolve()
+    input), a path under a file, an existing path without `overwrite`, and with it an existing path that
+    is not an lrsurgery output of the same `kind` (as `kind_of` tells)."""
+    target = _absolute(out).resolve()
     for given in inputs:
         if given is None or not Path(given).exists():
             continue  # hub ids and named models are not paths
@@ -80,16 +99,27 @@ def check_output(
         clash = target == source if what == "file" else _same_or_nested(target, source)
         if clash:
             raise OutputError(f"output {out} is the input {given} or overlaps it; choose another output path")
-    if not out.exists() and not out.is_symlink():
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(f"cannot write {out}: {parent} is a file, not a folder")
+            break
+    if not target.exists() and not target.is_symlink():
         return
     if not overwrite:
         raise OutputError(f"{out} already exists; choose another output or pass --overwrite")
-    if what == "folder" and not out.is_dir():
+    if what == "folder" and not target.is_dir():
         raise OutputError(f"{out} exists and is a file, not an output folder; choose another output path")
-    if not is_ours(out):
+    found = kind_of(target)
+    if found is None:
         raise OutputError(
-            f"{out} exists and was not written by lrsurgery; --overwrite replaces only lrsurgery's own "
-            f"{what}s, so remove it yourself or choose another output path"
+            f"{out} exists and is not an lrsurgery {kind or what}; --overwrite replaces only lrsurgery's own, "
+            "so remove it yourself or choose another output path"
+        )
+    if kind and found != kind:
+        raise OutputError(
+            f"{out} is an lrsurgery {found}, not {kind}: --overwrite replaces only an output of the same kind, "
+            "so choose another output path"
         )
 
 
@@ -107,9 +137,12 @@ class Lock:
     def acquire(self) -> Lock:
         import fcntl
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise OutputError(f"cannot write {self.what}: {exc.strerror or exc}") from exc
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
             except BlockingIOError:
@@ -146,9 +179,10 @@ class Lock:
         self.release()
 
 
-def lock_for(out: Path, wait: bool = False) -> Lock:
+def lock_for(out: str | os.PathLike, wait: bool = False) -> Lock:
     """The lock that guards output `out`: `.OUT.lock` beside it."""
-    return Lock(out.with_name(f".{out.name}.lock"), str(out), wait)
+    target = _absolute(out)
+    return Lock(target.with_name(f".{target.name}.lock"), str(out), wait)
 
 
 def swap_into(new: Path, dest: Path) -> None:
@@ -183,7 +217,9 @@ class Work:
         if not path.exists():
             write_text_atomic(path, json.dumps(current, indent=2))
             return
-        before = _json_object(path) or {}
+        before = _json_object(path)
+        if before is None:
+            raise OutputError(f"{path} is damaged, so {self.folder} cannot be resumed; start over with --overwrite")
         changed = sorted(k for k in before.keys() | current.keys() if before.get(k) != current.get(k))
         if changed:
             raise OutputError(
@@ -205,28 +241,30 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 @contextlib.contextmanager
 def output_folder(
     out: str | os.PathLike,
+    kind: str,
     inputs: Iterable[str | os.PathLike | None] = (),
     overwrite: bool = False,
     resume: bool | None = None,
     active: bool = True,
 ) -> Iterator[Work]:
-    """Write output folder `out` by the protocol of the module doc; yields the `Work` to write into.
+    """Write the output folder `out`, an lrsurgery output of `kind`, by the protocol of the module doc;
+    yields the `Work` to write into.
 
     `resume` is None for a stage that cannot resume; for one that can, an interrupted run's work folder
     is taken up with `resume=True`, refused without it, and discarded with `overwrite`. On success the
     work folder becomes `out`. `active=False` (a non-main process of a distributed run) only names the
     work folder: the main process checks, locks, creates and finishes it.
     """
-    out = Path(out)
-    work = Work(work_folder(out), out)
+    target = _absolute(out)
+    work = Work(work_folder(target), target)
     if not active:
         yield work
         return
-    check_output(out, inputs, overwrite)
+    check_output(out, inputs, overwrite, kind)
     with lock_for(out):
-        check_output(out, inputs, overwrite)  # again: another process may have finished it meanwhile
+        check_output(out, inputs, overwrite, kind)  # again: another process may have finished it meanwhile
         if work.folder.exists():
-            if not is_lrsurgery_folder(work.folder):
+            if not (work.folder / WORK_MARKER).is_file() and folder_kind(work.folder) is None:
                 raise OutputError(f"{work.folder} exists and was not made by lrsurgery; move it away")
             if resume:
                 work.resumed = work.kept = True
@@ -247,24 +285,26 @@ def output_folder(
             raise
         (work.folder / PIN_FILE).unlink(missing_ok=True)
         (work.folder / WORK_MARKER).unlink(missing_ok=True)
-        swap_into(work.folder, out)
+        swap_into(work.folder, target)
 
 
 @contextlib.contextmanager
 def output_file(
     out: str | os.PathLike,
+    kind: str,
+    kind_of: Callable[[Path], str | None],
     inputs: Iterable[str | os.PathLike | None] = (),
     overwrite: bool = False,
-    is_ours: Callable[[Path], bool] = lambda path: False,
 ) -> Iterator[Path]:
-    """Write output file `out`: checked as `check_output`, locked, written to a temporary file beside it
-    (the yielded path) and renamed into place only when the block completes."""
-    out = Path(out)
-    check_output(out, inputs, overwrite, is_ours, what="file")
-    if out.is_dir():
+    """Write the output file `out`, an lrsurgery output of `kind` (as `kind_of` tells of an existing
+    file): checked as `check_output`, locked, written to a temporary file beside it (the yielded path)
+    and renamed into place only when the block completes."""
+    target = _absolute(out)
+    check_output(out, inputs, overwrite, kind, kind_of, what="file")
+    if target.is_dir():
         raise OutputError(f"{out} is a folder; give a file path")
-    with lock_for(out), atomic_file(out) as tmp:
-        check_output(out, inputs, overwrite, is_ours, what="file")
+    with lock_for(out), atomic_file(target) as tmp:
+        check_output(out, inputs, overwrite, kind, kind_of, what="file")
         yield tmp
 
 

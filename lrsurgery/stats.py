@@ -14,6 +14,7 @@ import torch
 
 from lrsurgery.artifacts import ArtifactError, Manifest, load_tensors, read_manifest, save_tensors, write_manifest
 from lrsurgery.covariance import CalibrationError
+from lrsurgery.linalg import all_finite
 from lrsurgery.outputs import check_output, output_file, output_folder
 
 
@@ -50,16 +51,24 @@ class CovarianceReader:
         """The stored shape of `module`'s covariance, read from the file's header only."""
         return tuple(self._open(module, lambda handle, key: handle.get_slice(key).get_shape()))
 
-    def _open(self, module: str, read: Any) -> Any:
-        """`read(handle, key)` on the file and tensor holding `module`'s covariance sums."""
-        from safetensors import safe_open
+    def owner(self, module: str) -> str:
+        """The module whose covariance `module` shares (itself, or e.g. q_proj for k_proj and v_proj)."""
+        return self._entry(module)["covariance"]
 
+    def _entry(self, module: str) -> dict[str, Any]:
         info = self.modules.get(module)
         if info is None:
             raise ArtifactError(f"{self.stats} has no covariance for module {module}")
         valid = isinstance(info, dict) and isinstance(info.get("file"), str) and isinstance(info.get("covariance"), str)
         if not valid or not isinstance(info.get("tokens"), int) or info["tokens"] < 1:
             raise ArtifactError(f"{self.stats}/manifest.json is corrupt: the entry of {module} is malformed")
+        return info
+
+    def _open(self, module: str, read: Any) -> Any:
+        """`read(handle, key)` on the file and tensor holding `module`'s covariance sums."""
+        from safetensors import safe_open
+
+        info = self._entry(module)
         path = self.stats / info["file"]
         try:
             with safe_open(str(path), "pt") as handle:
@@ -87,7 +96,7 @@ def merge_stats(inputs: list[Path], out: Path, force: bool = False, overwrite: b
     """
     if len(inputs) < 2:
         raise CalibrationError("merging needs at least two stats artifacts")
-    check_output(Path(out), inputs, overwrite)
+    check_output(out, inputs, overwrite, "stats")
     manifests = [read_manifest(p, "stats") for p in inputs]
     first = manifests[0]
     for path, m in zip(inputs[1:], manifests[1:], strict=True):
@@ -103,16 +112,29 @@ def merge_stats(inputs: list[Path], out: Path, force: bool = False, overwrite: b
         name: {**info, "tokens": sum(m.extra["modules"][name]["tokens"] for m in manifests)}
         for name, info in first.extra["modules"].items()
     }
-    with output_folder(out, inputs, overwrite) as work:
+    files = sorted(
+        {info["file"] for info in first.extra["modules"].values() if isinstance(info, dict) and "file" in info}
+    )
+    with output_folder(out, "stats", inputs, overwrite) as work:
         tmp = work.folder
-        for file in sorted(Path(inputs[0]).glob("block_*.safetensors")):
-            parts = [load_tensors(Path(p) / file.name) for p in inputs]
-            _check_same_tensors(parts, [Path(p) / file.name for p in inputs])
-            save_tensors(tmp / file.name, {k: sum(part[k] for part in parts) for k in parts[0]})
+        for name in files:  # the files the manifest names, in every input
+            parts = [load_tensors(Path(p) / name) for p in inputs]
+            _check_same_tensors(parts, [Path(p) / name for p in inputs])
+            save_tensors(tmp / name, {k: sum(part[k] for part in parts) for k in parts[0]})
         if "sensitivity" in first.extra:
-            counts = [m.extra["sensitivity"]["samples"] for m in manifests]
+            counts = [
+                m.extra["sensitivity"].get("samples") if isinstance(m.extra["sensitivity"], dict) else None
+                for m in manifests
+            ]
+            if not all(isinstance(n, int) and n > 0 for n in counts):
+                raise ArtifactError(
+                    f"the manifests of {', '.join(map(str, inputs))} do not all record their sensitivity samples"
+                )
             parts = [sensitivity_tensors(p) for p in inputs]
             _check_same_tensors(parts, [Path(p) / "sensitivity.safetensors" for p in inputs])
+            for part, path in zip(parts, inputs, strict=True):
+                if any(bool((t < 0).any()) for t in part.values()):
+                    raise ArtifactError(f"{path} holds negative sensitivities (a mean of |w·g| is ≥ 0): it is damaged")
             merged = {k: sum(part[k].double() * n for part, n in zip(parts, counts, strict=True)) for k in parts[0]}
             save_tensors(tmp / "sensitivity.safetensors", {k: (v / sum(counts)).float() for k, v in merged.items()})
             extra["sensitivity"] = {**first.extra["sensitivity"], "file": "sensitivity.safetensors"}
@@ -135,25 +157,30 @@ def _check_same_tensors(parts: list[dict[str, torch.Tensor]], files: list[Path])
     """Refuse to add statistics files whose tensors differ in names or shapes (another architecture:
     --force skips only the model-fingerprint check)."""
     first = {k: tuple(v.shape) for k, v in parts[0].items()}
-    for part, file in zip(parts[1:], files[1:], strict=True):
+    for part, file in zip(parts, files, strict=True):
         if {k: tuple(v.shape) for k, v in part.items()} != first:
             raise ArtifactError(
-                f"{file} holds other statistics or shapes than {files[0]}: the artifacts were calibrated "
-                "on different architectures and cannot be merged"
+                f"{file} holds other statistics or shapes than {files[0]}: one of them is damaged, or they were "
+                "calibrated on different architectures; they cannot be merged"
             )
+        bad = next((k for k, v in part.items() if not all_finite(v)), None)
+        if bad:
+            raise ArtifactError(f"{file} holds NaN or Inf values in {bad}: it is damaged")
 
 
 def summarise(stats: Path) -> list[dict[str, Any]]:
     """Per stored covariance: trace, effective rank (exp of the eigenvalue entropy) and condition number."""
-    manifest = read_manifest(stats, "stats")
+    reader = CovarianceReader(stats)
+    owners = {name: reader.owner(name) for name in reader.modules}
     rows = []
-    for name, info in manifest.extra["modules"].items():
-        if info["covariance"] != name:
-            continue
-        eig = torch.linalg.eigvalsh(load_covariance(stats, name).double()).clamp_min(0)
+    for name in sorted(set(owners.values()), key=list(owners).index):
+        covariance = reader.get(name).double()
+        if not all_finite(covariance):
+            raise ArtifactError(f"{stats} holds NaN or Inf in the covariance of {name}: it is damaged")
+        eig = torch.linalg.eigvalsh(covariance).clamp_min(0)
         p = eig / eig.sum()
         entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
-        shared = sorted(n for n, i in manifest.extra["modules"].items() if i["covariance"] == name)
+        shared = sorted(n for n, owner in owners.items() if owner == name)
         rows.append(
             {
                 "covariance": name,
@@ -191,13 +218,14 @@ def sensitivity_grid(stats: Path) -> tuple[list[str], list[str], torch.Tensor]:
 PNG_SOFTWARE = "lrsurgery"  # the PNG's Software text: marks a figure lrsurgery may overwrite
 
 
-def is_lrsurgery_png(path: Path) -> bool:
-    """True when `path` is a PNG whose Software text chunk says lrsurgery wrote it."""
+def png_kind(path: Path) -> str | None:
+    """ "figure" when `path` is a PNG whose Software text chunk says lrsurgery wrote it, else None."""
     try:
         data = path.read_bytes()[:4096]
     except OSError:
-        return False
-    return data.startswith(b"\x89PNG") and b"tEXtSoftware\x00" + PNG_SOFTWARE.encode() in data
+        return None
+    ours = data.startswith(b"\x89PNG") and b"tEXtSoftware\x00" + PNG_SOFTWARE.encode() in data
+    return "figure" if ours else None
 
 
 def save_heatmap(stats: Path, png: Path, overwrite: bool = False) -> Path:
@@ -219,7 +247,7 @@ def save_heatmap(stats: Path, png: Path, overwrite: bool = False) -> Path:
     ax.set_title("sensitivity mean |w · ∂L/∂w|")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    with output_file(png, [stats], overwrite, is_ours=is_lrsurgery_png) as tmp:
+    with output_file(png, "figure", png_kind, [stats], overwrite) as tmp:
         fig.savefig(tmp, format="png", dpi=110, metadata={"Software": PNG_SOFTWARE})
     plt.close(fig)
     return png

@@ -23,7 +23,8 @@ from lrsurgery.artifacts import (
     write_manifest,
 )
 from lrsurgery.errors import SEED_MAX, check_count
-from lrsurgery.methods import get_method
+from lrsurgery.linalg import all_finite
+from lrsurgery.methods import MethodError, get_method
 from lrsurgery.models import (
     LoadedModel,
     backbone,
@@ -45,9 +46,10 @@ ADAPTED_KINDS = ("init", "train")
 def model_record(loaded: LoadedModel) -> dict[str, Any]:
     """What a manifest says about the model an artifact was made from."""
     config = loaded.model.config
-    return {
-        "source": loaded.source,
-        "folder": str(loaded.folder),
+    source = Path(loaded.source)
+    return {  # local paths absolute, so the artifact finds its base model from any working folder
+        "source": str(source.resolve()) if source.exists() else loaded.source,
+        "folder": str(Path(loaded.folder).resolve()),
         "fingerprint": model_fingerprint(loaded.folder),
         "model_type": getattr(config, "model_type", None),
         "architectures": getattr(config, "architectures", None),
@@ -77,7 +79,7 @@ def run_init(
     check_count("--seed", seed, 0, SEED_MAX)
     compute = compute_device(device)
     config = get_method(method, **options)
-    check_output(Path(out), overwrite=overwrite)  # before any model is resolved or read
+    check_output(out, overwrite=overwrite, kind="init")  # before any model is resolved or read
     folder = resolve_model(model)
     inputs = [folder, options.get("stats")]
     skeleton = empty_model(folder, buffers=False)  # names and shapes only: weights are read one target at a time
@@ -97,13 +99,16 @@ def run_init(
     adapters = {name: adapters[name] for name in names if name in adapters}
     tensors, meta = to_tensors(adapters)
     tensors = {key: value.cpu() for key, value in tensors.items()}
+    overflow = next((key for key, value in tensors.items() if not all_finite(value)), None)
+    if overflow:
+        raise MethodError(f"{method} init overflows fp32 in {overflow} with these options; use a smaller --alpha")
     manifest = Manifest(
         kind="init",
         config={"method": method, "options": options, "targets": targets, "seed": seed, "device": str(compute)},
         model=record,
         extra={"modules": meta, "trainable_parameters": trainable_count(meta), "method": planned},
     )
-    with output_folder(out, inputs, overwrite) as work:
+    with output_folder(out, "init", inputs, overwrite) as work:
         save_tensors(work.folder / ADAPTER_FILE, tensors)
         write_manifest(work.folder, manifest)
     return Path(out)

@@ -21,16 +21,18 @@ import torch
 from torch import nn
 
 from lrsurgery.adapters import HEAD_PREFIX, adapted_layers, head_parameters, to_tensors
-from lrsurgery.artifacts import Manifest, file_digest, read_manifest, save_tensors, write_manifest
+from lrsurgery.artifacts import ArtifactError, Manifest, file_digest, read_manifest, save_tensors, write_manifest
 from lrsurgery.checkpoint import load_checkpoint, load_checkpoint_extra, save_checkpoint
 from lrsurgery.data import DataSpec, Examples, build_examples, collate, read_labels
 from lrsurgery.errors import SEED_MAX, OptionError, UserError, check_choice, check_count, check_number
 from lrsurgery.flat import FlatParameters
 from lrsurgery.heldout import heldout_loss
-from lrsurgery.methods import TrainHooks, get_method
+from lrsurgery.methods import MethodError, TrainHooks, get_method
 from lrsurgery.outputs import check_output, output_folder, write_text_atomic
 from lrsurgery.progress import bar
 from lrsurgery.surgery import ADAPTED_KINDS, ADAPTER_FILE, load_adapted, trainable_count
+
+MAX_BATCH = 2**16  # examples per micro-batch, and micro-batches per step: far beyond any device's memory
 
 
 class TrainingDiverged(UserError, ValueError):
@@ -66,8 +68,8 @@ class TrainConfig:
         check_number("--epochs", self.epochs, 0, 1e6, low_open=True)
         check_number("--lr", self.lr, 0, low_open=True)
         check_number("--weight-decay", self.weight_decay, 0)
-        check_count("--batch-size", self.batch_size)
-        check_count("--grad-accum", self.grad_accum)
+        check_count("--batch-size", self.batch_size, 1, MAX_BATCH)
+        check_count("--grad-accum", self.grad_accum, 1, MAX_BATCH)
         check_number("--warmup-ratio", self.warmup_ratio, 0, 1)
         check_number("--max-grad-norm", self.max_grad_norm, 0, low_open=True)
         check_count("--seed", self.seed, 0, SEED_MAX)
@@ -148,12 +150,16 @@ def run_train(
     main = int(os.environ.get("RANK", "0")) == 0  # torchrun and accelerate set RANK; only rank 0 writes
     inputs = [init_dir, data.path, eval_data.path if eval_data else None]
     if not main:  # the main process checks, locks and writes the output; the others only refuse the same
-        check_output(out, inputs, overwrite)
-    with output_folder(out, inputs, overwrite, resume=resume, active=main) as run:
+        check_output(out, inputs, overwrite, "train")
+    with output_folder(out, "train", inputs, overwrite, resume=resume, active=main) as run:
         work = run.folder
         # method options are checked before anything heavy is loaded
         recorded = read_manifest(Path(init_dir), ADAPTED_KINDS).config
         method_options = dict(method_options or {})
+        try:  # what init recorded must be valid on its own, or the artifact is damaged
+            get_method(recorded["method"], **recorded["options"])
+        except MethodError as exc:
+            raise ArtifactError(f"{init_dir}/manifest.json records options its method refuses: {exc}") from exc
         method_config = get_method(recorded["method"], **{**recorded["options"], **method_options})
         torch.manual_seed(cfg.seed)
         labels = read_labels(data) if data.task == "classification" else None
@@ -161,6 +167,9 @@ def run_train(
             Path(init_dir), task=data.task, num_labels=len(labels) if labels else None, force=force
         )
         model, tokenizer = loaded.model, loaded.tokenizer
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit and data.seq_len > limit:
+            raise OptionError(f"--seq-len {data.seq_len} is longer than the model allows ({limit})")
         examples = build_examples(data, tokenizer, labels)
         held_out = build_examples(eval_data, tokenizer, labels) if eval_data else None
         evaluated: dict[str, Any] = {}
@@ -315,7 +324,7 @@ def _truncate_log(path: Path, step: int) -> None:
     if not path.exists():
         return
     kept = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
             record = json.loads(line)
         except ValueError:

@@ -89,14 +89,14 @@ def test_failed_training_leaves_no_output(tiny_llama, bbc_small, tmp_path):
 def test_output_folder_replaces_only_when_complete(tmp_path):
     out = tmp_path / "a"
     marker = json.dumps({"lrsurgery_version": "0", "kind": "test"})  # an lrsurgery output: may be replaced
-    with output_folder(out) as work:
+    with output_folder(out, "test") as work:
         (work.folder / "x").write_text("1")
         (work.folder / "manifest.json").write_text(marker)
-    with pytest.raises(RuntimeError), output_folder(out, overwrite=True) as work:
+    with pytest.raises(RuntimeError), output_folder(out, "test", overwrite=True) as work:
         (work.folder / "x").write_text("2")
         raise RuntimeError
     assert (out / "x").read_text() == "1"
-    with output_folder(out, overwrite=True) as work:
+    with output_folder(out, "test", overwrite=True) as work:
         (work.folder / "x").write_text("3")
     assert (out / "x").read_text() == "3"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]

@@ -26,7 +26,7 @@ def test_unknown_method_and_bad_regex(tiny_llama, tmp_path):
     code, out = run("init", tiny_llama, "--method", "nope", "-o", tmp_path / "i")
     assert code == 1 and "unknown method 'nope'" in out and "pissa" in out
     code, out = run("init", tiny_llama, "--method", "lora", "--svd", "randomized", "-o", tmp_path / "i")
-    assert code == 1 and "does not take option(s): svd" in out
+    assert code == 1 and "does not take --svd" in out
     code, out = run("init", tiny_llama, "--targets", "(", "-o", tmp_path / "i")
     assert code == 1 and "not a valid regular expression" in out
     code, out = run("init", tiny_llama, "--targets", "no_such_layer", "-o", tmp_path / "i")

@@ -94,9 +94,7 @@ def test_a_users_folder_is_never_replaced(arts, tmp_path, stage, overwrite):
     mine.mkdir()
     (mine / "notes.txt").write_text("precious")
     args = [*_stage_args(arts)[stage], "-o", mine, *(["--overwrite"] if overwrite else [])]
-    expect = (
-        "was not written by lrsurgery" if overwrite else "already exists; choose another output or pass --overwrite"
-    )
+    expect = "is not an lrsurgery" if overwrite else "already exists; choose another output or pass --overwrite"
     refused(*args, expect=expect, out=mine, inputs=_inputs(arts))
 
 
@@ -129,9 +127,7 @@ def test_eval_never_writes_onto_its_inputs_or_a_users_file(arts, tmp_path):
     refused(*common, "-o", arts.task, "--overwrite", expect="is the input", out=arts.task, inputs=_inputs(arts))
     config = arts.model / "config.json"
     refused(*common, "-o", config, expect="already exists", out=config, inputs=_inputs(arts))
-    refused(
-        *common, "-o", config, "--overwrite", expect="was not written by lrsurgery", out=config, inputs=_inputs(arts)
-    )
+    refused(*common, "-o", config, "--overwrite", expect="is not an lrsurgery", out=config, inputs=_inputs(arts))
     results = tmp_path / "results.json"
     assert cli(*common, "-o", results)[0] == 0
     refused(*common, "-o", results, expect="already exists", out=results)
@@ -142,7 +138,7 @@ def test_a_heatmap_never_replaces_a_users_image(arts, tmp_path):
     pytest.importorskip("matplotlib")
     image = tmp_path / "photo.png"
     image.write_bytes(b"\x89PNG\r\n\x1a\n" + b"a user's picture" * 100)
-    refused("inspect", arts.stats, "--heatmap", image, "--overwrite", expect="not written by lrsurgery", out=image)
+    refused("inspect", arts.stats, "--heatmap", image, "--overwrite", expect="is not an lrsurgery", out=image)
     ours = tmp_path / "heat.png"
     assert cli("inspect", arts.stats, "--heatmap", ours)[0] == 0
     refused("inspect", arts.stats, "--heatmap", ours, expect="already exists", out=ours)
@@ -651,3 +647,277 @@ def test_merge_stats_offers_the_overwrite_it_has(arts, tmp_path):
     assert cli("merge-stats", arts.stats, arts.stats, "-o", out)[0] == 0
     refused("merge-stats", arts.stats, arts.stats, "-o", out, expect="pass --overwrite", out=out)
     assert cli("merge-stats", arts.stats, arts.stats, "-o", out, "--overwrite")[0] == 0
+
+
+# -- found by trying ~450 hostile commands: each class stays fixed -------------------------------------------
+
+
+def test_task_templates_run_in_a_sandbox(arts, tmp_path):
+    """A task file is data: its Jinja cannot reach Python (no code runs), nor loop or grow without bound."""
+    task = json.loads(arts.task.read_text())
+    witness = tmp_path / "ran"
+    escapes = {
+        "globals": f"{{{{ cycler.__init__.__globals__.os.system('touch {witness}') }}}}",
+        "range": "{% for x in range(10**9) %}{% endfor %}",
+        "repeat": "{{ 'x' * 10**9 }}",
+    }
+    for name, template in escapes.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(json.dumps({**task, "doc_to_text": template}))
+        refused(
+            "eval",
+            arts.model,
+            "--task",
+            path,
+            "--limit",
+            1,
+            expect="sandbox|too large|too long|fails on",
+            inputs=(path,),
+        )
+    assert not witness.exists()
+
+
+GENERATION = [
+    ({"generation_kwargs": {"max_gen_toks": -1}}, "max_gen_toks must be a whole number"),
+    ({"generation_kwargs": {"max_gen_toks": "1e308"}}, "max_gen_toks must be a whole number"),
+    ({"generation_kwargs": {"until": 5}}, "until must be a string or a list of strings"),
+    ({"generation_kwargs": {"temperature": -1, "do_sample": True}}, r"temperature must be a number in \[0"),
+    ({"filter_list": [{"name": "x", "filter": [{"function": "regex", "regex_pattern": "("}]}]}, "not a valid regular"),
+]
+
+
+@pytest.mark.parametrize("fields,expect", GENERATION, ids=[e for _, e in GENERATION])
+def test_generation_settings_are_checked_when_the_task_is_read(arts, tmp_path, fields, expect):
+    task = {**json.loads(arts.task.read_text()), "output_type": "generate_until", "doc_to_target": "label", **fields}
+    task.pop("doc_to_choice")
+    path = tmp_path / "gen.yaml"
+    path.write_text(json.dumps(task))
+    refused("eval", arts.model, "--task", path, "--limit", 1, expect=expect, inputs=(path,))
+
+
+def test_overwrite_replaces_only_an_output_of_the_same_kind(arts, tmp_path):
+    merged = tmp_path / "merged"
+    assert cli("fuse", arts.run, "-o", merged)[0] == 0
+    copies = {kind: tmp_path / kind for kind in ("run", "stats")}
+    shutil.copytree(arts.run, copies["run"])
+    shutil.copytree(arts.stats, copies["stats"])
+    cases = [
+        (["assets", "humaneval", "-o", copies["run"]], "is an lrsurgery train, not data"),
+        (["init", arts.model, "--rank", 2, "-o", merged], "is an lrsurgery merged model, not init"),
+        (["calibrate", arts.model, "--data", arts.data, "--samples", 2, "-o", copies["run"]], "train, not stats"),
+        (["fuse", arts.run, "-o", copies["stats"]], "is an lrsurgery stats, not merged model"),
+    ]
+    for args, expect in cases:
+        out = args[args.index("-o") + 1]
+        refused(*args, "--overwrite", expect=expect, out=out, inputs=_inputs(arts))
+    assert cli("init", arts.model, "--rank", 2, "-o", tmp_path / "i")[0] == 0
+    assert cli("init", arts.model, "--rank", 2, "-o", tmp_path / "i", "--overwrite")[0] == 0  # the same kind
+
+
+@pytest.mark.parametrize(
+    "args,expect",
+    [
+        (["init", "{model}", "--method", "pissa", "--alpha", "1e39"], r"--alpha must be in \(0, 1e\+06\]"),
+        (
+            ["train", "{init}", "--data", "{data}", "--max-steps", 1, "--batch-size", 2**70],
+            "--batch-size must be at most",
+        ),
+        (
+            ["train", "{init}", "--data", "{data}", "--max-steps", 1, "--grad-accum", 2**70],
+            "--grad-accum must be at most",
+        ),
+        (
+            ["train", "{dual}", "--data", "{data}", "--max-steps", 1, "--orth-weight", "1e308"],
+            r"--orth-weight must be in",
+        ),
+        (
+            ["train", "{init}", "--data", "{data}", "--max-steps", 1, "--seq-len", 100000],
+            "longer than the model allows",
+        ),
+        (["train", "{init}", "--data", "{data}", "--max-steps", 1, "--k-final", 2], "does not take --k-final"),
+        (["fuse", "{run}", "--revision", "main"], "apply to --push-to-hub"),
+        (["fuse", "{run}", "--push-to-hub", "bad name", "--dry-run"], "not a valid repository name"),
+        (["init", "{model}", "--rank", 2, "--seed", "-1"], "--seed must be at least 0"),
+    ],
+    ids=["alpha", "batch", "accum", "orth", "seq-len", "method-option", "revision", "repo", "seed"],
+)
+def test_more_options_outside_their_meaning(arts, tmp_path, args, expect):
+    names = {"{model}": arts.model, "{init}": arts.init, "{data}": arts.data, "{dual}": arts.dual, "{run}": arts.run}
+    out = tmp_path / "out"
+    refused(
+        *[names.get(a, a) if isinstance(a, str) else a for a in args],
+        "-o",
+        out,
+        expect=expect,
+        out=out,
+        inputs=_inputs(arts),
+    )
+
+
+def test_bad_prompt_templates_are_refused(arts, tmp_path):
+    out = tmp_path / "run"
+    for template, expect in (("{text:>99999999999}", "asks for more than"), ("{text.__class__}", "must name a column")):
+        args = [
+            "train",
+            arts.init,
+            "--data",
+            arts.data,
+            "--prompt-template",
+            template,
+            "--response-template",
+            " {label}",
+        ]
+        refused(*args, "--max-steps", 1, "-o", out, expect=expect, out=out)
+
+
+def test_damaged_statistics_are_never_merged(arts, tmp_path):
+    from lrsurgery.artifacts import load_tensors as load
+
+    out = tmp_path / "merged"
+    missing = tmp_path / "missing"
+    shutil.copytree(arts.stats, missing)
+    (missing / "block_0001.safetensors").unlink()
+    nan = tmp_path / "nan"
+    shutil.copytree(arts.stats, nan)
+    block = load(nan / "block_0000.safetensors")
+    first = next(iter(block))
+    block[first][0, 0] = float("nan")
+    save_tensors(nan / "block_0000.safetensors", block)
+    negative = tmp_path / "negative"
+    shutil.copytree(arts.stats, negative)
+    sens = load(negative / "sensitivity.safetensors")
+    sens = {k: -v for k, v in sens.items()}
+    save_tensors(negative / "sensitivity.safetensors", sens)
+    for damaged, expect in (
+        (missing, "block_0001.safetensors is missing"),
+        (nan, "NaN or Inf"),
+        (negative, "negative"),
+    ):
+        for order in ((damaged, arts.stats), (arts.stats, damaged)):
+            refused("merge-stats", *order, "-o", out, expect=expect, out=out, inputs=(damaged, arts.stats))
+    refused("inspect", nan, expect="NaN or Inf in the covariance", inputs=(nan,))
+
+
+def test_a_config_json_of_the_wrong_types_is_one_line(arts, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(arts.model, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "hidden_size": "big"}))
+    refused(
+        "init", model, "--rank", 2, "-o", tmp_path / "out", expect="is not a valid 'llama' config", out=tmp_path / "out"
+    )
+
+
+def test_an_artifact_with_unexplained_tensors_or_records_is_refused(arts, tmp_path):
+    extra = tmp_path / "extra"
+    shutil.copytree(arts.init, extra)
+    tensors = load_tensors(extra / ADAPTER_FILE)
+    save_tensors(extra / ADAPTER_FILE, {**tensors, "bogus.lora_A": torch.zeros(2, 2)})
+    refused("fuse", extra, "-o", tmp_path / "out", expect="does not describe, e.g. bogus.lora_A", out=tmp_path / "out")
+    options = tmp_path / "options"
+    shutil.copytree(arts.init, options)
+    manifest = json.loads((options / "manifest.json").read_text())
+    manifest["config"]["options"]["rank"] = "two"
+    (options / "manifest.json").write_text(json.dumps(manifest))
+    refused(
+        "train",
+        options,
+        "--data",
+        arts.data,
+        *SFT,
+        "--max-steps",
+        1,
+        "-o",
+        tmp_path / "out",
+        expect="manifest.json records options its method refuses",
+        out=tmp_path / "out",
+    )
+    listed = tmp_path / "listed"
+    shutil.copytree(arts.init, listed)
+    (listed / "manifest.json").write_text("[1, 2]")
+    refused("fuse", listed, "-o", tmp_path / "out", expect="is corrupt: it is not a JSON object", out=tmp_path / "out")
+
+
+def test_config_keys_are_the_flags_and_their_values_are_checked(arts, tmp_path):
+    out = tmp_path / "peft"
+    config = tmp_path / "fuse.yaml"
+    config.write_text("format: peft\n")
+    assert cli("fuse", arts.run, "--config", config, "-o", out)[0] == 0
+    assert (out / "adapter_config.json").is_file()
+    for text, expect in (("rank: true\n", "'rank' takes a value, not true"), ("rank: abc\n", "'rank': Invalid value")):
+        config.write_text(text)
+        refused("init", arts.model, "--config", config, "-o", tmp_path / "i", expect=f"--config {config}: {expect}")
+
+
+def test_unusual_output_paths_are_one_line(arts, tmp_path, monkeypatch):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    refused(
+        "init", arts.model, "--rank", 2, "-o", blocker / "sub" / "init", expect=f"{blocker} is a file, not a folder"
+    )
+    refused("eval", arts.model, "--task", arts.task, "-o", blocker / "r.json", expect="is a file, not a folder")
+    inside = tmp_path / "run"
+    shutil.copytree(arts.run, inside)
+    monkeypatch.chdir(inside)  # `-o .` names the current folder: an lrsurgery train run, not an init artifact
+    refused(
+        "init",
+        arts.model,
+        "--rank",
+        2,
+        "-o",
+        ".",
+        "--overwrite",
+        expect="is an lrsurgery train, not init",
+        inputs=(inside,),
+    )
+
+
+def test_an_unset_variable_in_a_task_is_named(arts, tmp_path, monkeypatch):
+    monkeypatch.delenv("LRSURGERY_TEST_UNSET", raising=False)
+    task = json.loads(arts.task.read_text())
+    task["dataset_kwargs"]["data_files"]["test"] = "${LRSURGERY_TEST_UNSET}/test.jsonl"
+    path = tmp_path / "task.yaml"
+    path.write_text(json.dumps(task))
+    refused("eval", arts.model, "--task", path, expect=r"\$\{LRSURGERY_TEST_UNSET\}, which is not set", inputs=(path,))
+
+
+def test_resume_survives_a_torn_log_and_refuses_a_damaged_pin(arts, tmp_path):
+    from test_train import Interrupt
+
+    data = DataSpec(path=str(arts.data), prompt_template=PROMPT, response_template=RESPONSE, seq_len=48)
+    cfg = TrainConfig(max_steps=3, save_every=1, batch_size=2)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(arts.init, data, cfg, tmp_path / "run", hooks=[Interrupt(2)])
+    partial = tmp_path / "run.partial"
+    with open(partial / "metrics.jsonl", "ab") as log:
+        log.write(bytes(range(256)) + b'{"step": 2, "lo')  # a crash or a full disk mid-line
+    args = ["train", arts.init, "--data", arts.data, *SFT, "--max-steps", 3, "--save-every", 1, "-o", tmp_path / "run"]
+    pin = (partial / "run.json").read_text()
+    (partial / "run.json").write_text("{")
+    refused(*args, "--resume", expect="run.json is damaged")
+    (partial / "run.json").write_text(pin)
+    code, text = cli(*args, "--resume")
+    assert code == 0, text
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+def test_sigterm_cleans_up_like_ctrl_c(arts, tmp_path):
+    """`kill` of a run that has saved nothing leaves no work folder and no lock behind."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    env = {**os.environ, "LRSURGERY_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}
+    args = ["train", arts.init, "--data", arts.data, *SFT, "--max-steps", 100000, "--save-every", 100000, "-o", out]
+    run = subprocess.Popen(
+        [sys.executable, "-m", "lrsurgery", *map(str, args)], env=env, stderr=subprocess.PIPE, text=True
+    )
+    for _ in range(600):  # until it is training (its metrics log exists)
+        if (tmp_path / "run.partial" / "metrics.jsonl").exists():
+            break
+        time.sleep(0.1)
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130 and "error: interrupted" in err and "Traceback" not in err, err[-2000:]
+    assert list(tmp_path.iterdir()) == []

@@ -155,18 +155,21 @@ def markdown_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def is_results_file(path: Path) -> bool:
-    """True when `path` is a results JSON that `lrsurgery eval -o` wrote (so `--overwrite` may replace it)."""
+RESULTS = "eval results file"  # the kind of output `eval -o` writes
+
+
+def results_kind(path: Path) -> str | None:
+    """RESULTS when `path` is a results JSON that `lrsurgery eval -o` wrote, else None."""
     try:
         report = json.loads(path.read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(report, dict) and "results" in report and "lrsurgery_version" in report
+        return None
+    return RESULTS if isinstance(report, dict) and "results" in report and "lrsurgery_version" in report else None
 
 
 def check_report_path(out: Path, inputs: list[str | Path], overwrite: bool = False) -> None:
     """Refuse a results path that would destroy data (see `outputs.check_output`), before any scoring."""
-    check_output(Path(out), inputs, overwrite, is_results_file, what="file")
+    check_output(out, inputs, overwrite, RESULTS, results_kind, what="file")
 
 
 def write_report(report: dict[str, Any], out: Path, inputs: list[str | Path] = (), overwrite: bool = False) -> None:
@@ -179,5 +182,5 @@ def write_report(report: dict[str, Any], out: Path, inputs: list[str | Path] = (
             return {k: clean(v) for k, v in value.items()}
         return value
 
-    with output_file(out, inputs, overwrite, is_ours=is_results_file) as tmp:
+    with output_file(out, RESULTS, results_kind, inputs, overwrite) as tmp:
         tmp.write_text(json.dumps(clean(report), indent=2))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import math
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -20,54 +19,12 @@ from random import Random
 from typing import Any
 
 import yaml
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from lrsurgery.errors import UserError
+from lrsurgery.evaluation.schema import DEFAULT_METRICS, OUTPUT_TYPES, UNSUPPORTED, TaskError, validate_task
 
-OUTPUT_TYPES = ("multiple_choice", "loglikelihood_rolling", "generate_until", "classification")
-
-# Metrics each output type can compute (lm-eval names; pass@1 is HumanEval's).
-METRICS: dict[str, tuple[str, ...]] = {
-    "multiple_choice": ("acc", "acc_norm", "acc_bytes", "f1", "mcc"),
-    "loglikelihood_rolling": ("word_perplexity", "byte_perplexity", "bits_per_byte", "token_perplexity"),
-    "generate_until": ("exact_match", "pass@1"),
-    "classification": ("acc", "f1", "f1_macro", "mcc", "pearson", "spearman"),
-}
-DEFAULT_METRICS: dict[str, tuple[str, ...]] = {
-    "multiple_choice": ("acc", "acc_norm"),
-    "loglikelihood_rolling": ("word_perplexity", "byte_perplexity", "bits_per_byte"),
-    "generate_until": ("exact_match",),
-    "classification": ("acc", "f1_macro"),
-}
-# lm-eval fields whose Python hooks or features this runner does not implement.
-UNSUPPORTED = ("process_docs", "process_results", "use_prompt", "doc_to_image", "doc_to_audio", "gen_prefix")
 FEWSHOT_SEED = 1234  # lm-eval's default --fewshot_random_seed
-# the type each typed field of a task file must have (templates may be strings, lists or ints)
-FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
-    "task": str,
-    "dataset_path": str,
-    "dataset_name": str,
-    "dataset_kwargs": dict,
-    "training_split": str,
-    "validation_split": str,
-    "test_split": str,
-    "fewshot_split": str,
-    "fewshot_config": dict,
-    "description": str,
-    "target_delimiter": str,
-    "fewshot_delimiter": str,
-    "num_fewshot": int,
-    "metric_list": list,
-    "generation_kwargs": dict,
-    "filter_list": list,
-    "repeats": int,
-    "max_length": int,
-    "timeout": (int, float),
-}
-KIND_NAMES = {str: "text", dict: "a mapping", list: "a list", int: "a whole number", (int, float): "a number"}
-
-
-class TaskError(UserError, ValueError):
-    """A task file is invalid or its data lacks what the templates need."""
 
 
 class FunctionRef(str):
@@ -131,37 +88,12 @@ class Task:
         return task
 
     def _validate(self, where: str) -> None:
-        for name, kind in FIELD_TYPES.items():
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, kind) or isinstance(value, bool) and kind is not bool):
-                raise TaskError(f"{where}: field '{name}' must be {KIND_NAMES.get(kind, kind)}, got {value!r}")
-        for name, low in (("num_fewshot", 0), ("repeats", 1), ("max_length", 1)):
-            value = getattr(self, name)
-            if value is not None and value < low:
-                raise TaskError(f"{where}: field '{name}' must be at least {low}, got {value}")
-        if not (math.isfinite(self.timeout) and self.timeout > 0):
-            raise TaskError(f"{where}: field 'timeout' must be a positive number of seconds, got {self.timeout}")
-        if any(not isinstance(entry, dict) for entry in self.metric_list):
-            raise TaskError(f"{where}: every metric_list entry must be a mapping such as {{metric: acc}}")
-        allowed = METRICS[self.output_type]
-        for entry in self.metric_list:
-            name = entry.get("metric") if isinstance(entry, dict) else None
-            if name not in allowed:
-                raise TaskError(
-                    f"{where}: metric {name!r} does not fit output_type {self.output_type} "
-                    f"(use one of {', '.join(allowed)})"
-                )
-        if self.output_type == "multiple_choice" and self.doc_to_choice is None:
-            raise TaskError(f"{where}: a multiple_choice task needs doc_to_choice")
-        if self.output_type != "generate_until" and (self.generation_kwargs or self.filter_list):
-            raise TaskError(f"{where}: generation_kwargs and filter_list need output_type generate_until")
+        """Refuse fields of the wrong type or range (naming the file); fill in lm-eval's defaults."""
+        validate_task(self, where)
         if self.output_type == "generate_until":  # lm-eval's defaults (TaskConfig.__post_init__)
             kwargs = dict(self.generation_kwargs or {"do_sample": False, "temperature": 0.0})
             kwargs.setdefault("until", [self.fewshot_delimiter])
             self.generation_kwargs = kwargs
-        sampler = (self.fewshot_config or {}).get("sampler", "default")
-        if sampler not in ("default", "first_n"):
-            raise TaskError(f"{where}: fewshot_config.sampler {sampler!r} is not one of default, first_n")
 
     @property
     def metrics(self) -> list[dict[str, Any]]:
@@ -319,8 +251,12 @@ def _reject_functions(value: Any, where: str) -> None:
 
 
 def _expand(value: Any) -> Any:
-    """Expand ${VAR} in strings (data file paths) from the environment."""
+    """Expand ${VAR} in strings (data file paths) from the environment; TaskError for a variable not set."""
     if isinstance(value, str):
+        names = [braced or bare for braced, bare in re.findall(r"\$\{(\w+)\}|\$(\w+)", value)]
+        unset = [name for name in names if name not in os.environ]
+        if unset:
+            raise TaskError(f"{value!r} uses ${{{unset[0]}}}, which is not set in the environment: export it first")
         return os.path.expandvars(value)
     if isinstance(value, dict):
         return {k: _expand(v) for k, v in value.items()}
@@ -330,6 +266,24 @@ def _expand(value: Any) -> Any:
 
 
 _TEMPLATES: dict[str, Any] = {}
+SEQUENCE_LIMIT = 1_000_000  # longest string or list a template may build by repetition
+
+
+class TemplateSandbox(ImmutableSandboxedEnvironment):
+    """Jinja for task files that may come from anyone: no attribute that reaches Python internals, no
+    mutation, `range` capped (Jinja's sandbox), and no `*` or `**` that builds a huge value."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
+            raise SecurityError(f"exponent {right} is too large")
+        if operator == "*":
+            sizes = [len(v) for v in (left, right) if isinstance(v, (str, list, tuple))]
+            counts = [v for v in (left, right) if isinstance(v, int)]
+            if sizes and counts and sizes[0] * counts[0] > SEQUENCE_LIMIT:
+                raise SecurityError(f"a repetition of {sizes[0] * counts[0]} items is too long")
+        return super().call_binop(context, operator, left, right)
 
 
 def render(template: Any, doc: dict[str, Any]) -> Any:
@@ -343,7 +297,7 @@ def render(template: Any, doc: dict[str, Any]) -> Any:
     if not isinstance(template, str):
         raise TaskError(f"template {template!r} must be text, a list or a number")
     if template not in _TEMPLATES:
-        env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+        env = TemplateSandbox(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
         env.filters["regex_replace"] = lambda s, pattern, repl, count=0: re.sub(pattern, repl, s, count=count)
         try:
             _TEMPLATES[template] = env.from_string(template)
@@ -353,6 +307,8 @@ def render(template: Any, doc: dict[str, Any]) -> Any:
         return _TEMPLATES[template].render(**doc)
     except jinja2.UndefinedError as exc:
         raise TaskError(f"template {template!r} names a field the data lacks: {exc}") from exc
+    except SecurityError as exc:
+        raise TaskError(f"template {template!r} is refused by the template sandbox: {exc}") from exc
     except Exception as exc:  # the template's own expressions (a filter on the wrong type, a division by 0, ...)
         raise TaskError(f"template {template!r} fails on a document: {type(exc).__name__}: {exc}") from exc
 

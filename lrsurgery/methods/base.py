@@ -12,6 +12,8 @@ from lrsurgery.adapters import ModuleAdapter
 from lrsurgery.errors import UserError, check_count, check_number
 from lrsurgery.linalg import all_finite
 
+MAX_ALPHA = 1e6
+
 
 class MethodError(UserError, ValueError):
     """A method was given options or weights it cannot work with."""
@@ -75,7 +77,8 @@ class Method:
 
     def __post_init__(self) -> None:
         check_count("--rank", self.rank, error=MethodError)
-        check_number("--alpha", self.alpha, 0, low_open=True, error=MethodError)  # the scale α/r must be > 0
+        # the scale α/r must be > 0; beyond 1e6 it only overflows fp32 adapters and activations
+        check_number("--alpha", self.alpha, 0, MAX_ALPHA, low_open=True, error=MethodError)
         check_number("--dropout", self.dropout, 0, 1, high_open=True, error=MethodError)
 
     @property
@@ -133,5 +136,6 @@ def get_method(name: str, **options: Any) -> Method:
     fields = set(cls.__dataclass_fields__)
     unknown = sorted(k for k in options if k not in fields)
     if unknown:
-        raise MethodError(f"method {name!r} does not take option(s): {', '.join(unknown)}")
+        flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
+        raise MethodError(f"method {name!r} does not take {flags}")
     return cls(**options)

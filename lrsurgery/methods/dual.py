@@ -98,7 +98,7 @@ class Dual(PiSSA):
         check_count("--delta-t", self.delta_t, error=MethodError)
         check_number("--beta1", self.beta1, 0, 1, high_open=True, error=MethodError)
         check_number("--beta2", self.beta2, 0, 1, high_open=True, error=MethodError)
-        check_number("--orth-weight", self.orth_weight, 0, error=MethodError)
+        check_number("--orth-weight", self.orth_weight, 0, 1e3, error=MethodError)  # the paper uses 0.1-0.3
 
     @property
     def shared_init(self) -> bool:
