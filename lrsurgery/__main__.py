@@ -1,3 +1,3 @@
-from lrsurgery.cli import app
+from lrsurgery.cli import main
 
-app()
+main()

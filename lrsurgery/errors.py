@@ -72,3 +72,11 @@ def check_choice(flag: str, value: str | None, choices: tuple[str, ...], error: 
     """Refuse a value that is not one of `choices` (None passes)."""
     if value is not None and value not in choices:
         raise error(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (library messages often run on), or its type's name."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    first = (lines[0] + (" " + lines[1] if lines[0].endswith(":") and len(lines) > 1 else "")) if lines else ""
+    first = first or type(exc).__name__
+    return first.replace("For details look at the above report!", "the config and the weights disagree").strip()

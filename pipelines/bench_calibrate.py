@@ -28,10 +28,11 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="text JSONL (default: the BBC News articles)")
     args = parser.parse_args()
 
-    from lrsurgery.assets import bbc_text
-    from lrsurgery.calibrate import CalibrateConfig, run_calibrate
-    from lrsurgery.data import DataSpec, build_examples, collate
-    from lrsurgery.models import default_task, load_model, resolve_model
+    from lrsurgery.calibration.runner import CalibrateConfig, run_calibrate
+    from lrsurgery.data.assets import bbc_text
+    from lrsurgery.data.examples import DataSpec, build_examples, collate
+    from lrsurgery.hf.load import default_task, load_model
+    from lrsurgery.hf.resolve import resolve_model
 
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)

@@ -37,9 +37,10 @@ def run_child(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    from lrsurgery.calibrate import CalibrateConfig, run_calibrate
-    from lrsurgery.data import DataSpec
-    from lrsurgery.models import default_task, resolve_model
+    from lrsurgery.calibration.runner import CalibrateConfig, run_calibrate
+    from lrsurgery.data.examples import DataSpec
+    from lrsurgery.hf.load import default_task
+    from lrsurgery.hf.resolve import resolve_model
 
     folder = resolve_model(args.model)
     cls = AutoModelForCausalLM if default_task(folder) == "causal" else AutoModel
@@ -49,7 +50,7 @@ def run_child(args: argparse.Namespace) -> None:
     if args.child == "data":  # only what both paths hold besides the model: tokenizer and tokenized data
         from transformers import AutoTokenizer
 
-        from lrsurgery.data import build_examples
+        from lrsurgery.data.examples import build_examples
 
         build_examples(DataSpec(path=args.data, seq_len=args.seq_len), AutoTokenizer.from_pretrained(folder))
     else:
@@ -62,7 +63,7 @@ def run_child(args: argparse.Namespace) -> None:
 
 def bound_parts(args: argparse.Namespace, stats: Path) -> dict[str, float]:
     """The terms of the bound, in MB, from the model's config and parameter sizes (fp32 on the CPU)."""
-    from lrsurgery.offload import load_offloaded
+    from lrsurgery.hf.offload import load_offloaded
 
     loaded, loader = load_offloaded(args.model)
     config = loaded.model.config
@@ -96,9 +97,9 @@ def main() -> None:
         run_child(args)
         return
 
-    from lrsurgery.artifacts import load_tensors
-    from lrsurgery.assets import bbc_news
-    from lrsurgery.models import resolve_model
+    from lrsurgery.data.assets import bbc_news
+    from lrsurgery.hf.resolve import resolve_model
+    from lrsurgery.io.artifacts import load_tensors
 
     resolve_model(args.model)  # materialise a named model once, outside the measured processes
     env = {**os.environ, "LRSURGERY_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}

@@ -20,15 +20,16 @@ import statistics
 import torch
 from bench_train_step import mark_baseline, measure, paired_ratio, paired_times, random_batch, run_child, run_children
 
-from lrsurgery.flat import FlatParameters
-from lrsurgery.train import adamw
+from lrsurgery.training.flat import FlatParameters
+from lrsurgery.training.schedule import adamw
 
 
 def build(variant: str, args: argparse.Namespace):
     """Return (model, trainable parameters, hooks not yet set up) for `lora` or `dual`."""
-    from lrsurgery.adapters import inject
+    from lrsurgery.hf.load import load_model
+    from lrsurgery.hf.tree import backbone, find_targets
+    from lrsurgery.layers.adapted import inject
     from lrsurgery.methods import TrainHooks, get_method
-    from lrsurgery.models import backbone, find_targets, load_model
 
     model = load_model(args.model).model.to(args.device)
     targets = find_targets(model, args.targets)

@@ -32,10 +32,10 @@ def main() -> None:
 
     import torch
 
-    from lrsurgery.assets import bbc_news
+    from lrsurgery.data.assets import bbc_news
     from lrsurgery.evaluation.loglik import score_multiple_choice
     from lrsurgery.evaluation.tasks import Task
-    from lrsurgery.models import load_model
+    from lrsurgery.hf.load import load_model
 
     data = Path(tempfile.mkdtemp(prefix="bench-eval-"))
     bbc_news(data)

@@ -32,7 +32,7 @@ def child(variant: str, artifact: Path, peft_dir: Path, out: Path) -> dict:
     import torch  # noqa: F401  (imports count in the baseline, not in the work)
     import transformers  # noqa: F401
 
-    from lrsurgery.fuse import run_fuse
+    from lrsurgery.stages.fuse import run_fuse
 
     baseline = _kib("VmRSS")
     began = time.perf_counter()
@@ -42,7 +42,7 @@ def child(variant: str, artifact: Path, peft_dir: Path, out: Path) -> dict:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from lrsurgery.artifacts import read_manifest
+        from lrsurgery.io.artifacts import read_manifest
 
         folder = read_manifest(artifact).model["folder"]
         base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -63,8 +63,8 @@ def main() -> None:
         variant, artifact, peft_dir, out = args.child
         print(json.dumps(child(variant, Path(artifact), Path(peft_dir), Path(out))))
         return
-    from lrsurgery.export_peft import run_export_peft
-    from lrsurgery.surgery import run_init
+    from lrsurgery.stages.export_peft import run_export_peft
+    from lrsurgery.stages.init import run_init
 
     env = {**os.environ, "LRSURGERY_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}
     with tempfile.TemporaryDirectory() as work:

@@ -56,7 +56,8 @@ def _stop(device: str, began: float) -> float:
 def _child_peft_pissa(model: str, rank: int, device: str) -> float:
     from peft import LoraConfig, get_peft_model
 
-    from lrsurgery.models import find_targets, load_model
+    from lrsurgery.hf.load import load_model
+    from lrsurgery.hf.tree import find_targets
 
     _import_transformers()
     began = _start(device)
@@ -68,7 +69,7 @@ def _child_peft_pissa(model: str, rank: int, device: str) -> float:
 
 
 def _child_tlora(model: str, rank: int, device: str, stats: str, out: str) -> float:
-    from lrsurgery.surgery import run_init
+    from lrsurgery.stages.init import run_init
 
     _import_transformers()
     began = _start(device)
@@ -99,9 +100,9 @@ def main() -> None:
         print(json.dumps({"seconds": seconds}))
         return
 
-    from lrsurgery.assets import bbc_text
-    from lrsurgery.calibrate import CalibrateConfig, run_calibrate
-    from lrsurgery.data import DataSpec
+    from lrsurgery.calibration.runner import CalibrateConfig, run_calibrate
+    from lrsurgery.data.assets import bbc_text
+    from lrsurgery.data.examples import DataSpec
 
     env = {**os.environ, "LRSURGERY_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}
     with tempfile.TemporaryDirectory() as work:

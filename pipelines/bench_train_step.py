@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from lrsurgery.flat import FlatParameters
-from lrsurgery.train import adamw
+from lrsurgery.training.flat import FlatParameters
+from lrsurgery.training.schedule import adamw
 
 
 def _rss_kib(field: str) -> int:
@@ -47,10 +47,10 @@ def _reset_peak() -> None:
 
 def build(variant: str, args: argparse.Namespace):
     """Return (model, trainable parameters) for one variant."""
-    from lrsurgery.adapters import freeze_model, inject
+    from lrsurgery.hf.load import load_model, model_record
+    from lrsurgery.hf.tree import backbone, find_targets
+    from lrsurgery.layers.adapted import freeze_model, inject
     from lrsurgery.methods import get_method
-    from lrsurgery.models import backbone, find_targets, load_model
-    from lrsurgery.surgery import model_record
 
     loaded = load_model(args.model, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     model = loaded.model.to(args.device)
@@ -154,7 +154,7 @@ def mark_baseline(device: str, model: torch.nn.Module) -> None:
         torch.cuda.reset_peak_memory_stats()
         _BASELINE["bytes"] = torch.cuda.memory_allocated()
         return
-    from lrsurgery.offload import return_freed_memory
+    from lrsurgery.hf.offload import return_freed_memory
 
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:

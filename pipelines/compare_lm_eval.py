@@ -34,7 +34,8 @@ def main() -> None:
 
     from lrsurgery.evaluation.runner import score
     from lrsurgery.evaluation.tasks import Task
-    from lrsurgery.models import load_model, resolve_model
+    from lrsurgery.hf.load import load_model
+    from lrsurgery.hf.resolve import resolve_model
 
     task = Task.from_yaml(args.task)
     task.max_length = args.max_length

@@ -38,7 +38,7 @@ def rms_norm_in_fp64_for_fp64_inputs():
 
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
-    from lrsurgery.models import resolve_model
+    from lrsurgery.hf.resolve import resolve_model
 
     return resolve_model("smollm2-135m")
 
@@ -113,7 +113,7 @@ def tiny_bert(tmp_path_factory, minilm) -> Path:
 @pytest.fixture(scope="session")
 def bbc(tmp_path_factory) -> Path:
     """The real BBC News data as train/test JSONL (the format a user passes to --data)."""
-    from lrsurgery.assets import bbc_news
+    from lrsurgery.data.assets import bbc_news
 
     out = tmp_path_factory.mktemp("bbc")
     bbc_news(out, test_per_class=4)

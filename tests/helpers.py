@@ -86,7 +86,7 @@ def cli(*args) -> tuple[int, str]:
 
 def assert_same_tensors(file_a: Path, file_b: Path) -> None:
     """Two safetensors files hold the same names and bit-identical tensors."""
-    from lrsurgery.artifacts import load_tensors
+    from lrsurgery.io.artifacts import load_tensors
 
     a, b = load_tensors(file_a), load_tensors(file_b)
     assert a.keys() == b.keys(), (file_a, file_b)
@@ -97,8 +97,8 @@ def assert_same_tensors(file_a: Path, file_b: Path) -> None:
 def assert_adapted_equals_base(artifact: Path, base_folder: Path, task: str = "causal") -> None:
     """An init artifact leaves the base model's function unchanged: the adapted model against the base
     model, in fp32 and fp64 (see assert_same_function)."""
-    from lrsurgery.models import load_model
-    from lrsurgery.surgery import load_adapted
+    from lrsurgery.hf.load import load_model
+    from lrsurgery.stages.adapted import load_adapted
 
     base = load_model(base_folder, task=task)
     tok = base.tokenizer

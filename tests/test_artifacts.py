@@ -8,14 +8,18 @@ import pytest
 import torch
 from helpers import PROMPT
 
-from lrsurgery import surgery
-from lrsurgery.artifacts import ArtifactError, fingerprint_tensors
-from lrsurgery.data import DataSpec
-from lrsurgery.fuse import run_fuse
-from lrsurgery.models import model_fingerprint
-from lrsurgery.outputs import output_folder
-from lrsurgery.surgery import ADAPTER_FILE, load_adapted, run_init
-from lrsurgery.train import TrainConfig, run_train
+from lrsurgery.data.examples import DataSpec
+from lrsurgery.errors import ArtifactError
+from lrsurgery.hf.resolve import model_fingerprint
+from lrsurgery.io.adapter_file import ADAPTER_FILE
+from lrsurgery.io.artifacts import fingerprint_tensors
+from lrsurgery.io.outputs import output_folder
+from lrsurgery.stages import init as surgery
+from lrsurgery.stages.adapted import load_adapted
+from lrsurgery.stages.fuse import run_fuse
+from lrsurgery.stages.init import run_init
+from lrsurgery.training.schedule import TrainConfig
+from lrsurgery.training.trainer import run_train
 
 
 def test_fingerprint_tells_weights_apart_and_ignores_sharding(tiny_llama, tiny_llama_other, tmp_path):

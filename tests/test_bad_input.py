@@ -8,7 +8,7 @@ import pytest
 from helpers import cli as run
 from helpers import write_jsonl
 
-from lrsurgery.surgery import run_init
+from lrsurgery.stages.init import run_init
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lrsurgery.branches import BranchPlan, add_branches
+from lrsurgery.layers.branches import BranchPlan, add_branches
 
 T, D_IN, D_OUT = 24, 10, 7
 

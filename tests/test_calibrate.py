@@ -8,13 +8,15 @@ import pytest
 import torch
 from helpers import FP64_UNIT, sum_tolerance, write_jsonl
 
-from lrsurgery import calibrate as calibration
-from lrsurgery.artifacts import load_tensors
-from lrsurgery.calibrate import CalibrateConfig, CalibrationError, run_calibrate
-from lrsurgery.data import DataSpec, build_examples, collate
-from lrsurgery.linalg import add_gram_upper, symmetrize_upper_
-from lrsurgery.models import backbone, default_task, find_targets, load_model
-from lrsurgery.stats import load_covariance
+from lrsurgery.calibration import runner as calibration
+from lrsurgery.calibration.covariance import CalibrationError
+from lrsurgery.calibration.runner import CalibrateConfig, run_calibrate
+from lrsurgery.data.examples import DataSpec, build_examples, collate
+from lrsurgery.hf.load import default_task, load_model
+from lrsurgery.hf.tree import backbone, find_targets
+from lrsurgery.io.artifacts import load_tensors
+from lrsurgery.io.stats_file import load_covariance
+from lrsurgery.linalg.gram import add_gram_upper, symmetrize_upper_
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +129,7 @@ def test_clear_errors(tiny_llama, lm_data, tmp_path):
 
 
 def test_merged_stats_equal_one_run_over_the_union(tiny_llama, bbc, tmp_path):
-    from lrsurgery.stats import merge_stats
+    from lrsurgery.io.stats_file import merge_stats
 
     rows = [json.loads(x)["text"] for x in (bbc / "train.jsonl").read_text().splitlines()[:40]]
     part_a = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in rows[:20]])
@@ -148,8 +150,8 @@ def test_merged_stats_equal_one_run_over_the_union(tiny_llama, bbc, tmp_path):
 
 
 def test_merge_refuses_another_model(tiny_llama, tiny_llama_other, lm_data, tmp_path):
-    from lrsurgery.artifacts import ArtifactError
-    from lrsurgery.stats import merge_stats
+    from lrsurgery.errors import ArtifactError
+    from lrsurgery.io.stats_file import merge_stats
 
     cfg = CalibrateConfig(samples=3, seq_len=32, batch_size=3)
     a = run_calibrate(str(tiny_llama), DataSpec(path=str(lm_data)), cfg, tmp_path / "a")
@@ -162,7 +164,7 @@ def test_merge_refuses_another_model(tiny_llama, tiny_llama_other, lm_data, tmp_
 def test_inspect_summary(tiny_llama, lm_data, tmp_path):
     from helpers import cli
 
-    from lrsurgery.stats import summarise
+    from lrsurgery.calibration.inspect import summarise
 
     stats = run_calibrate(
         str(tiny_llama), DataSpec(path=str(lm_data)), CalibrateConfig(samples=6, seq_len=32), tmp_path / "s"
@@ -183,8 +185,8 @@ def test_inspect_summary(tiny_llama, lm_data, tmp_path):
 @pytest.mark.parametrize("path", ["sequential", "whole"])
 def test_calibrate_collects_sensitivity(tiny_llama, lm_data, tmp_path, path):
     """The artifact's sensitivities equal the whole-model computation on the same samples."""
-    from lrsurgery.sensitivity import whole_model
-    from lrsurgery.stats import load_sensitivity
+    from lrsurgery.calibration.sensitivity import whole_model
+    from lrsurgery.io.stats_file import load_sensitivity
 
     cfg = CalibrateConfig(samples=3, seq_len=24, collect=("covariance", "sensitivity"), sensitivity_path=path)
     stats = run_calibrate(str(tiny_llama), DataSpec(path=str(lm_data)), cfg, tmp_path / "s")
@@ -254,7 +256,8 @@ def test_response_tokens_only(tiny_llama, bbc_small, tmp_path):
 def test_inspect_ranks_sensitivity_and_draws_a_heatmap(tiny_llama, lm_data, tmp_path):
     from helpers import cli
 
-    from lrsurgery.stats import load_sensitivity, sensitivity_grid
+    from lrsurgery.calibration.inspect import sensitivity_grid
+    from lrsurgery.io.stats_file import load_sensitivity
 
     cfg = CalibrateConfig(samples=2, seq_len=24, collect=("sensitivity",))
     stats = run_calibrate(str(tiny_llama), DataSpec(path=str(lm_data)), cfg, tmp_path / "s")

@@ -9,12 +9,14 @@ import pytest
 import torch
 from helpers import FP32_UNIT, assert_adapted_equals_base, cli
 
-from lrsurgery.calibrate import CalibrateConfig, run_calibrate
-from lrsurgery.data import DataSpec
-from lrsurgery.linalg import subspace_distance
-from lrsurgery.models import ModelError, compute_device, load_model
-from lrsurgery.stats import load_covariance
-from lrsurgery.surgery import read_adapters, run_init
+from lrsurgery.calibration.runner import CalibrateConfig, run_calibrate
+from lrsurgery.data.examples import DataSpec
+from lrsurgery.hf.load import compute_device, load_model
+from lrsurgery.hf.resolve import ModelError
+from lrsurgery.io.adapter_file import read_adapters
+from lrsurgery.io.stats_file import load_covariance
+from lrsurgery.linalg.svd import subspace_distance
+from lrsurgery.stages.init import run_init
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 BOTH = ("covariance", "sensitivity")

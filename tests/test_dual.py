@@ -19,14 +19,17 @@ from helpers import (
 )
 from test_train import Interrupt
 
-from lrsurgery.adapters import adapted_layers
-from lrsurgery.artifacts import ArtifactError
-from lrsurgery.data import DataSpec
-from lrsurgery.importance import ImportanceEMA, triplet_scores
+from lrsurgery.data.examples import DataSpec
+from lrsurgery.errors import ArtifactError
+from lrsurgery.io.adapter_file import ADAPTER_FILE, read_adapters
+from lrsurgery.layers.adapted import adapted_layers
 from lrsurgery.methods import MethodError, get_method
-from lrsurgery.screening import k_at, orthogonality_penalty, top_k_mask
-from lrsurgery.surgery import ADAPTER_FILE, load_adapted, read_adapters, run_init
-from lrsurgery.train import TrainConfig, run_train
+from lrsurgery.methods.dual.screening import k_at, orthogonality_penalty, top_k_mask
+from lrsurgery.methods.importance import ImportanceEMA, triplet_scores
+from lrsurgery.stages.adapted import load_adapted
+from lrsurgery.stages.init import run_init
+from lrsurgery.training.schedule import TrainConfig
+from lrsurgery.training.trainer import run_train
 
 SCHEDULE = {"delta_t": 2, "t1": 0.2, "t2": 0.6, "k_final": 2}  # for 10-12 step runs: screening is visible
 

@@ -14,7 +14,7 @@ from helpers import FP64_EXACT, PROMPT, RESPONSE, assert_same_function, cli, wri
 from lrsurgery.evaluation.loglik import encode_pair, rolling_windows, score_multiple_choice, score_pairs
 from lrsurgery.evaluation.runner import run_eval
 from lrsurgery.evaluation.tasks import Task
-from lrsurgery.models import load_model
+from lrsurgery.hf.load import load_model
 
 
 def _task(tmp_path, data, name="task.yaml", **fields):
@@ -176,10 +176,11 @@ def _rolling_total(model, tok, texts, max_length):
 
 
 def test_unmerged_artifact_scores_like_its_fused_folder(tiny_llama, bbc_small, tmp_path):
-    from lrsurgery.data import DataSpec
-    from lrsurgery.fuse import run_fuse
-    from lrsurgery.surgery import run_init
-    from lrsurgery.train import TrainConfig, run_train
+    from lrsurgery.data.examples import DataSpec
+    from lrsurgery.stages.fuse import run_fuse
+    from lrsurgery.stages.init import run_init
+    from lrsurgery.training.schedule import TrainConfig
+    from lrsurgery.training.trainer import run_train
 
     init = run_init(str(tiny_llama), "pissa", tmp_path / "init", {"rank": 4})
     data = DataSpec(path=str(bbc_small), prompt_template=PROMPT, response_template=RESPONSE, seq_len=64)

@@ -12,7 +12,7 @@ from lrsurgery.evaluation import generate as gen
 from lrsurgery.evaluation.code_exec import run_program
 from lrsurgery.evaluation.generate import apply_filters, cut_at_stop, exact_match, generate, regex_filter
 from lrsurgery.evaluation.runner import run_eval
-from lrsurgery.models import load_model
+from lrsurgery.hf.load import load_model
 
 TASKS = Path(__file__).resolve().parent.parent / "examples" / "tasks"
 STRICT = r"#### (\-?[0-9\.\,]+)"
@@ -176,7 +176,7 @@ def test_program_execution_passes_fails_and_times_out(tmp_path):
 
 
 def test_humaneval_pass_at_1_needs_the_flag_and_runs_programs(tiny_llama, tmp_path, monkeypatch):
-    from lrsurgery.assets import humaneval
+    from lrsurgery.data.assets import humaneval
 
     data = tmp_path / "he"
     humaneval(data)

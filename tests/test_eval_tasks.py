@@ -12,7 +12,7 @@ from helpers import cli, write_jsonl
 from lrsurgery.evaluation import metrics
 from lrsurgery.evaluation.runner import run_eval
 from lrsurgery.evaluation.tasks import Task, TaskError, contexts
-from lrsurgery.models import load_model
+from lrsurgery.hf.load import load_model
 
 TRAIN = [{"q": f"train question {i}", "a": f"answer {i}", "gold": i % 2} for i in range(6)]
 TEST = [{"q": f"test question {i}", "a": f"answer {i}", "gold": i % 2} for i in range(4)]

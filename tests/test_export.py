@@ -8,10 +8,13 @@ import pytest
 import torch
 from helpers import PROMPT, RESPONSE, assert_same_function, max_abs, outputs
 
-from lrsurgery.data import DataSpec
-from lrsurgery.export_peft import compress, concatenated_factors, run_export_peft
-from lrsurgery.surgery import load_adapted, read_adapters, run_init
-from lrsurgery.train import TrainConfig, run_train
+from lrsurgery.data.examples import DataSpec
+from lrsurgery.io.adapter_file import read_adapters
+from lrsurgery.stages.adapted import load_adapted
+from lrsurgery.stages.export_peft import compress, concatenated_factors, run_export_peft
+from lrsurgery.stages.init import run_init
+from lrsurgery.training.schedule import TrainConfig
+from lrsurgery.training.trainer import run_train
 
 peft = pytest.importorskip("peft")
 
@@ -83,9 +86,9 @@ def test_peft_export_tiny_bare_encoder(tiny_bert, tmp_path):
     for layer in adapted.model.modules():  # move away from init so the check is not trivially zero
         if hasattr(layer, "lora_B"):
             layer.lora_B.data += 0.01
-    from lrsurgery.adapters import adapted_layers, to_tensors
-    from lrsurgery.artifacts import save_tensors
-    from lrsurgery.surgery import ADAPTER_FILE
+    from lrsurgery.io.adapter_file import ADAPTER_FILE, to_tensors
+    from lrsurgery.io.artifacts import save_tensors
+    from lrsurgery.layers.adapted import adapted_layers
 
     tensors, _ = to_tensors({n: m.export() for n, m in adapted_layers(adapted.model).items()})
     save_tensors(init / ADAPTER_FILE, tensors)

@@ -7,9 +7,9 @@ import torch
 from helpers import assert_same_function
 from torch import nn
 
-from lrsurgery.checkpoint import load_checkpoint, save_checkpoint
-from lrsurgery.flat import FlatParameters
-from lrsurgery.train import adamw
+from lrsurgery.training.checkpoint import load_checkpoint, save_checkpoint
+from lrsurgery.training.flat import FlatParameters
+from lrsurgery.training.schedule import adamw
 
 DTYPES = (torch.float32, torch.float64)  # each comparison runs in both: fp64 shows the maths is the same
 
@@ -86,7 +86,7 @@ def _checkpoints_and_resume(folder, dtype):
     named_flat = {n: p for n, p in flat_model.named_parameters() if p.requires_grad}
     save_checkpoint(folder / "plain", 3, named_plain, opt_plain)
     save_checkpoint(folder / "flat", 3, named_flat, opt_flat, flat=flat)
-    from lrsurgery.artifacts import load_tensors
+    from lrsurgery.io.artifacts import load_tensors
 
     a, b = load_tensors(folder / "plain" / "state.safetensors"), load_tensors(folder / "flat" / "state.safetensors")
     assert sorted(a) == sorted(b) and any(k.endswith("exp_avg_sq") for k in a)

@@ -8,11 +8,13 @@ import pytest
 import torch
 from helpers import PROMPT, RESPONSE, assert_same_function, max_abs, outputs
 
-from lrsurgery.data import DataSpec
-from lrsurgery.fuse import run_fuse
-from lrsurgery.shards import LazyWeights
-from lrsurgery.surgery import load_adapted, run_init
-from lrsurgery.train import TrainConfig, run_train
+from lrsurgery.data.examples import DataSpec
+from lrsurgery.io.shards import LazyWeights
+from lrsurgery.stages.adapted import load_adapted
+from lrsurgery.stages.fuse import run_fuse
+from lrsurgery.stages.init import run_init
+from lrsurgery.training.schedule import TrainConfig
+from lrsurgery.training.trainer import run_train
 
 
 def assert_fuse_is_exact(artifact, tmp_path, model_cls, task=None, **fuse_options):
@@ -89,7 +91,7 @@ def test_fused_tiny_after_training_equals_adapted(tiny_llama, bbc_small, tmp_pat
 
 
 def test_fuse_bf16_and_refuses_existing_output(tiny_llama, tmp_path):
-    from lrsurgery.artifacts import ArtifactError
+    from lrsurgery.errors import ArtifactError
 
     init = run_init(str(tiny_llama), "lora", tmp_path / "init", {"rank": 2})
     fused = run_fuse(init, tmp_path / "merged", dtype="bf16")
@@ -109,9 +111,8 @@ def test_fused_bare_encoder_is_a_bare_encoder(tiny_bert, tmp_path):
 
 
 def test_fp16_overflow_names_the_tensor(tiny_llama, tmp_path):
-    from lrsurgery.adapters import to_tensors
-    from lrsurgery.artifacts import save_tensors
-    from lrsurgery.surgery import ADAPTER_FILE, read_adapters
+    from lrsurgery.io.adapter_file import ADAPTER_FILE, read_adapters, to_tensors
+    from lrsurgery.io.artifacts import save_tensors
 
     init = run_init(str(tiny_llama), "lora", tmp_path / "init", {"rank": 2})
     _, adapters, _ = read_adapters(init)
@@ -136,8 +137,8 @@ def test_not_enough_disk_is_refused_before_writing(tiny_llama, tmp_path, monkeyp
 
 
 def test_missing_or_different_base_weights(tiny_llama, tiny_llama_other, tmp_path):
-    from lrsurgery.artifacts import ArtifactError
-    from lrsurgery.models import ModelError
+    from lrsurgery.errors import ArtifactError
+    from lrsurgery.hf.resolve import ModelError
 
     init = run_init(str(tiny_llama), "lora", tmp_path / "init", {"rank": 2})
     with pytest.raises(ArtifactError, match="was made for model"):

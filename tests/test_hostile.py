@@ -17,12 +17,14 @@ import torch
 from helpers import PROMPT, RESPONSE, cli
 from hostile import refused, snapshot
 
-from lrsurgery.artifacts import load_tensors, save_tensors
-from lrsurgery.calibrate import CalibrateConfig, run_calibrate
-from lrsurgery.data import DataSpec
-from lrsurgery.outputs import lock_for
-from lrsurgery.surgery import ADAPTER_FILE, run_init
-from lrsurgery.train import TrainConfig, run_train
+from lrsurgery.calibration.runner import CalibrateConfig, run_calibrate
+from lrsurgery.data.examples import DataSpec
+from lrsurgery.io.adapter_file import ADAPTER_FILE
+from lrsurgery.io.artifacts import load_tensors, save_tensors
+from lrsurgery.io.outputs import lock_for
+from lrsurgery.stages.init import run_init
+from lrsurgery.training.schedule import TrainConfig
+from lrsurgery.training.trainer import run_train
 
 SFT = ["--prompt-template", PROMPT, "--response-template", RESPONSE, "--seq-len", 48, "--batch-size", 2]
 
@@ -326,7 +328,7 @@ def test_a_second_writer_is_refused_and_a_killed_one_leaves_no_lock_behind(arts,
         [
             sys.executable,
             "-c",
-            "import sys, time; from pathlib import Path; from lrsurgery.outputs import lock_for; "
+            "import sys, time; from pathlib import Path; from lrsurgery.io.outputs import lock_for; "
             "lock_for(Path(sys.argv[1])).acquire(); print('locked', flush=True); time.sleep(120)",
             str(out),
         ],
@@ -771,7 +773,7 @@ def test_bad_prompt_templates_are_refused(arts, tmp_path):
 
 
 def test_damaged_statistics_are_never_merged(arts, tmp_path):
-    from lrsurgery.artifacts import load_tensors as load
+    from lrsurgery.io.artifacts import load_tensors as load
 
     out = tmp_path / "merged"
     missing = tmp_path / "missing"

@@ -8,7 +8,7 @@ import pytest
 from helpers import cli as invoke
 from hub_standin import HubStandIn
 
-from lrsurgery.surgery import run_init
+from lrsurgery.stages.init import run_init
 
 
 @pytest.fixture
@@ -80,9 +80,10 @@ def test_dry_run_lists_files(init_dir, tmp_path):
 def test_model_card_reports_method_data_and_eval_results(tiny_llama, bbc_small, tmp_path):
     from helpers import PROMPT, RESPONSE
 
-    from lrsurgery.data import DataSpec
-    from lrsurgery.fuse import run_fuse
-    from lrsurgery.train import TrainConfig, run_train
+    from lrsurgery.data.examples import DataSpec
+    from lrsurgery.stages.fuse import run_fuse
+    from lrsurgery.training.schedule import TrainConfig
+    from lrsurgery.training.trainer import run_train
 
     init = run_init(str(tiny_llama), "pissa", tmp_path / "init", {"rank": 2})
     data = DataSpec(path=str(bbc_small), prompt_template=PROMPT, response_template=RESPONSE, seq_len=48)

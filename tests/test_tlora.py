@@ -8,16 +8,21 @@ import pytest
 import torch
 from helpers import FP32_UNIT, PROMPT, RESPONSE, assert_adapted_equals_base, cli, max_abs, outputs, sum_tolerance
 
-from lrsurgery.allocation import AllocationError, allocate_alphas, allocate_ranks
-from lrsurgery.artifacts import ArtifactError, load_tensors, save_tensors
-from lrsurgery.calibrate import CalibrateConfig, run_calibrate
-from lrsurgery.data import DataSpec
-from lrsurgery.linalg import psd_power, subspace_distance
+from lrsurgery.calibration.runner import CalibrateConfig, run_calibrate
+from lrsurgery.data.examples import DataSpec
+from lrsurgery.errors import ArtifactError
+from lrsurgery.hf.load import load_model
+from lrsurgery.hf.tree import backbone, find_targets
+from lrsurgery.io.adapter_file import read_adapters
+from lrsurgery.io.artifacts import load_tensors, save_tensors
+from lrsurgery.io.stats_file import load_covariance, load_sensitivity
+from lrsurgery.linalg.eigen import psd_power
+from lrsurgery.linalg.svd import subspace_distance
 from lrsurgery.methods import MethodError, TrainHooks
-from lrsurgery.models import backbone, find_targets, load_model
-from lrsurgery.stats import load_covariance, load_sensitivity
-from lrsurgery.surgery import init_groups, read_adapters, run_init
-from lrsurgery.train import TrainConfig, run_train
+from lrsurgery.methods.tlora.allocation import AllocationError, allocate_alphas, allocate_ranks
+from lrsurgery.stages.init import init_groups, run_init
+from lrsurgery.training.schedule import TrainConfig
+from lrsurgery.training.trainer import run_train
 
 BOTH = ("covariance", "sensitivity")
 
@@ -112,7 +117,7 @@ def test_init_groups_batch_same_shapes_in_model_order_within_a_memory_budget():
 def test_top_eigenpairs_match_a_full_eigendecomposition_and_read_the_upper_triangle_only():
     """Threaded MRRR on an index range against LAPACK's full `syevd` (torch.linalg.eigh), on Grams whose
     lower triangle holds garbage, as `add_gram_upper` leaves it."""
-    from lrsurgery.linalg import top_eigenpairs
+    from lrsurgery.linalg.eigen import top_eigenpairs
 
     generator = torch.Generator().manual_seed(0)
     rows = torch.randn(5, 90, 40, generator=generator, dtype=torch.float64) * torch.logspace(0, -4, 40).double()
@@ -129,7 +134,8 @@ def test_top_eigenpairs_match_a_full_eigendecomposition_and_read_the_upper_trian
 
 @pytest.mark.parametrize("shape", [(200, 60), (60, 60), (40, 90)])  # tall (C·WᵀW·C route), square, wide
 def test_top_right_singular_vectors_of_a_product_match_an_exact_svd(shape):
-    from lrsurgery.linalg import Workspace, top_right_singular_vectors_of_product
+    from lrsurgery.linalg.basics import Workspace
+    from lrsurgery.linalg.svd import top_right_singular_vectors_of_product
 
     generator = torch.Generator().manual_seed(0)
     m, n = shape
@@ -144,8 +150,8 @@ def test_top_right_singular_vectors_of_a_product_match_an_exact_svd(shape):
 
 
 def test_batched_tlora_init_equals_one_module_at_a_time(tiny_llama, tiny_stats):
+    from lrsurgery.hf.load import model_record
     from lrsurgery.methods import get_method
-    from lrsurgery.surgery import model_record
 
     loaded = load_model(str(tiny_llama), task="base")
     root = backbone(loaded.model)

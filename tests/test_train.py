@@ -9,11 +9,14 @@ import pytest
 import torch
 from helpers import PROMPT, RESPONSE, assert_same_tensors, sum_tolerance
 
-from lrsurgery.artifacts import ArtifactError, load_tensors
-from lrsurgery.data import DataSpec, collate
+from lrsurgery.data.examples import DataSpec, collate
+from lrsurgery.errors import ArtifactError
+from lrsurgery.io.adapter_file import ADAPTER_FILE
+from lrsurgery.io.artifacts import load_tensors
 from lrsurgery.methods import TrainHooks
-from lrsurgery.surgery import ADAPTER_FILE, run_init
-from lrsurgery.train import TrainConfig, lr_at, run_train
+from lrsurgery.stages.init import run_init
+from lrsurgery.training.schedule import TrainConfig, lr_at
+from lrsurgery.training.trainer import run_train
 
 
 class Interrupt(TrainHooks):
@@ -93,7 +96,7 @@ class NaNLoss(TrainHooks):
 
 
 def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tiny_llama, bbc_small, tmp_path):
-    from lrsurgery.train import TrainingDiverged
+    from lrsurgery.training.trainer import TrainingDiverged
 
     init = run_init(str(tiny_llama), "lora", tmp_path / "init", {"rank": 2})
     data = DataSpec(path=str(bbc_small), prompt_template=PROMPT, response_template=RESPONSE, seq_len=48)
@@ -182,9 +185,9 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_llama, tmp_path
 
 
 def test_held_out_loss_is_logged_and_recorded(tiny_llama, bbc, bbc_small, tmp_path):
-    from lrsurgery.data import build_examples
-    from lrsurgery.heldout import heldout_loss
-    from lrsurgery.models import load_model
+    from lrsurgery.data.examples import build_examples
+    from lrsurgery.hf.load import load_model
+    from lrsurgery.training.heldout import heldout_loss
 
     init = run_init(str(tiny_llama), "lora", tmp_path / "init", {"rank": 4})
     data = DataSpec(path=str(bbc_small), prompt_template=PROMPT, response_template=RESPONSE, seq_len=64)

@@ -13,8 +13,8 @@ import torch
 from lrsurgery.evaluation.loglik import max_length
 from lrsurgery.evaluation.metrics import aggregate
 from lrsurgery.evaluation.tasks import Task, TaskError, render
-from lrsurgery.linalg import at_least_fp32
-from lrsurgery.models import LoadedModel
+from lrsurgery.hf.load import LoadedModel
+from lrsurgery.linalg.basics import at_least_fp32
 from lrsurgery.progress import bar
 
 

@@ -18,7 +18,7 @@ import torch
 from lrsurgery.evaluation.loglik import max_length
 from lrsurgery.evaluation.metrics import aggregate
 from lrsurgery.evaluation.tasks import Task, TaskError, contexts, render
-from lrsurgery.models import LoadedModel
+from lrsurgery.hf.load import LoadedModel
 from lrsurgery.progress import bar
 
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's default

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from lrsurgery.evaluation.metrics import aggregate
 from lrsurgery.evaluation.tasks import Task, contexts
-from lrsurgery.linalg import at_least_fp32
-from lrsurgery.models import LoadedModel
+from lrsurgery.hf.load import LoadedModel
+from lrsurgery.linalg.basics import at_least_fp32
 from lrsurgery.progress import bar
 
 TokenPair = tuple[list[int], list[int]]

@@ -10,14 +10,15 @@ from typing import Any
 import torch
 
 from lrsurgery import __version__
-from lrsurgery.artifacts import MANIFEST, fingerprint_weights
 from lrsurgery.errors import check_choice, check_count
 from lrsurgery.evaluation.classify import score_classification
 from lrsurgery.evaluation.generate import score_generate
 from lrsurgery.evaluation.loglik import score_multiple_choice, score_rolling
 from lrsurgery.evaluation.tasks import Task, TaskError
-from lrsurgery.models import LoadedModel, default_task, load_model, model_fingerprint, resolve_model
-from lrsurgery.outputs import check_output, output_file
+from lrsurgery.hf.load import LoadedModel, default_task, load_model
+from lrsurgery.hf.resolve import model_fingerprint, resolve_model
+from lrsurgery.io.artifacts import MANIFEST, fingerprint_weights
+from lrsurgery.io.outputs import check_output, output_file
 
 SCORERS = {
     "multiple_choice": score_multiple_choice,
@@ -36,7 +37,7 @@ def load_for_eval(spec: str, task: Task, dtype: str = "fp32") -> tuple[LoadedMod
     Returns the model and what identifies it: source, fingerprint (of the weights; for an artifact
     the base model's and the adapter files'), artifact kind, dtype.
     """
-    from lrsurgery.surgery import load_adapted
+    from lrsurgery.stages.adapted import load_adapted
 
     classification = task.output_type == "classification"
     if (Path(spec) / MANIFEST).is_file():

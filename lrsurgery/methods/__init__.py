@@ -4,10 +4,10 @@ and may hook into training (see `Method`). Adding a method is one file plus one 
 from __future__ import annotations
 
 from lrsurgery.methods.base import Method, MethodError, TrainHooks, get_method, method_names, register
-from lrsurgery.methods.dual import Dual
+from lrsurgery.methods.dual.method import Dual
 from lrsurgery.methods.lora import LoRA
 from lrsurgery.methods.pissa import PiSSA
-from lrsurgery.methods.tlora import TLoRA
+from lrsurgery.methods.tlora.method import TLoRA
 
 register(LoRA)
 register(PiSSA)

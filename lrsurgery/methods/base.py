@@ -8,9 +8,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lrsurgery.adapters import ModuleAdapter
 from lrsurgery.errors import UserError, check_count, check_number
-from lrsurgery.linalg import all_finite
+from lrsurgery.layers.spec import ModuleAdapter
+from lrsurgery.linalg.basics import all_finite
 
 MAX_ALPHA = 1e6
 

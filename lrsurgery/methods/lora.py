@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import torch
 
-from lrsurgery.adapters import ModuleAdapter
+from lrsurgery.layers.spec import ModuleAdapter
 from lrsurgery.methods.base import Method
 
 

@@ -12,9 +12,9 @@ from typing import ClassVar
 
 import torch
 
-from lrsurgery.adapters import ModuleAdapter
 from lrsurgery.errors import check_choice, check_count
-from lrsurgery.linalg import truncated_svd
+from lrsurgery.layers.spec import ModuleAdapter
+from lrsurgery.linalg.svd import truncated_svd
 from lrsurgery.methods.base import Method, MethodError
 
 

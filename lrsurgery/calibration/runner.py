@@ -1,0 +1,358 @@
+"""The `calibrate` stage: covariances and sensitivities of every target linear, block by block.
+
+Forward: the inputs of the first transformer block (and the keyword arguments the model passes every
+block: attention mask, rotary position embeddings, ...) are captured once by a pre-hook; then each
+block in turn is brought to the compute device (from RAM, or read from the safetensors files with
+`--offload disk`), runs every calibration micro-batch, has its covariances accumulated and written,
+and is released. Its outputs, kept on CPU, are the next block's inputs.
+
+Backward (sensitivity, sequential path): the model's own head turns the last block's outputs into the
+per-sample losses, whose gradient is then carried down block by block in reverse: each block is
+recomputed from its stored input with gradients on, back-propagated, and its per-sample |W ⊙ ∇W|
+reduced (calibration/sensitivity.py). One block's weights are resident at a time in both passes.
+
+Everything is written per block as the block finishes (covariance sums, sensitivity reductions and the
+gradient at the block boundary), with the manifest recording how far each pass got, so an interrupted
+run continues with `--resume` from the last finished block."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lrsurgery.calibration.covariance import CalibrationError, CovarianceCollector
+from lrsurgery.calibration.sensitivity import SensitivityCollector, per_sample_loss, whole_model
+from lrsurgery.data.examples import IGNORE, DataSpec, build_examples, collate
+from lrsurgery.errors import check_count
+from lrsurgery.hf.load import compute_device, default_task, load_model, model_record
+from lrsurgery.hf.resolve import resolve_model
+from lrsurgery.hf.tree import backbone, block_list, find_targets
+from lrsurgery.io.artifacts import MANIFEST, Manifest, load_tensors, read_manifest, save_tensors, write_manifest
+from lrsurgery.io.outputs import Work, output_folder
+from lrsurgery.linalg.basics import all_finite
+from lrsurgery.progress import progress
+
+__all__ = ["CalibrateConfig", "CalibrationError", "capture_block_inputs", "run_calibrate"]
+
+
+class _Captured(Exception):
+    """Raised by the first block's pre-hook once its inputs are recorded."""
+
+
+@dataclass
+class CalibrateConfig:
+    samples: int = 32
+    seq_len: int = 256
+    batch_size: int = 4
+    dtype: str = "fp32"
+    device: str = "cpu"
+    targets: str | None = None
+    collect: tuple[str, ...] = ("covariance",)
+    sensitivity_path: str = "sequential"
+    offload: str = "cpu"
+    tokens: str = "all"
+
+    def __post_init__(self) -> None:
+        self.collect = tuple(self.collect)
+        unknown = set(self.collect) - {"covariance", "sensitivity"}
+        if unknown or not self.collect:
+            raise CalibrationError(f"--collect takes covariance and/or sensitivity, got {', '.join(self.collect)}")
+        if self.offload not in ("cpu", "disk"):
+            raise CalibrationError(f"--offload must be cpu or disk, got {self.offload!r}")
+        if self.sensitivity_path not in ("sequential", "whole"):
+            raise CalibrationError(f"--sensitivity-path must be sequential or whole, got {self.sensitivity_path!r}")
+        if self.tokens not in ("all", "response"):
+            raise CalibrationError(f"--tokens must be all or response, got {self.tokens!r}")
+        if self.offload == "disk" and "sensitivity" in self.collect and self.sensitivity_path == "whole":
+            raise CalibrationError("--sensitivity-path whole needs the whole model in memory; use --offload cpu")
+        if self.dtype not in ("fp32", "fp64"):
+            raise CalibrationError(f"--dtype must be fp32 or fp64, got {self.dtype!r}")
+        check_count("--samples", self.samples)
+        check_count("--seq-len", self.seq_len, 2)  # sensitivity needs a next token to predict
+        check_count("--batch-size", self.batch_size)
+
+
+def _to(value: Any, device: torch.device | str) -> Any:
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    if isinstance(value, list):
+        return [_to(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[dict]) -> list[tuple]:
+    """(hidden states, kwargs, extra args) reaching the first block for each micro-batch, on CPU."""
+    captured: list[tuple] = []
+
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
+        captured.append((hidden.detach().cpu(), _to(kwargs, "cpu"), tuple(_to(a, "cpu") for a in args[1:])))
+        raise _Captured
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _block_output(result: Any) -> torch.Tensor:
+    return result[0] if isinstance(result, (tuple, list)) else result
+
+
+class BlockRunner:
+    """Brings block i onto the compute device (from RAM or, with a disk loader, from the files) and back."""
+
+    def __init__(self, model: nn.Module, device: torch.device, loader: Any = None):
+        self.model = model
+        self.prefix, self.blocks = block_list(model)
+        self.root = backbone(model)
+        self.device = device
+        self.loader = loader
+        self.tuple_output = True
+
+    def load(self, index: int) -> nn.Module:
+        block = self.loader.load(index, self.device) if self.loader else self.blocks[index].to(self.device)
+        return block.requires_grad_(False)
+
+    def release(self, index: int) -> None:
+        if self.loader:
+            self.loader.release(index)
+        else:
+            self.blocks[index].to("cpu")
+
+    def targets(self, index: int, targets: list[str]) -> dict[str, nn.Linear]:
+        return {n: self.root.get_submodule(n) for n in targets if n.startswith(f"{self.prefix}.{index}.")}
+
+    def run(self, block: nn.Module, hidden: torch.Tensor, kwargs: dict, args: tuple) -> torch.Tensor:
+        result = block(hidden.to(self.device), *_to(args, self.device), **_to(kwargs, self.device))
+        self.tuple_output = isinstance(result, (tuple, list))
+        return _block_output(result)
+
+
+def run_calibrate(
+    model: str, data: DataSpec, cfg: CalibrateConfig, out: Path, resume: bool = False, overwrite: bool = False
+) -> Path:
+    """Collect per-module statistics (see module doc) into a stats artifact at `out`; return `out`."""
+    device = compute_device(cfg.device)
+    folder = resolve_model(model)
+    with output_folder(out, "stats", [folder, data.path], overwrite, resume=resume) as run:
+        _calibrate(model, folder, data, cfg, run, device)
+    return Path(out)
+
+
+def _calibrate(model: str, folder: Path, data: DataSpec, cfg: CalibrateConfig, run: Work, device: torch.device):
+    loader = None
+    if cfg.offload == "disk":
+        from lrsurgery.hf.offload import load_offloaded
+
+        loaded, loader = load_offloaded(model)
+    else:
+        loaded = load_model(model, task=default_task(folder))
+    loaded.model.requires_grad_(False)
+    limit = getattr(loaded.model.config, "max_position_embeddings", None)
+    if limit and cfg.seq_len > limit:
+        raise CalibrationError(f"--seq-len {cfg.seq_len} is longer than the model allows ({limit})")
+    if "sensitivity" in cfg.collect and default_task(loaded.folder) != "causal":
+        raise CalibrationError("--collect sensitivity needs a causal language model (the loss is its LM loss)")
+    if cfg.tokens == "response" and not data.prompt_template:
+        raise CalibrationError("--tokens response needs prompt/response data (--prompt-template, --response-template)")
+    examples = build_examples(DataSpec(**{**asdict(data), "seq_len": cfg.seq_len}), loaded.tokenizer)
+    if len(examples) < cfg.samples:
+        raise CalibrationError(
+            f"the data gives {len(examples)} examples of {cfg.seq_len} tokens; --samples {cfg.samples} were asked for"
+        )
+    rows = examples.rows[: cfg.samples]
+    pad = loaded.tokenizer.pad_token_id
+    batches = [collate(rows[i : i + cfg.batch_size], pad, "causal") for i in range(0, len(rows), cfg.batch_size)]
+    for batch in batches:
+        batch["count"] = batch["attention_mask"] if cfg.tokens == "all" else batch["labels"] != IGNORE
+    targets = find_targets(loaded.model, cfg.targets)
+    runner = BlockRunner(loaded.model, device, loader)
+    blocks = len(runner.blocks)
+    manifest = Manifest(
+        kind="stats",
+        config={**asdict(cfg), "collect": list(cfg.collect), "data": asdict(data)},
+        model=model_record(loaded),
+        data={"fingerprint": examples.fingerprint, "samples": len(rows), "path": data.path},
+        extra={"blocks": blocks, "completed": 0, "tokens": 0, "modules": {}},
+    )
+    run.pin({"model": manifest.model["fingerprint"], "data": examples.fingerprint, "config": manifest.config})
+    work = run.folder
+    if not (work / MANIFEST).exists():
+        write_manifest(work, manifest)
+    state = read_manifest(work).extra
+    covariance_from = state["completed"] if "covariance" in cfg.collect else blocks
+    wants_sensitivity = "sensitivity" in cfg.collect and "sensitivity" not in state
+    if wants_sensitivity and cfg.sensitivity_path == "whole":
+        _save_sensitivity(work, whole_model(loaded.model, batches, targets), batches, "whole")
+        run.keep()
+        wants_sensitivity = False
+    backward_from = state.get("sensitivity_next", blocks) if wants_sensitivity else 0
+    forward_to = blocks if covariance_from < blocks or backward_from == blocks else backward_from - 1
+    kept, hidden = _forward(runner, batches, targets, cfg, run, covariance_from, forward_to, backward_from)
+    if wants_sensitivity:
+        _backward(loaded.model, runner, batches, targets, run, kept, hidden, backward_from)
+    _check_complete(work)
+
+
+def _forward(runner, batches, targets, cfg, run, covariance_from, forward_to, keep_to):
+    """Run blocks [0, forward_to), collecting covariances from block `covariance_from` on, and keep
+    the inputs of blocks [0, keep_to) for the backward pass.
+
+    Returns (kept[block][batch] hidden states, [(hidden, kwargs, args)] per batch after the last block run).
+    """
+    dtype = torch.float64 if cfg.dtype == "fp64" else torch.float32
+    kept: list[list[torch.Tensor]] = []
+    if max(forward_to, keep_to) <= 0:
+        return kept, []
+    with torch.no_grad():
+        hidden = capture_block_inputs(runner.model, runner.blocks, batches)
+        if keep_to == 0 and runner.loader:  # no backward to follow: nothing outside the blocks runs again
+            runner.loader.release_rest()
+        for index in progress(range(forward_to), desc="calibrate forward", unit="block"):
+            if index < keep_to:
+                kept.append([h for h, _, _ in hidden])
+            block = runner.load(index)
+            collector = CovarianceCollector(runner.targets(index, targets), dtype) if index >= covariance_from else None
+            for b, (states, kwargs, args) in enumerate(hidden):
+                if collector:
+                    collector.start_batch(batches[b]["count"])
+                out = runner.run(block, states, kwargs, args)
+                if not all_finite(out):
+                    raise CalibrationError(f"block {runner.prefix}.{index} outputs NaN or Inf activations")
+                hidden[b] = (out.cpu(), kwargs, args)
+            runner.release(index)
+            if collector:
+                collector.close()
+                _write_block(run.folder, index, collector)
+                run.keep()
+        if forward_to < keep_to:
+            kept.append([h for h, _, _ in hidden])
+    return kept, hidden
+
+
+class _Replay(nn.Module):
+    """Stands in for the block list's only entry: returns a stored hidden state, ignoring its input."""
+
+    def __init__(self, hidden: torch.Tensor, as_tuple: bool):
+        super().__init__()
+        self.hidden = hidden
+        self.as_tuple = as_tuple
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return (self.hidden,) if self.as_tuple else self.hidden
+
+
+def _head_gradients(model: nn.Module, runner: BlockRunner, batches: list[dict], hidden: list[tuple]) -> list:
+    """∂(Σ per-sample losses)/∂(last block output) per micro-batch, from the model's own head."""
+    parent_name, _, attr = runner.prefix.rpartition(".")
+    parent = runner.root.get_submodule(parent_name) if parent_name else runner.root
+    original = getattr(parent, attr)
+    grads = []
+    try:
+        for batch, (states, _, _) in zip(batches, hidden, strict=True):
+            last = states.clone().requires_grad_(True)
+            setattr(parent, attr, nn.ModuleList([_Replay(last, runner.tuple_output)]))
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            per_sample_loss(out.logits, batch["labels"])[0].backward()
+            grads.append(last.grad)
+    finally:
+        setattr(parent, attr, original)
+    return grads
+
+
+def _backward(model, runner, batches, targets, run, kept, hidden, backward_from) -> None:
+    """Sequential sensitivity: carry the loss gradient down blocks [0, backward_from) in reverse."""
+    work = run.folder
+    if backward_from == len(runner.blocks):
+        grads = _head_gradients(model, runner, batches, hidden)
+    else:
+        saved = load_tensors(work / f"grad_{backward_from:04d}.safetensors")
+        grads = [saved[f"batch.{b}"] for b in range(len(batches))]
+    for index in progress(reversed(range(backward_from)), desc="calibrate backward", total=backward_from, unit="block"):
+        block = runner.load(index)
+        collector = SensitivityCollector(runner.targets(index, targets))
+        below = []
+        for b, (batch, (_, kwargs, args)) in enumerate(zip(batches, hidden, strict=True)):
+            x = kept[index][b].to(runner.device).requires_grad_(True)
+            runner.run(block, x, kwargs, args).backward(grads[b].to(runner.device))
+            below.append(x.grad.cpu())
+            collector.samples += per_sample_count(batch["labels"])
+        runner.release(index)
+        grads = below
+        _write_sensitivity_block(work, index, collector.close(), grads)
+        run.keep()
+    _save_sensitivity(work, _gather_sensitivity(work), batches, "sequential")
+
+
+def per_sample_count(labels: torch.Tensor) -> int:
+    """Samples in a micro-batch with at least one predicted token (those the sensitivity averages over)."""
+    return int(((labels[:, 1:] != IGNORE).sum(dim=1) > 0).sum())
+
+
+def _write_block(work: Path, index: int, collector: CovarianceCollector) -> None:
+    """Write one block's sums atomically, then record it in the manifest (the resume point)."""
+    tensors = {f"cov.{name}": s for name, s in collector.finish().items()}
+    save_tensors(work / f"block_{index:04d}.safetensors", tensors)
+    manifest = read_manifest(work)
+    for name, owner in collector.share.items():
+        manifest.extra["modules"][name] = {
+            "covariance": owner,
+            "file": f"block_{index:04d}.safetensors",
+            "tokens": collector.tokens,
+        }
+    manifest.extra["completed"] = index + 1
+    manifest.extra["tokens"] = collector.tokens
+    write_manifest(work, manifest)
+
+
+def _write_sensitivity_block(work: Path, index: int, tensors: dict, grads: list[torch.Tensor]) -> None:
+    """Write block `index`'s sensitivities and the gradient entering it, then move the resume point."""
+    save_tensors(work / f"sens_{index:04d}.safetensors", tensors)
+    save_tensors(work / f"grad_{index:04d}.safetensors", {f"batch.{b}": g for b, g in enumerate(grads)})
+    manifest = read_manifest(work)
+    manifest.extra["sensitivity_next"] = index
+    write_manifest(work, manifest)
+    (work / f"grad_{index + 1:04d}.safetensors").unlink(missing_ok=True)
+
+
+def _gather_sensitivity(work: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(work.glob("sens_*.safetensors")):
+        tensors.update(load_tensors(file))
+    return tensors
+
+
+def _save_sensitivity(work: Path, tensors: dict, batches: list[dict], path: str) -> None:
+    save_tensors(work / "sensitivity.safetensors", tensors)
+    manifest = read_manifest(work)
+    samples = sum(per_sample_count(b["labels"]) for b in batches)
+    manifest.extra["sensitivity"] = {"file": "sensitivity.safetensors", "samples": samples, "path": path}
+    manifest.extra.pop("sensitivity_next", None)
+    write_manifest(work, manifest)
+    for file in [*work.glob("sens_*.safetensors"), *work.glob("grad_*.safetensors")]:
+        file.unlink()
+
+
+def _check_complete(work: Path) -> None:
+    manifest = read_manifest(work)
+    covariance_done = "covariance" not in manifest.config["collect"] or (
+        manifest.extra["completed"] == manifest.extra["blocks"]
+    )
+    if not covariance_done or ("sensitivity" in manifest.config["collect"] and "sensitivity" not in manifest.extra):
+        raise RuntimeError(f"{work} is incomplete")  # a bug: every pass above ran to its end

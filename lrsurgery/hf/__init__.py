@@ -1,0 +1,1 @@
+"""Hugging Face models: resolving a name, folder, GGUF file or cache id; loading; the module tree; disk offload."""

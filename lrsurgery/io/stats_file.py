@@ -1,0 +1,168 @@
+"""Reading and merging a stats artifact (written by `lrsurgery calibrate`).
+
+Layout: `manifest.json` (`extra.modules[name]` = {covariance owner, file, tokens}; `extra.sensitivity`
+= {file, samples, path}), `block_NNNN.safetensors` holding `cov.{owner}` = Σ xᵀx per block, and
+`sensitivity.safetensors` holding `sens.{name}` (1,), `sens_rows.{name}` (d_out), `sens_cols.{name}` (d_in)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lrsurgery.calibration.covariance import CalibrationError
+from lrsurgery.errors import ArtifactError
+from lrsurgery.io.artifacts import Manifest, load_tensors, read_manifest, save_tensors, write_manifest
+from lrsurgery.io.outputs import check_output, output_folder
+from lrsurgery.linalg.basics import all_finite
+
+
+def has_covariance(manifest: Manifest) -> bool:
+    return "covariance" in manifest.config["collect"]
+
+
+def load_sensitivity(stats: Path) -> dict[str, float]:
+    """S(W) per module from a stats artifact collected with sensitivity."""
+    return {k[len("sens.") :]: float(v) for k, v in sensitivity_tensors(stats).items() if k.startswith("sens.")}
+
+
+def sensitivity_tensors(stats: Path) -> dict[str, torch.Tensor]:
+    """Every stored sensitivity tensor (scalars, row and column means) of a stats artifact."""
+    manifest = read_manifest(stats, "stats")
+    if "sensitivity" not in manifest.extra:
+        raise ArtifactError(f"{stats} has no sensitivities (calibrate with --collect covariance,sensitivity)")
+    return load_tensors(Path(stats) / manifest.extra["sensitivity"]["file"])
+
+
+class CovarianceReader:
+    """Reads C = XᵀX / n of any module of a stats artifact, one stored tensor at a time."""
+
+    def __init__(self, stats: Path):
+        self.stats = Path(stats)
+        self.modules = read_manifest(stats, "stats").extra["modules"]
+
+    def get(self, module: str) -> torch.Tensor:
+        """C for `module`, (d_in, d_in) in the stored dtype (a shared covariance is read from its owner)."""
+        sums, tokens = self.sums(module)
+        return sums / tokens
+
+    def shape(self, module: str) -> tuple[int, ...]:
+        """The stored shape of `module`'s covariance, read from the file's header only."""
+        return tuple(self._open(module, lambda handle, key: handle.get_slice(key).get_shape()))
+
+    def owner(self, module: str) -> str:
+        """The module whose covariance `module` shares (itself, or e.g. q_proj for k_proj and v_proj)."""
+        return self._entry(module)["covariance"]
+
+    def _entry(self, module: str) -> dict[str, Any]:
+        info = self.modules.get(module)
+        if info is None:
+            raise ArtifactError(f"{self.stats} has no covariance for module {module}")
+        valid = isinstance(info, dict) and isinstance(info.get("file"), str) and isinstance(info.get("covariance"), str)
+        if not valid or not isinstance(info.get("tokens"), int) or info["tokens"] < 1:
+            raise ArtifactError(f"{self.stats}/manifest.json is corrupt: the entry of {module} is malformed")
+        return info
+
+    def _open(self, module: str, read: Any) -> Any:
+        """`read(handle, key)` on the file and tensor holding `module`'s covariance sums."""
+        from safetensors import safe_open
+
+        info = self._entry(module)
+        path = self.stats / info["file"]
+        try:
+            with safe_open(str(path), "pt") as handle:
+                return read(handle, f"cov.{info['covariance']}")
+        except Exception as exc:  # missing, truncated or damaged file
+            raise ArtifactError(f"{path} is missing, corrupt or lacks the covariance of {module}: {exc}") from exc
+
+    def sums(self, module: str) -> tuple[torch.Tensor, int]:
+        """XᵀX (d_in, d_in) for `module` in the stored dtype, and n, the number of tokens: C = XᵀX / n."""
+        sums = self._open(module, lambda handle, key: handle.get_tensor(key))
+        return sums, self.modules[module]["tokens"]
+
+
+def load_covariance(stats: Path, module: str) -> torch.Tensor:
+    """C = XᵀX / n, (d_in, d_in), for `module` (a shared covariance is read from its owner)."""
+    return CovarianceReader(stats).get(module)
+
+
+def merge_stats(inputs: list[Path], out: Path, force: bool = False, overwrite: bool = False) -> Path:
+    """Add the statistics of stats artifacts from one model into `out`.
+
+    Covariance sums and token counts add; sensitivities (means over samples) are averaged weighted by
+    their sample counts. The result equals one calibration over the union of the sequences (up to
+    summation order).
+    """
+    if len(inputs) < 2:
+        raise CalibrationError("merging needs at least two stats artifacts")
+    check_output(out, inputs, overwrite, "stats")
+    manifests = [read_manifest(p, "stats") for p in inputs]
+    first = manifests[0]
+    for path, m in zip(inputs[1:], manifests[1:], strict=True):
+        if m.model["fingerprint"] != first.model["fingerprint"] and not force:
+            raise ArtifactError(
+                f"{path} was calibrated on another model than {inputs[0]}; pass --force to merge anyway"
+            )
+        same = (m.extra["modules"].keys(), m.config["dtype"], m.config["collect"])
+        if same != (first.extra["modules"].keys(), first.config["dtype"], first.config["collect"]):
+            raise ArtifactError(f"{path} covers other modules, statistics or dtype than {inputs[0]}")
+    extra = {**first.extra, "tokens": sum(m.extra["tokens"] for m in manifests)}
+    extra["modules"] = {
+        name: {**info, "tokens": sum(m.extra["modules"][name]["tokens"] for m in manifests)}
+        for name, info in first.extra["modules"].items()
+    }
+    files = sorted(
+        {info["file"] for info in first.extra["modules"].values() if isinstance(info, dict) and "file" in info}
+    )
+    with output_folder(out, "stats", inputs, overwrite) as work:
+        tmp = work.folder
+        for name in files:  # the files the manifest names, in every input
+            parts = [load_tensors(Path(p) / name) for p in inputs]
+            _check_same_tensors(parts, [Path(p) / name for p in inputs])
+            save_tensors(tmp / name, {k: sum(part[k] for part in parts) for k in parts[0]})
+        if "sensitivity" in first.extra:
+            counts = [
+                m.extra["sensitivity"].get("samples") if isinstance(m.extra["sensitivity"], dict) else None
+                for m in manifests
+            ]
+            if not all(isinstance(n, int) and n > 0 for n in counts):
+                raise ArtifactError(
+                    f"the manifests of {', '.join(map(str, inputs))} do not all record their sensitivity samples"
+                )
+            parts = [sensitivity_tensors(p) for p in inputs]
+            _check_same_tensors(parts, [Path(p) / "sensitivity.safetensors" for p in inputs])
+            for part, path in zip(parts, inputs, strict=True):
+                if any(bool((t < 0).any()) for t in part.values()):
+                    raise ArtifactError(f"{path} holds negative sensitivities (a mean of |w·g| is ≥ 0): it is damaged")
+            merged = {k: sum(part[k].double() * n for part, n in zip(parts, counts, strict=True)) for k in parts[0]}
+            save_tensors(tmp / "sensitivity.safetensors", {k: (v / sum(counts)).float() for k, v in merged.items()})
+            extra["sensitivity"] = {**first.extra["sensitivity"], "file": "sensitivity.safetensors"}
+            extra["sensitivity"]["samples"] = sum(counts)
+        manifest = Manifest(
+            kind="stats",
+            config={**first.config, "merged_from": [str(Path(p).resolve()) for p in inputs]},
+            model=first.model,
+            data={
+                "fingerprint": [m.data["fingerprint"] for m in manifests],
+                "samples": sum(m.data["samples"] for m in manifests),
+            },
+            extra=extra,
+        )
+        write_manifest(tmp, manifest)
+    return Path(out)
+
+
+def _check_same_tensors(parts: list[dict[str, torch.Tensor]], files: list[Path]) -> None:
+    """Refuse to add statistics files whose tensors differ in names or shapes (another architecture:
+    --force skips only the model-fingerprint check)."""
+    first = {k: tuple(v.shape) for k, v in parts[0].items()}
+    for part, file in zip(parts, files, strict=True):
+        if {k: tuple(v.shape) for k, v in part.items()} != first:
+            raise ArtifactError(
+                f"{file} holds other statistics or shapes than {files[0]}: one of them is damaged, or they were "
+                "calibrated on different architectures; they cannot be merged"
+            )
+        bad = next((k for k, v in part.items() if not all_finite(v)), None)
+        if bad:
+            raise ArtifactError(f"{file} holds NaN or Inf values in {bad}: it is damaged")

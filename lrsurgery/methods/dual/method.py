@@ -1,0 +1,257 @@
+"""DMC-LoRA, "dual" (Cao et al., 2025): a shared PiSSA module plus a gated, screened expert module.
+
+Each adapted layer computes  y = W_res x + s·B_s A_s x + s·B_e diag(E ⊙ m) A_e dropout_p(x)   (Eq. 2)
+with A_s (r_share, d_in), B_s (d_out, r_share), A_e (r_expert, d_in), B_e (d_out, r_expert), gate E and
+0/1 mask m (r_expert,), and one scale s = α / (r_share + r_expert) for both modules (default α = r_share +
+r_expert, so s = 1 as for a LoRA of the same total rank).
+
+Init.
+- Shared module: PiSSA on the top r_share singular triplets (Eq. 3-6): s·B_s·A_s = U_r S_r V_rᵀ, the residual
+  W_res = W − s·B_s·A_s recorded in the edit log as (−s·B_s, A_s); dropout 0 (Sec. 3.1.2).
+- Expert module: A_e with orthonormal rows and B_e with orthonormal columns (QR of a seeded Gaussian), E = 0,
+  m = 1, dropout p. E = 0 makes the expert's output exactly 0, so the model is unchanged at step 0, while
+  ∂L/∂E_i = s·(B_eᵢᵀ ∂L/∂y)(A_eᵢ x) ≠ 0, so E learns from the first step and A_e, B_e follow once E ≠ 0
+  (AdaLoRA's choice). Orthonormal factors start the orthogonality penalty (Eq. 14) at its minimum, so it
+  does not pull the expert's scale around; the singular values live in E, as the screening assumes.
+
+Training (`DualHooks`).
+- Importance (Eq. 8-13, `lrsurgery.methods.importance`) after clipping, on the applied gradients, up to T2.
+- Orthogonality loss γ·mean over modules of ‖B_eᵀB_e − I‖_F + ‖A_e A_eᵀ − I‖_F (Eq. 14-15), logged as
+  `orth_loss`; the logged `loss` is the task loss alone. The mean over modules (as in AdaLoRA) keeps γ
+  independent of the number of adapted modules. It depends on the parameters alone, so its gradient is
+  added in closed form to the factors' gradients once per step, before clipping (`add_gradients`):
+  the same update as adding it to the loss, without an autograd graph over 420 factors.
+- Screening (Eq. 16-17, `lrsurgery.screening`): every ΔT steps in [T1, T2) and once at T2, m keeps the top-k^t
+  triplets of each module. Masking, not pruning: E keeps its value and stays in the optimizer; the forward
+  uses E ⊙ m (a masked expert adds exactly 0), but E's gradient passes the mask (straight-through), so a
+  masked expert's sensitivity |E_i · ∂L/∂gate_i| (the first-order loss change of switching it back on) keeps
+  being measured and it returns when it ranks in the top k^t again. After T2 scores and masks are frozen.
+
+Ablations (paper Table 4): `all`; `e-only` (Test-Base: the gate E, LoRA-initialised shared module with the
+expert dropout, no screening); `shared-only` (Test-Share: PiSSA shared module, no screening);
+`expert-only` (Test-Expert: LoRA-initialised shared module, screening and orthogonality loss)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from lrsurgery.errors import check_choice, check_count, check_number
+from lrsurgery.layers.adapted import AdaptedLinear, adapted_layers
+from lrsurgery.layers.spec import LowRank, ModuleAdapter
+from lrsurgery.methods.base import MethodError, TrainHooks
+from lrsurgery.methods.dual.screening import k_at, orthogonality_penalty, phase_bounds, top_k_mask
+from lrsurgery.methods.importance import ImportanceEMA, triplet_scores
+from lrsurgery.methods.pissa import PiSSA
+
+# ablation -> (PiSSA shared module with dropout 0, importance screening + orthogonality loss)
+ABLATIONS: dict[str, tuple[bool, bool]] = {
+    "all": (True, True),
+    "e-only": (False, False),
+    "shared-only": (True, False),
+    "expert-only": (False, True),
+}
+
+
+EXPERT_INIT = "A_e orthonormal rows, B_e orthonormal columns, E = 0, mask = 1"
+
+
+@dataclass
+class Dual(PiSSA):
+    """Config of the dual method; init options (r_share, r_expert, expert_dropout, ablation, alpha, svd) and
+    train options (k_final, t1, t2, delta_t, beta1, beta2, orth_weight, given to `lrsurgery train`)."""
+
+    name: ClassVar[str] = "dual"
+    r_share: int | None = None
+    r_expert: int | None = None
+    expert_dropout: float = 0.05
+    ablation: str = "all"
+    k_final: int | None = None  # default round(0.75·r_expert), "slightly below r_expert" (Table 1)
+    t1: float = 0.15
+    t2: float = 0.5
+    delta_t: int = 10
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_weight: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.r_share is None or self.r_expert is None:
+            raise MethodError("--method dual needs --r-share and --r-expert")
+        check_count("--r-share", self.r_share, error=MethodError)
+        check_count("--r-expert", self.r_expert, error=MethodError)
+        self.rank = self.r_share + self.r_expert
+        super().__post_init__()
+        check_number("--expert-dropout", self.expert_dropout, 0, 1, high_open=True, error=MethodError)
+        check_choice("--ablation", self.ablation, tuple(ABLATIONS), error=MethodError)
+        if self.k_final is None:
+            self.k_final = max(1, round(0.75 * self.r_expert))
+        if (
+            isinstance(self.k_final, bool)
+            or not isinstance(self.k_final, int)
+            or not 1 <= self.k_final <= self.r_expert
+        ):
+            raise MethodError(f"--k-final must be between 1 and --r-expert ({self.r_expert}), got {self.k_final}")
+        if not 0 <= self.t1 < self.t2 <= 1:
+            raise MethodError(f"--t1 and --t2 must satisfy 0 ≤ t1 < t2 ≤ 1, got t1={self.t1}, t2={self.t2}")
+        check_count("--delta-t", self.delta_t, error=MethodError)
+        check_number("--beta1", self.beta1, 0, 1, high_open=True, error=MethodError)
+        check_number("--beta2", self.beta2, 0, 1, high_open=True, error=MethodError)
+        check_number("--orth-weight", self.orth_weight, 0, 1e3, error=MethodError)  # the paper uses 0.1-0.3
+
+    @property
+    def shared_init(self) -> bool:
+        return ABLATIONS[self.ablation][0]
+
+    @property
+    def screening(self) -> bool:
+        return ABLATIONS[self.ablation][1]
+
+    def init_module(self, name: str, weight: torch.Tensor, generator: torch.Generator) -> ModuleAdapter:
+        d_out, d_in = weight.shape
+        if self.rank > min(d_out, d_in):
+            raise MethodError(
+                f"--r-share + --r-expert = {self.rank} is larger than module {name} allows: its weight is "
+                f"{d_out}x{d_in}, so r_share + r_expert can be at most {min(d_out, d_in)}"
+            )
+        self.check_shape(name, weight, self.rank)
+        scale = self.alpha_value / self.rank
+        if self.shared_init:
+            b, a = self.principal_factors(weight, self.r_share, scale, generator)
+            shared: dict[str, Any] = {"A": a, "B": b, "dropout": 0.0, "edits": [(-scale * b, a)]}
+        else:  # LoRA init (Kaiming-uniform A, B = 0) with the expert's dropout
+            bound = 1.0 / math.sqrt(d_in)
+            a = (torch.rand(self.r_share, d_in, generator=generator) * 2 - 1) * bound
+            shared = {"A": a, "B": torch.zeros(d_out, self.r_share), "dropout": self.expert_dropout}
+        expert = LowRank(
+            A=_orthonormal(d_in, self.r_expert, generator).T.contiguous(),
+            B=_orthonormal(d_out, self.r_expert, generator),
+            E=torch.zeros(self.r_expert),
+            mask=torch.ones(self.r_expert),
+            scale=scale,
+            alpha=self.alpha_value,
+            dropout=self.expert_dropout,
+        )
+        return ModuleAdapter(scale=scale, alpha=self.alpha_value, expert=expert, **shared)
+
+    def prepare(self, shapes: dict[str, tuple[int, int]], model: dict[str, Any], force: bool = False) -> dict[str, Any]:
+        return {"expert_init": EXPERT_INIT, "ablation": self.ablation, "scale": self.alpha_value / self.rank}
+
+    def hooks(self) -> TrainHooks:
+        return DualHooks(self)
+
+
+def _orthonormal(d: int, r: int, generator: torch.Generator) -> torch.Tensor:
+    """(d, r) with orthonormal columns: Q of a seeded Gaussian, signs fixed by R's diagonal."""
+    q, rr = torch.linalg.qr(torch.randn(d, r, generator=generator, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(rr))).float()
+
+
+class DualHooks(TrainHooks):
+    """Importance EMAs, orthogonality loss and top-k^t gate masking of every expert module."""
+
+    def __init__(self, cfg: Dual):
+        self.cfg = cfg
+        self.schedule: list[list[int]] = []  # [t, k] at each screening
+
+    def setup(self, model: nn.Module, total_steps: int) -> None:
+        layers: dict[str, AdaptedLinear] = {
+            n: m for n, m in adapted_layers(model).items() if m.has_expert and m.expert_E is not None
+        }
+        if not layers:
+            raise MethodError("the dual method found no gated expert modules in the model")
+        ranks = {m.expert_E.numel() for m in layers.values()}
+        if len(ranks) != 1:
+            raise MethodError(f"the dual method needs one expert rank for every module, found {sorted(ranks)}")
+        self.names = list(layers)
+        self.total = total_steps
+        self.lo, self.hi = phase_bounds(total_steps, self.cfg.t1, self.cfg.t2)
+        self.hi = max(self.hi, 1)
+        self.a = [m.expert_A for m in layers.values()]
+        self.b = [m.expert_B for m in layers.values()]
+        self.e = [m.expert_E for m in layers.values()]
+        # one (M, r) mask tensor; each layer's mask buffer is a view of a row, so one copy_ updates all
+        self.masks = torch.stack([m.expert_mask for m in layers.values()])
+        for i, m in enumerate(layers.values()):
+            m.expert_mask = self.masks[i]
+        params = self.a + self.b + self.e
+        self.importance = ImportanceEMA(params, self.cfg.beta1, self.cfg.beta2) if self.cfg.screening else None
+        self.schedule = []
+
+    def k(self, t: int) -> int:
+        """Experts kept per module after t optimizer steps (Eq. 16)."""
+        return k_at(t, self.total, self.cfg.r_expert, self.cfg.k_final, self.cfg.t1, self.cfg.t2)
+
+    @torch.no_grad()
+    def add_gradients(self, model: nn.Module, step: int) -> dict[str, float]:
+        """γ·mean over modules of the orthogonality penalty (Eq. 14-15): its closed-form gradient goes into
+        the expert factors' `.grad` before clipping, its value is logged as `orth_loss`."""
+        if not self.cfg.screening or self.cfg.orth_weight == 0:
+            return {}
+        penalty, grads_a, grads_b = orthogonality_penalty(self.a, self.b)
+        weight = self.cfg.orth_weight / len(self.a)
+        params = self.a + self.b
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        torch._foreach_add_([p.grad for p in params], grads_a + grads_b, alpha=weight)
+        return {"orth_loss": weight * float(penalty)}
+
+    def after_backward(self, model: nn.Module, step: int) -> None:
+        if self.cfg.screening and step + 1 <= self.hi:
+            self.importance.update()
+
+    def scores(self) -> torch.Tensor:
+        """Current triplet importance (M, r_expert), Eq. 13."""
+        m = len(self.names)
+        imp = self.importance.scores()
+        return triplet_scores(imp[:m], imp[m : 2 * m], imp[2 * m :])
+
+    @torch.no_grad()
+    def after_step(self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        if not self.cfg.screening:
+            return {}
+        t = step + 1
+        logged: dict[str, Any] = {"expert_k": self.k(t)}
+        if (self.lo <= t < self.hi and t % self.cfg.delta_t == 0) or t == self.hi:
+            k = self.k(t)
+            self.masks.copy_(top_k_mask(self.scores(), k))  # Eq. 17; frozen from T2 on
+            self.schedule.append([t, k])
+            logged["expert_screened"] = True
+        logged["expert_active"] = int(self.masks.sum())
+        if t == self.total:
+            logged["expert_masks"] = self.active()
+        return logged
+
+    def active(self) -> dict[str, list[int]]:
+        """Indices of the unmasked experts of each module."""
+        return {n: torch.nonzero(row).flatten().tolist() for n, row in zip(self.names, self.masks, strict=True)}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.importance is None:
+            return {}
+        state = {f"importance.{k}": v for k, v in self.importance.state_dict().items()}
+        state["masks"] = self.masks
+        state["schedule"] = torch.tensor(self.schedule, dtype=torch.int64).reshape(-1, 2)
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if not state or self.importance is None:
+            return
+        self.masks.copy_(state["masks"])
+        self.importance.load_state_dict({k[len("importance.") :]: v for k, v in state.items() if "importance." in k})
+        self.schedule = state["schedule"].tolist()
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "dual": {
+                "ablation": self.cfg.ablation,
+                "expert_init": EXPERT_INIT,
+                "phases": {"T1": self.lo, "T2": self.hi, "total": self.total},
+                "k_schedule": self.schedule,
+                "active_experts": self.active(),
+            }
+        }
