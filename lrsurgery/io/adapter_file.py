@@ -16,18 +16,28 @@ from lrsurgery.layers.spec import LowRank, ModuleAdapter
 
 
 def to_tensors(adapters: dict[str, ModuleAdapter]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Flatten adapters into safetensors-ready tensors plus a JSON-able per-module description."""
+    """Flatten adapters into safetensors-ready tensors plus a JSON-able per-module description.
+
+    Module NAME's main branch is `NAME.lora_A/B/E` and `NAME.mask`, described at the top of its entry; a
+    named branch is `NAME.{branch}.lora_A/...`, described under the entry's key `{branch}`; the edit log
+    is `NAME.edit.{k}.B/A`."""
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {}
     for name, spec in adapters.items():
-        meta[name] = _branch_tensors(tensors, name, spec)
+        meta[name] = _branch_tensors(tensors, name, spec.main)
+        for branch in spec.branches[1:]:
+            meta[name][branch.name] = _branch_tensors(tensors, f"{name}.{branch.name}", branch)
         for k, (b, a) in enumerate(spec.edits):
             tensors[f"{name}.edit.{k}.B"] = b
             tensors[f"{name}.edit.{k}.A"] = a
-        meta[name].update(edits=len(spec.edits), shape=[spec.B.shape[0], spec.A.shape[1]])
-        if spec.expert is not None:
-            meta[name]["expert"] = _branch_tensors(tensors, f"{name}.expert", spec.expert)
+        meta[name].update(edits=len(spec.edits), shape=list(spec.shape))
     return tensors, meta
+
+
+def branch_entries(info: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A module entry's branches by name: the main one ("") and every named one (an entry with a rank)."""
+    named = {k: v for k, v in info.items() if isinstance(v, dict) and "rank" in v}
+    return {"": info, **named}
 
 
 def _branch_tensors(tensors: dict[str, torch.Tensor], prefix: str, branch: LowRank) -> dict[str, Any]:
@@ -47,7 +57,7 @@ def _branch_tensors(tensors: dict[str, torch.Tensor], prefix: str, branch: LowRa
     }
 
 
-def _branch(tensors: dict[str, torch.Tensor], prefix: str, info: Any, d_out: int, d_in: int) -> dict[str, Any]:
+def _branch(tensors: dict[str, torch.Tensor], prefix: str, info: Any, d_out: int, d_in: int) -> LowRank:
     """One branch's fields from its tensors, each checked against the manifest: shape, dtype, finite."""
     if not isinstance(info, dict) or not isinstance(info.get("rank"), int) or info["rank"] < 0:
         raise ValueError(f"{prefix}: the manifest's entry has no valid rank")
@@ -68,14 +78,14 @@ def _branch(tensors: dict[str, torch.Tensor], prefix: str, info: Any, d_out: int
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"{prefix}: the manifest's {key} is {value!r}, not a finite number")
         numbers[key] = float(value)
-    return {
-        "A": found["lora_A"],
-        "B": found["lora_B"],
-        "E": found.get("lora_E"),
-        "mask": found.get("mask"),
+    return LowRank(
+        A=found["lora_A"],
+        B=found["lora_B"],
+        E=found.get("lora_E"),
+        mask=found.get("mask"),
         **numbers,
-        "frozen": tuple(info.get("frozen", ())),
-    }
+        frozen=tuple(info.get("frozen", ())),
+    )
 
 
 def _check_tensor(name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
@@ -108,12 +118,12 @@ def from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict
             _check_tensor(f"{name}.edit.{k}.B", b, (d_out, width))
             _check_tensor(f"{name}.edit.{k}.A", a, (width, d_in))
             log.append((b, a))
-        expert = info.get("expert")
-        out[name] = ModuleAdapter(
-            **_branch(tensors, name, info, d_out, d_in),
-            edits=log,
-            expert=LowRank(**_branch(tensors, f"{name}.expert", expert, d_out, d_in)) if expert is not None else None,
-        )
+        branches = []
+        for key, entry in branch_entries(info).items():
+            branch = _branch(tensors, f"{name}.{key}" if key else name, entry, d_out, d_in)
+            branch.name = key
+            branches.append(branch)
+        out[name] = ModuleAdapter(branches, edits=log)
     extra = sorted(set(tensors) - described)
     if extra:
         raise ValueError(f"it holds tensors its manifest does not describe, e.g. {extra[0]}")
@@ -131,9 +141,7 @@ def trainable_count(meta: dict[str, Any]) -> int:
     total = 0
     for info in meta.values():
         d_out, d_in = info["shape"]
-        for branch in (info, info.get("expert")):
-            if branch is None:
-                continue
+        for branch in branch_entries(info).values():
             r, frozen = branch["rank"], set(branch.get("frozen", ()))
             total += (0 if "A" in frozen else r * d_in) + (0 if "B" in frozen else r * d_out)
             total += r if branch.get("gated") and "E" not in frozen else 0

@@ -1,14 +1,16 @@
 """The adapted linear layer every method uses, and moving adapters in and out of a model.
 
-An adapted layer computes  y = x W'ᵀ + b + s · ((dropout(x) Aᵀ) ⊙ E) Bᵀ [+ the same for an expert branch]
+An adapted layer computes  y = x W'ᵀ + b + Σ_branches s · ((dropout(x) Aᵀ) ⊙ g) Bᵀ
 where W' = W0 + Σ_k B_k A_k is the frozen base weight after the recorded low-rank edits (the *edit log*),
-A is (r, d_in), B is (d_out, r), s the scale and E an optional per-rank gate (r,).
+and each branch has A (r, d_in), B (d_out, r), scale s, dropout rate and an optional gate g = E ⊙ mask (r,)
+(a masked entry contributes exactly 0).
 
-A layer has a main branch (tensors `NAME.lora_A/B/E`) and optionally a second, *expert* branch with its
-own rank, scale, dropout, gate E and 0/1 gate mask (tensors `NAME.expert.lora_A/B/E`, `NAME.expert.mask`),
-used by the dual method. The expert's effective gate is E ⊙ mask; a masked entry contributes exactly 0."""
+A layer's parameters are named after its branches: the main branch's `lora_A`, `lora_B`, `lora_E`, a
+named branch's `{name}_A`, `{name}_B`, `{name}_E` and `{name}_mask` (the dual method's `expert_*`)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -18,103 +20,116 @@ from lrsurgery.layers.branches import BranchPlan, add_branches
 from lrsurgery.layers.spec import LowRank, ModuleAdapter
 
 HEAD_PREFIX = "head."
+MAIN_PREFIX = "lora"  # the parameter prefix of a layer's main (unnamed) branch
+
+
+@dataclass(frozen=True)
+class BranchInfo:
+    """The static part of one branch of a layer: its name, parameter prefix, scale, alpha and dropout rate."""
+
+    name: str
+    prefix: str
+    scale: float
+    alpha: float
+    dropout: float
 
 
 class AdaptedLinear(nn.Module):
-    """A frozen nn.Linear plus a trainable low-rank branch (optionally gated) and an optional gated expert branch.
-
-    The branches run as one autograd op (`lrsurgery.branches`). The expert gate is E ⊙ mask in value; its
-    gradient reaches every entry of E (straight-through for masked entries), so a masked expert keeps being
-    scored and can be switched back on.
+    """A frozen nn.Linear plus its low-rank branches (see the module doc), run as one autograd op
+    (`lrsurgery.layers.branches`). A gate's value is E ⊙ mask; its gradient reaches every entry of E
+    (straight-through for masked entries), so a masked expert keeps being scored and can come back.
     """
 
     def __init__(self, base: nn.Linear, spec: ModuleAdapter):
         super().__init__()
-        if spec.mask is not None:
-            raise ValueError("a gate mask is supported on the expert branch only")
         self.base = base
         self.base.weight.requires_grad_(False)
         if self.base.bias is not None:
             self.base.bias.requires_grad_(False)
+        self.edits: list[tuple[torch.Tensor, torch.Tensor]] = []
         if spec.edits:
             with torch.no_grad():
                 merged = self.base.weight.double() + spec.edit_delta().to(self.base.weight.device)
                 self.base.weight.copy_(merged.to(self.base.weight.dtype))
-        self.edits = [(b.clone(), a.clone()) for b, a in spec.edits]
-        dtype, device = base.weight.dtype, base.weight.device
-        self.lora_A = nn.Parameter(spec.A.to(device=device, dtype=dtype).clone())
-        self.lora_B = nn.Parameter(spec.B.to(device=device, dtype=dtype).clone())
-        self.lora_E = nn.Parameter(spec.E.to(device=device, dtype=dtype).clone()) if spec.E is not None else None
-        for name in spec.frozen:
-            getattr(self, f"lora_{name}").requires_grad_(False)
-        self.scale = spec.scale
-        self.alpha = spec.alpha
-        self.dropout = spec.dropout  # rate; the branch op draws the mask (lrsurgery.branches)
-        self.has_expert = spec.expert is not None
-        if spec.expert is not None:
-            ex = spec.expert
-            self.expert_A = nn.Parameter(ex.A.to(device=device, dtype=dtype).clone())
-            self.expert_B = nn.Parameter(ex.B.to(device=device, dtype=dtype).clone())
-            self.expert_E = nn.Parameter(ex.E.to(device=device, dtype=dtype).clone()) if ex.E is not None else None
-            mask = (ex.mask if ex.mask is not None else torch.ones(ex.rank)).to(device=device, dtype=dtype).clone()
-            self.register_buffer("expert_mask", mask if ex.E is not None else None)
-            for name in ex.frozen:
-                getattr(self, f"expert_{name}").requires_grad_(False)
-            self.expert_scale = ex.scale
-            self.expert_alpha = ex.alpha
-            self.expert_dropout = ex.dropout
+            self.edits = [(b.clone(), a.clone()) for b, a in spec.edits]
+        self.branches: tuple[BranchInfo, ...] = ()
+        for branch in spec.branches:
+            self._add_branch(branch)
+        self.plans = tuple(BranchPlan(info.scale, info.dropout) for info in self.branches)
+
+    def _add_branch(self, branch: LowRank) -> None:
+        dtype, device = self.base.weight.dtype, self.base.weight.device
+        prefix = branch.name or MAIN_PREFIX
+        for key in ("A", "B", "E"):
+            value = getattr(branch, key)
+            param = nn.Parameter(value.to(device=device, dtype=dtype).clone()) if value is not None else None
+            if param is not None and key in branch.frozen:
+                param.requires_grad_(False)
+            setattr(self, f"{prefix}_{key}", param)
+        mask = branch.mask if branch.mask is not None else torch.ones(branch.rank)
+        self.register_buffer(
+            f"{prefix}_mask", mask.to(device=device, dtype=dtype).clone() if branch.E is not None else None
+        )
+        self.branches += (BranchInfo(branch.name, prefix, branch.scale, branch.alpha, branch.dropout),)
+
+    def factors(self, info: BranchInfo) -> tuple[torch.Tensor | None, ...]:
+        """A, B, E and mask of a branch (E and mask None when it has no gate)."""
+        return tuple(getattr(self, f"{info.prefix}_{key}") for key in ("A", "B", "E", "mask"))
+
+    def branch(self, name: str) -> BranchInfo | None:
+        """The branch called `name` ("" for the main one), or None."""
+        return next((info for info in self.branches if info.name == name), None)
+
+    def gate(self, name: str = "") -> torch.Tensor | None:
+        """The effective (r,) gate E ⊙ mask of the branch called `name`, or None for an ungated branch."""
+        _, _, e, mask = self.factors(self.branch(name))
+        return None if e is None else e * mask
+
+    def expert_gate(self) -> torch.Tensor | None:
+        """The dual method's expert gate E ⊙ mask."""
+        return self.gate("expert")
 
     @property
     def rank(self) -> int:
         return self.lora_A.shape[0]
 
-    def expert_gate(self) -> torch.Tensor:
-        """The expert branch's effective gate E ⊙ mask (its value; its gradient is straight-through to E)."""
-        return self.expert_E * self.expert_mask
+    @property
+    def scale(self) -> float:
+        return self.branches[0].scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        plans = (BranchPlan(self.scale, self.dropout),)
-        factors: tuple[torch.Tensor | None, ...] = (self.lora_A, self.lora_B, self.lora_E, None)
-        if self.has_expert:
-            plans += (BranchPlan(self.expert_scale, self.expert_dropout),)
-            factors += (self.expert_A, self.expert_B, self.expert_E, self.expert_mask)
-        flat = add_branches(out.reshape(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]), plans, factors, self.training)
+        factors = tuple(t for info in self.branches for t in self.factors(info))
+        flat = add_branches(
+            out.reshape(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]), self.plans, factors, self.training
+        )
         return flat.view_as(out)
 
+    @torch.no_grad()
+    def add_edit(self, b: torch.Tensor, a: torch.Tensor) -> None:
+        """Edit the frozen weight in place, W ← W + B·A (B (d_out, k), A (k, d_in); summed in fp64 and rounded
+        once to W's dtype), and append (B, A) to the edit log, which fuse and export replay exactly."""
+        weight = self.base.weight
+        merged = weight.double() + b.to(weight.device).double() @ a.to(weight.device).double()
+        weight.copy_(merged.to(weight.dtype))
+        self.edits.append((b.detach().float().cpu().clone(), a.detach().float().cpu().clone()))
+
     def export(self) -> ModuleAdapter:
-        expert = None
-        if self.has_expert:
-            expert = LowRank(
-                A=_cpu(self.expert_A),
-                B=_cpu(self.expert_B),
-                E=_cpu(self.expert_E),
-                mask=_cpu(self.expert_mask),
-                scale=self.expert_scale,
-                alpha=self.expert_alpha,
-                dropout=self.expert_dropout,
-                frozen=_frozen(self, "expert"),
+        """The layer's current adapter, on the CPU in fp32: every branch and the whole edit log."""
+        branches = []
+        for info in self.branches:
+            a, b, e, mask = (_cpu(t) for t in self.factors(info))
+            frozen = tuple(
+                k
+                for k, p in zip("ABE", (a, b, e), strict=True)
+                if p is not None and not getattr(self, f"{info.prefix}_{k}").requires_grad
             )
-        return ModuleAdapter(
-            A=_cpu(self.lora_A),
-            B=_cpu(self.lora_B),
-            E=_cpu(self.lora_E),
-            scale=self.scale,
-            alpha=self.alpha,
-            dropout=self.dropout,
-            frozen=_frozen(self, "lora"),
-            edits=[(b.clone(), a.clone()) for b, a in self.edits],
-            expert=expert,
-        )
+            branches.append(LowRank(a, b, info.scale, info.alpha, info.dropout, e, mask, frozen, info.name))
+        return ModuleAdapter(branches, edits=[(b.clone(), a.clone()) for b, a in self.edits])
 
 
 def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach().float().cpu().clone()
-
-
-def _frozen(layer: AdaptedLinear, prefix: str) -> tuple[str, ...]:
-    params = {n: getattr(layer, f"{prefix}_{n}") for n in ("A", "B", "E")}
-    return tuple(n for n, p in params.items() if p is not None and not p.requires_grad)
 
 
 def freeze_model(model: nn.Module) -> None:
@@ -137,10 +152,8 @@ def inject(model: nn.Module, adapters: dict[str, ModuleAdapter]) -> None:
         if not isinstance(base, nn.Linear):
             raise ValueError(f"{name} is a {type(base).__name__}, not an nn.Linear")
         expected = (base.out_features, base.in_features)
-        if (spec.B.shape[0], spec.A.shape[1]) != expected:
-            raise ValueError(
-                f"adapter for {name} has shape {(spec.B.shape[0], spec.A.shape[1])}, the layer is {expected}"
-            )
+        if spec.shape != expected:
+            raise ValueError(f"adapter for {name} has shape {spec.shape}, the layer is {expected}")
         setattr(parent, child, AdaptedLinear(base, spec).train(base.training))  # keep the model's eval/train mode
 
 

@@ -1,15 +1,22 @@
-"""What an adapted layer is made of, as plain tensors: low-rank branches and the edit log of a module."""
+"""What an adapted layer is made of, as plain tensors: its low-rank branches and the edit log of its weight.
+
+A module's adapter is a list of branches s·B·diag(E ⊙ mask)·A (the first, unnamed, is the main one; a
+method may add named ones, such as the dual method's "expert") plus the *edit log*: the low-rank edits
+Σ_k B_k A_k made to the frozen weight, by init (PiSSA's residual) or during training."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 
 @dataclass
 class LowRank:
-    """One low-rank branch s·B·diag(E ⊙ mask)·A: A (r, d_in), B (d_out, r), gate E and mask (r,) optional."""
+    """One low-rank branch s·B·diag(E ⊙ mask)·A: A (r, d_in), B (d_out, r), gate E and mask (r,) optional.
+
+    `name` is "" for a module's main branch; another branch is stored and named after it ("expert")."""
 
     A: torch.Tensor
     B: torch.Tensor
@@ -19,6 +26,7 @@ class LowRank:
     E: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     frozen: tuple[str, ...] = ()
+    name: str = ""
 
     @property
     def rank(self) -> int:
@@ -35,23 +43,63 @@ class LowRank:
         return low_rank_product(self.B, self.A, self.scale, self.gate())
 
 
-@dataclass
-class ModuleAdapter(LowRank):
-    """Everything needed to rebuild one adapted layer: the main branch, an optional expert branch, the edit log."""
+# the main branch's attributes a ModuleAdapter reads and writes through
+MAIN_FIELDS = frozenset({"A", "B", "E", "mask", "scale", "alpha", "dropout", "frozen", "rank", "gate", "product"})
 
+
+@dataclass
+class ModuleAdapter:
+    """Everything needed to rebuild one adapted layer: its branches (the main one first) and the edit log.
+
+    The main branch's fields read and write through (`spec.A`, `spec.scale`, `spec.gate()`, ...)."""
+
+    branches: list[LowRank]
     edits: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    expert: LowRank | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name in MAIN_FIELDS:
+            return getattr(self.branches[0], name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in MAIN_FIELDS:
+            setattr(self.branches[0], name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def __post_init__(self) -> None:
+        names = [b.name for b in self.branches]
+        if not names or names[0] != "" or len(set(names)) != len(names):
+            raise ValueError(f"an adapter needs one unnamed main branch first and uniquely named others, got {names}")
+
+    @property
+    def main(self) -> LowRank:
+        return self.branches[0]
+
+    def branch(self, name: str) -> LowRank | None:
+        """The branch called `name`, or None."""
+        return next((b for b in self.branches if b.name == name), None)
+
+    @property
+    def expert(self) -> LowRank | None:
+        """The dual method's gated expert branch, if any."""
+        return self.branch("expert")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(d_out, d_in) of the adapted weight."""
+        return self.main.B.shape[0], self.main.A.shape[1]
 
     def delta(self) -> torch.Tensor:
-        """The dense (d_out, d_in) update Σ B_k A_k + s·B·diag(E)·A (+ the expert branch), in fp64."""
-        out = self.edit_delta() + self.product()
-        if self.expert is not None:
-            out += self.expert.product()
+        """The dense (d_out, d_in) update Σ B_k A_k + Σ over branches s·B·diag(E ⊙ mask)·A, in fp64."""
+        out = self.edit_delta()
+        for branch in self.branches:
+            out += branch.product()
         return out
 
     def edit_delta(self) -> torch.Tensor:
         """Σ B_k A_k over the edit log, in fp64 (merges round once, to the weight's dtype)."""
-        out = torch.zeros(self.B.shape[0], self.A.shape[1], dtype=torch.float64)
+        out = torch.zeros(self.shape, dtype=torch.float64)
         for b, a in self.edits:
             out += b.double() @ a.double()
         return out

@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import torch
 
-from lrsurgery.layers.spec import ModuleAdapter
+from lrsurgery.layers.spec import LowRank, ModuleAdapter
 from lrsurgery.methods.base import Method
 
 
@@ -24,10 +24,11 @@ class LoRA(Method):
         # kaiming_uniform_(a=sqrt(5)) on an (r, d_in) matrix: bound = 1/sqrt(d_in)
         bound = 1.0 / math.sqrt(d_in)
         a = (torch.rand(self.rank, d_in, generator=generator) * 2 - 1) * bound
-        return ModuleAdapter(
+        branch = LowRank(
             A=a,
             B=torch.zeros(d_out, self.rank),
             scale=self.alpha_value / self.rank,
             alpha=self.alpha_value,
             dropout=self.dropout,
         )
+        return ModuleAdapter([branch])

@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 
 from lrsurgery.errors import check_choice, check_count
-from lrsurgery.layers.spec import ModuleAdapter
+from lrsurgery.layers.spec import LowRank, ModuleAdapter
 from lrsurgery.linalg.svd import truncated_svd
 from lrsurgery.methods.base import Method, MethodError
 
@@ -45,11 +45,5 @@ class PiSSA(Method):
         self.check_shape(name, weight, self.rank)
         scale = self.alpha_value / self.rank
         b, a = self.principal_factors(weight, self.rank, scale, generator)
-        return ModuleAdapter(
-            A=a,
-            B=b,
-            scale=scale,
-            alpha=self.alpha_value,
-            dropout=self.dropout,
-            edits=[(-scale * b, a)],
-        )
+        branch = LowRank(A=a, B=b, scale=scale, alpha=self.alpha_value, dropout=self.dropout)
+        return ModuleAdapter([branch], edits=[(-scale * b, a)])

@@ -37,10 +37,9 @@ TASK_TYPES = {"causal": "CAUSAL_LM", "classification": "SEQ_CLS", "base": "FEATU
 
 def concatenated_factors(spec: ModuleAdapter) -> tuple[torch.Tensor, torch.Tensor]:
     """(B_cat (d_out, R), A_cat (R, d_in)) in fp64 with B_cat · A_cat = the module's whole change."""
-    branches = [spec] if spec.expert is None else [spec, spec.expert]
-    bs = [e_b.double() for e_b, _ in spec.edits]
-    as_ = [e_a.double() for _, e_a in spec.edits]
-    for branch in branches:
+    bs = [b.double() for b, _ in spec.edits]
+    as_ = [a.double() for _, a in spec.edits]
+    for branch in spec.branches:
         b = branch.B.double() * branch.scale
         gate = branch.gate()
         bs.append(b if gate is None else b * gate.double())
@@ -54,6 +53,15 @@ class Compressed:
     A: torch.Tensor
     dropped_sq: float  # ‖Δ − Δ_K‖²_F
     total_sq: float  # ‖Δ‖²_F
+
+
+def as_it_is(spec: ModuleAdapter) -> Compressed:
+    """A one-branch adapter without edits as PEFT stores it: B·diag(E) and A, scale kept apart;
+    ‖Δ‖²_F = s²·tr((B·diag(E))ᵀ(B·diag(E)) · AAᵀ) from r×r Grams."""
+    gate = spec.E.double() if spec.E is not None else 1.0
+    b, a = spec.B.double() * gate, spec.A.double()
+    total = spec.scale**2 * float(((b.T @ b) * (a @ a.T)).sum())
+    return Compressed(b, a, 0.0, total)
 
 
 def compress(b: torch.Tensor, a: torch.Tensor, max_rank: int | None) -> Compressed:
@@ -102,12 +110,12 @@ def run_export_peft(
     alphas: dict[str, float] = {}
     for name, spec in adapters.items():
         full = prefix + name
-        packed = compress(*concatenated_factors(spec), max_rank)
-        alphas[full] = float(packed.A.shape[0])
-        if not spec.edits and (max_rank is None or max_rank >= spec.rank):  # the adapter as it is
-            gate = spec.E.double() if spec.E is not None else 1.0
-            packed.B, packed.A = spec.B.double() * gate, spec.A.double()
+        if len(spec.branches) == 1 and not spec.edits and (max_rank is None or max_rank >= spec.rank):
+            packed = as_it_is(spec)  # its own rank and alpha (TLoRA's allocation), no factorisation needed
             alphas[full] = spec.scale * spec.rank
+        else:
+            packed = compress(*concatenated_factors(spec), max_rank)
+            alphas[full] = float(packed.A.shape[0])
         tensors[f"base_model.model.{full}.lora_A.weight"] = cast(f"{full}.lora_A", packed.A, target)
         tensors[f"base_model.model.{full}.lora_B.weight"] = cast(f"{full}.lora_B", packed.B, target)
         ranks[full] = packed.A.shape[0]

@@ -119,13 +119,16 @@ class Dual(PiSSA):
             )
         self.check_shape(name, weight, self.rank)
         scale = self.alpha_value / self.rank
+        edits = []
         if self.shared_init:
             b, a = self.principal_factors(weight, self.r_share, scale, generator)
-            shared: dict[str, Any] = {"A": a, "B": b, "dropout": 0.0, "edits": [(-scale * b, a)]}
+            shared = LowRank(A=a, B=b, scale=scale, alpha=self.alpha_value, dropout=0.0)
+            edits = [(-scale * b, a)]
         else:  # LoRA init (Kaiming-uniform A, B = 0) with the expert's dropout
             bound = 1.0 / math.sqrt(d_in)
             a = (torch.rand(self.r_share, d_in, generator=generator) * 2 - 1) * bound
-            shared = {"A": a, "B": torch.zeros(d_out, self.r_share), "dropout": self.expert_dropout}
+            b = torch.zeros(d_out, self.r_share)
+            shared = LowRank(A=a, B=b, scale=scale, alpha=self.alpha_value, dropout=self.expert_dropout)
         expert = LowRank(
             A=_orthonormal(d_in, self.r_expert, generator).T.contiguous(),
             B=_orthonormal(d_out, self.r_expert, generator),
@@ -134,8 +137,9 @@ class Dual(PiSSA):
             scale=scale,
             alpha=self.alpha_value,
             dropout=self.expert_dropout,
+            name="expert",
         )
-        return ModuleAdapter(scale=scale, alpha=self.alpha_value, expert=expert, **shared)
+        return ModuleAdapter([shared, expert], edits=edits)
 
     def prepare(self, shapes: dict[str, tuple[int, int]], model: dict[str, Any], force: bool = False) -> dict[str, Any]:
         return {"expert_init": EXPERT_INIT, "ablation": self.ablation, "scale": self.alpha_value / self.rank}
@@ -159,7 +163,7 @@ class DualHooks(TrainHooks):
 
     def setup(self, model: nn.Module, total_steps: int) -> None:
         layers: dict[str, AdaptedLinear] = {
-            n: m for n, m in adapted_layers(model).items() if m.has_expert and m.expert_E is not None
+            n: m for n, m in adapted_layers(model).items() if getattr(m, "expert_E", None) is not None
         }
         if not layers:
             raise MethodError("the dual method found no gated expert modules in the model")

@@ -29,7 +29,7 @@ import torch
 
 from lrsurgery.errors import check_count, check_number
 from lrsurgery.io.artifacts import check_same_model, read_manifest
-from lrsurgery.layers.spec import ModuleAdapter
+from lrsurgery.layers.spec import LowRank, ModuleAdapter
 from lrsurgery.linalg.basics import Workspace, all_finite, stack_fp64
 from lrsurgery.linalg.eigen import psd_power
 from lrsurgery.linalg.svd import top_right_singular_vectors, top_right_singular_vectors_of_product
@@ -165,7 +165,7 @@ class TLoRA(Method):
         out = {}
         for name, a in zip(names, a_rows, strict=True):
             r, alpha = self._ranks[name], self._alphas[name]
-            out[name] = ModuleAdapter(
+            branch = LowRank(
                 A=a[:r].float().contiguous(),
                 B=torch.zeros(stack.shape[1], r),
                 scale=alpha / r,
@@ -173,6 +173,7 @@ class TLoRA(Method):
                 dropout=self.dropout,
                 frozen=("A",),
             )
+            out[name] = ModuleAdapter([branch])
         return out
 
     def _frozen_a(self, names: list[str], stack: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
