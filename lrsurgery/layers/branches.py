@@ -24,6 +24,7 @@ Why one op rather than autograd over the separate products:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -34,6 +35,18 @@ class BranchPlan:
 
     scale: float
     dropout: float
+
+
+class Factors(NamedTuple):
+    """One branch's A, B, E and mask, in the order `add_branches` takes them (or whether each needs a gradient)."""
+
+    a: object
+    b: object
+    e: object
+    mask: object
+
+
+LEADING = 4  # the op's arguments before the factors: plans, training, out, x
 
 
 def add_branches(
@@ -50,33 +63,37 @@ def add_branches(
     return _Branches.apply(plans, training, out, x, *factors)
 
 
+def _per_branch(flat: tuple) -> list[Factors]:
+    """A flat (A, B, E, mask, A, B, ...) sequence as one Factors per branch."""
+    return [Factors(*flat[i : i + 4]) for i in range(0, len(flat), 4)]
+
+
 class _Branches(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plans, training, out, x, *factors):  # noqa: ANN001, ANN205 (autograd signature)
         dtype, device = out.dtype, out.device.type
-        needs = ctx.needs_input_grad
-        x_needs = needs[3]
+        x_needs = ctx.needs_input_grad[3]
+        needs = _per_branch(ctx.needs_input_grad[LEADING:])
+        branches = _per_branch(factors)
         with torch.autocast(device, enabled=False):
             x = x.to(dtype)
             heads, saved, gates = [], [], []
-            for k, plan in enumerate(plans):
-                a, b, e, mask = factors[4 * k : 4 * k + 4]
-                a_needs, e_needs = needs[4 + 4 * k], needs[6 + 4 * k]
+            for plan, f, need in zip(plans, branches, needs, strict=True):
                 keep = None
                 seen = x
                 if training and plan.dropout > 0:
                     keep = torch.empty_like(x).bernoulli_(1 - plan.dropout).div_(1 - plan.dropout)
                     seen = x * keep
-                h = seen @ a.to(dtype).T
-                factor = _factor(e, mask, plan.scale, dtype)  # s·g, s or None (s = 1, no gate)
+                h = seen @ f.a.to(dtype).T
+                factor = _factor(f.e, f.mask, plan.scale, dtype)  # s·g, s or None (s = 1, no gate)
                 heads.append(h if factor is None else h * factor)
-                saved += [keep if (x_needs or a_needs) else None, h if e_needs else None]
+                saved += [keep if (x_needs or need.a) else None, h if need.e else None]
                 gates.append(factor if torch.is_tensor(factor) else None)  # a plain scale is in the plan
             heads = heads[0] if len(heads) == 1 else torch.cat(heads, dim=1)
-            y = torch.addmm(out, heads, _stack_b(factors, dtype).T)
+            y = torch.addmm(out, heads, _stack_b(branches, dtype).T)
         ctx.plans = plans
         # x once for every branch (the dropped inputs are x ⊙ keep again in backward, not kept)
-        any_a = any(needs[4 + 4 * k] for k in range(len(plans)))
+        any_a = any(need.a for need in needs)
         ctx.save_for_backward(heads, x if any_a else None, *saved, *factors, *gates)
         return y
 
@@ -85,43 +102,44 @@ class _Branches(torch.autograd.Function):
         plans, n = ctx.plans, len(ctx.plans)
         tensors = ctx.saved_tensors
         heads, x, saved = tensors[0], tensors[1], tensors[2 : 2 + 2 * n]
-        factors, gates = tensors[2 + 2 * n : 2 + 6 * n], tensors[2 + 6 * n :]
-        needs = ctx.needs_input_grad  # (plans, training, out, x, then A, B, E, mask of each branch)
+        branches, gates = _per_branch(tensors[2 + 2 * n : 2 + 6 * n]), tensors[2 + 6 * n :]
+        x_needs = ctx.needs_input_grad[3]
+        needs = _per_branch(ctx.needs_input_grad[LEADING:])
         dtype = grad.dtype
-        grads: list[torch.Tensor | None] = [None] * (4 * n)
-        offsets = [sum(factors[4 * j].shape[0] for j in range(k)) for k in range(n + 1)]
+        grads = [[None] * 4 for _ in range(n)]  # ∂L/∂(A, B, E, mask) of each branch
+        offsets = [sum(f.a.shape[0] for f in branches[:k]) for k in range(n + 1)]
         with torch.autocast(grad.device.type, enabled=False):
-            if any(needs[5 + 4 * k] for k in range(n)):
+            if any(need.b for need in needs):
                 grad_b = heads.T @ grad  # (R, d_out): one pass over the output gradient for every B
-                for k in range(n):
-                    if needs[5 + 4 * k]:
-                        grads[4 * k + 1] = grad_b[offsets[k] : offsets[k + 1]].T
-            if not (needs[3] or any(needs[4 + 4 * k] or needs[6 + 4 * k] for k in range(n))):
-                return None, None, grad, None, *grads
-            grad_heads = grad @ _stack_b(factors, dtype)  # (tokens, R): one pass for every branch's ∂L/∂h
+                for k, need in enumerate(needs):
+                    if need.b:
+                        grads[k][1] = grad_b[offsets[k] : offsets[k + 1]].T
+            if not (x_needs or any(need.a or need.e for need in needs)):
+                return None, None, grad, None, *(g for branch in grads for g in branch)
+            grad_heads = grad @ _stack_b(branches, dtype)  # (tokens, R): one pass for every branch's ∂L/∂h
             grad_x = None
             # dropout branches first: their ∂L/∂x needs the mask, so it cannot be accumulated by addmm_
             for k in sorted(range(n), key=lambda k: plans[k].dropout == 0):
-                plan, a, e = plans[k], factors[4 * k], factors[4 * k + 2]
+                plan, f, need = plans[k], branches[k], needs[k]
                 keep, h = saved[2 * k : 2 * k + 2]
                 part = grad_heads[:, offsets[k] : offsets[k + 1]]
-                if e is not None and needs[6 + 4 * k]:
+                if f.e is not None and need.e:
                     grad_e = (part * h).sum(0)
-                    grads[4 * k + 2] = grad_e if plan.scale == 1 else grad_e.mul_(plan.scale)
+                    grads[k][2] = grad_e if plan.scale == 1 else grad_e.mul_(plan.scale)
                 factor = gates[k] if gates[k] is not None else _factor(None, None, plan.scale, grad_heads.dtype)
                 grad_h = part if factor is None else part * factor
-                if needs[4 + 4 * k]:
-                    grads[4 * k] = grad_h.T @ (x if keep is None else x * keep)
-                if not needs[3]:
+                if need.a:
+                    grads[k][0] = grad_h.T @ (x if keep is None else x * keep)
+                if not x_needs:
                     continue
                 if keep is not None:
-                    contribution = (grad_h @ a.to(dtype)).mul_(keep)
+                    contribution = (grad_h @ f.a.to(dtype)).mul_(keep)
                     grad_x = contribution if grad_x is None else grad_x.add_(contribution)
                 elif grad_x is None:
-                    grad_x = grad_h @ a.to(dtype)
+                    grad_x = grad_h @ f.a.to(dtype)
                 else:
-                    grad_x.addmm_(grad_h, a.to(dtype))
-        return None, None, grad, grad_x, *grads
+                    grad_x.addmm_(grad_h, f.a.to(dtype))
+        return None, None, grad, grad_x, *(g for branch in grads for g in branch)
 
 
 def _factor(
@@ -134,6 +152,6 @@ def _factor(
     return gate if scale == 1 else gate * scale
 
 
-def _stack_b(factors: tuple[torch.Tensor | None, ...], dtype: torch.dtype) -> torch.Tensor:
-    bs = [factors[i].to(dtype) for i in range(1, len(factors), 4)]
+def _stack_b(branches: list[Factors], dtype: torch.dtype) -> torch.Tensor:
+    bs = [f.b.to(dtype) for f in branches]
     return bs[0] if len(bs) == 1 else torch.cat(bs, dim=1)
