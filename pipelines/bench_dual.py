@@ -49,6 +49,8 @@ def build(variant: str, args: argparse.Namespace):
 
 def make_step(variant: str, args: argparse.Namespace):
     """Build one variant; return (step, trainable parameters), step() being one `lrsurgery train` step."""
+    from lrsurgery.methods import HookContext
+
     torch.manual_seed(0)
     model, params, hooks = build(variant, args)
     model.train()
@@ -56,23 +58,23 @@ def make_step(variant: str, args: argparse.Namespace):
     mark_baseline(args.device, model)
     flat = FlatParameters(params)  # as `lrsurgery train`: gradients (counted) in one buffer
     optimizer = adamw(flat.flats, lr=1e-4)
-    hooks.setup(model, args.total)  # the importance EMAs are training state: they count
-    t = getattr(hooks, "lo", 0)  # dual: start at T1, inside the screening phase
+    ctx = HookContext(model, flat, optimizer, None, args.total)
+    hooks.setup(ctx)  # the importance EMAs are training state: they count
+    ctx.step = getattr(hooks, "lo", 0)  # dual: start at T1, inside the screening phase
 
     def step() -> None:
-        nonlocal t
         loss = model(input_ids=ids, labels=ids).loss
-        extras = hooks.extra_loss(model, t)
+        extras = hooks.extra_loss(ctx)
         (loss + sum(extras.values())).backward()
-        hooks.add_gradients(model, t)
+        hooks.add_gradients(ctx)
         torch.nn.utils.clip_grad_norm_(flat.flats, 1.0)
-        hooks.after_backward(model, t)
+        hooks.after_backward(ctx)
         optimizer.step()
         flat.zero_grad()
-        hooks.after_step(model, t, optimizer)
+        hooks.after_step(ctx)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
-        t += 1
+        ctx.step += 1
 
     return step, params
 

@@ -23,7 +23,7 @@ from lrsurgery.data.examples import DataSpec
 from lrsurgery.errors import ArtifactError
 from lrsurgery.io.adapter_file import ADAPTER_FILE, read_adapters
 from lrsurgery.layers.adapted import adapted_layers
-from lrsurgery.methods import MethodError, get_method
+from lrsurgery.methods import HookContext, MethodError, get_method
 from lrsurgery.methods.dual.screening import k_at, orthogonality_penalty, top_k_mask
 from lrsurgery.methods.importance import ImportanceEMA, triplet_scores
 from lrsurgery.stages.adapted import load_adapted
@@ -130,8 +130,13 @@ def _hooks_on(model_folder, tmp_path, total=20, **train_options):
     loaded, manifest = load_adapted(init)
     cfg = get_method("dual", **{**manifest.config["options"], **SCHEDULE, **train_options})
     hooks = cfg.hooks()
-    hooks.setup(loaded.model, total)
+    hooks.setup(HookContext(loaded.model, None, None, None, total))
     return loaded, hooks
+
+
+def _after_step(hooks, model, t):
+    """The hooks' `after_step` once t optimizer steps are done."""
+    return hooks.after_step(HookContext(model, None, None, None, hooks.total, step=t - 1))
 
 
 def _set_scores(hooks, scores: torch.Tensor) -> None:
@@ -156,7 +161,7 @@ def test_screening_masks_exactly_k_and_a_rising_expert_comes_back(tiny_llama, tm
     t = 8
     k = hooks.k(t)
     assert k == 3
-    logged = hooks.after_step(loaded.model, t - 1, None)
+    logged = _after_step(hooks, loaded.model, t)
     assert logged["expert_screened"] and logged["expert_active"] == k * len(layers)
     for layer, row in zip(layers, scores, strict=True):
         gate = layer.expert_gate().detach()
@@ -177,14 +182,14 @@ def test_screening_masks_exactly_k_and_a_rising_expert_comes_back(tiny_llama, tm
     # its score rises above the others: the next screening switches it back on
     scores[0, low] = 10.0
     _set_scores(hooks, scores)
-    hooks.after_step(loaded.model, 10 - 1, None)
+    _after_step(hooks, loaded.model, 10)
     assert layers[0].expert_mask[low] == 1 and int(layers[0].expert_mask.sum()) == hooks.k(10)
     # after T2 the masks no longer change, whatever the scores do
-    hooks.after_step(loaded.model, 12 - 1, None)
+    _after_step(hooks, loaded.model, 12)
     frozen = hooks.masks.clone()
     _set_scores(hooks, torch.rand(len(layers), 4, generator=gen))
     for t in range(13, 21):
-        assert "expert_screened" not in hooks.after_step(loaded.model, t - 1, None)
+        assert "expert_screened" not in _after_step(hooks, loaded.model, t)
     assert torch.equal(hooks.masks, frozen) and int(frozen.sum(1).unique()) == 2
 
 

@@ -223,8 +223,9 @@ class OptimizerSpy(TrainHooks):
     def __init__(self):
         self.params: set[int] = set()
 
-    def after_step(self, model, step, optimizer):
+    def after_step(self, ctx):
         """The model tensors whose storage lies in what the optimizer updates (its flat buffers)."""
+        model, optimizer = ctx.model, ctx.optimizer
         spans = [
             (p.data_ptr(), p.data_ptr() + p.numel() * p.element_size())
             for group in optimizer.param_groups

@@ -25,8 +25,8 @@ class Interrupt(TrainHooks):
     def __init__(self, at: int):
         self.at = at
 
-    def after_step(self, model, step, optimizer):
-        if step + 1 == self.at:
+    def after_step(self, ctx):
+        if ctx.step + 1 == self.at:
             raise KeyboardInterrupt
         return {}
 
@@ -91,8 +91,8 @@ def test_bf16_and_gradient_checkpointing_run(tiny_llama, bbc_small, tmp_path):
 
 
 class NaNLoss(TrainHooks):
-    def extra_loss(self, model, step):
-        return {"bad": torch.tensor(float("nan"))} if step == 2 else {}
+    def extra_loss(self, ctx):
+        return {"bad": torch.tensor(float("nan"))} if ctx.step == 2 else {}
 
 
 def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tiny_llama, bbc_small, tmp_path):

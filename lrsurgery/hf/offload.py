@@ -61,9 +61,9 @@ class BlockLoader:
         when nothing outside the blocks runs again."""
         inside = {id(p) for block in self.blocks for p in block.parameters()}
         for module in self.model.modules():
-            for name, param in list(module._parameters.items()):
-                if param is not None and id(param) not in inside and param.device.type != "meta":
-                    module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=False)
+            for name, param in list(module.named_parameters(recurse=False)):
+                if id(param) not in inside and param.device.type != "meta":
+                    module.register_parameter(name, torch.nn.Parameter(param.to("meta"), requires_grad=False))
         return_freed_memory()
 
 

@@ -3,8 +3,9 @@ and may hook into training (see `Method`). Adding a method is one file plus one 
 
 from __future__ import annotations
 
-from lrsurgery.methods.base import Method, MethodError, TrainHooks, get_method, method_names, register
+from lrsurgery.methods.base import Method, MethodError, get_method, method_names, register
 from lrsurgery.methods.dual.method import Dual
+from lrsurgery.methods.hooks import HookContext, TrainHooks
 from lrsurgery.methods.lora import LoRA
 from lrsurgery.methods.pissa import PiSSA
 from lrsurgery.methods.tlora.method import TLoRA
@@ -14,4 +15,4 @@ register(PiSSA)
 register(TLoRA)
 register(Dual)
 
-__all__ = ["Method", "MethodError", "TrainHooks", "get_method", "method_names", "register"]
+__all__ = ["HookContext", "Method", "MethodError", "TrainHooks", "get_method", "method_names", "register"]

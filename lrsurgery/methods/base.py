@@ -6,64 +6,17 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
 
 from lrsurgery.errors import UserError, check_count, check_number
 from lrsurgery.layers.spec import ModuleAdapter
 from lrsurgery.linalg.basics import all_finite
+from lrsurgery.methods.hooks import TrainHooks
 
 MAX_ALPHA = 1e6
 
 
 class MethodError(UserError, ValueError):
     """A method was given options or weights it cannot work with."""
-
-
-class TrainHooks:
-    """Training-time callbacks a method may override; the defaults do nothing.
-
-    `setup` runs once before the first step (also on `--resume`, before `load_state_dict`). Order within
-    one optimizer step: forward → `extra_loss` added → backward (every micro-batch) → `add_gradients` →
-    gradient clipping → `after_backward` (on exactly the gradients the optimizer applies, identical on
-    every process) → optimizer step → `after_step`. State that changes during training goes through
-    `state_dict`/`load_state_dict` into checkpoints, so a resumed run equals an uninterrupted one;
-    `summary` goes into the run's manifest.
-    """
-
-    def setup(self, model: nn.Module, total_steps: int) -> None:
-        """Called once before training with the (unwrapped) model and the run's number of optimizer steps."""
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors to checkpoint (names without dots at the start)."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore what `state_dict` returned."""
-
-    def summary(self) -> dict[str, Any]:
-        """JSON-able facts about the finished run, stored in the train manifest's `extra`."""
-        return {}
-
-    def extra_loss(self, model: nn.Module, step: int) -> dict[str, torch.Tensor]:
-        """Named loss terms added to the task loss (logged separately)."""
-        return {}
-
-    def add_gradients(self, model: nn.Module, step: int) -> dict[str, float]:
-        """Add the gradient of a penalty that depends on the parameters alone straight into their `.grad`,
-        once per optimizer step, and return the penalty's value(s) to log.
-
-        Equivalent to adding the penalty to every micro-batch's loss (divided by the accumulation steps,
-        and averaged over processes, it sums to one gradient), without an autograd graph over the
-        parameters. The gradients are unscaled here: lrsurgery trains in fp32 or bf16, with no loss scaling.
-        """
-        return {}
-
-    def after_backward(self, model: nn.Module, step: int) -> None:
-        """Called once per optimizer step, after clipping, on the gradients that will be applied."""
-
-    def after_step(self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """Called after the optimizer step; may edit the model and return values to log."""
-        return {}
 
 
 @dataclass

@@ -12,16 +12,12 @@ from torch import nn
 from lrsurgery.errors import ArtifactError
 from lrsurgery.io.artifacts import load_tensors, save_tensors
 from lrsurgery.io.outputs import swap_into, write_text_atomic
-from lrsurgery.training.flat import FlatParameters
+from lrsurgery.training.flat import FlatParameters, inner_optimizer
 
 STATE_FILE = "state.safetensors"
 
 
 INFO_FILE = "checkpoint.json"
-
-
-def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    return getattr(optimizer, "optimizer", optimizer)
 
 
 def save_checkpoint(
@@ -36,10 +32,9 @@ def save_checkpoint(
     after `step` steps, atomically. With `flat` (the optimizer holds its flat buffers), each parameter's
     optimizer state is its slice of the buffers' state, so the file is the same either way."""
     tensors: dict[str, torch.Tensor] = {f"extra.{k}": v.detach() for k, v in (extra or {}).items()}
-    state = _inner(optimizer).state
     for name, p in params.items():
         tensors[f"param.{name}"] = p.detach()
-        for key, value in _state_of(p, state, flat).items():
+        for key, value in _state_of(p, optimizer, flat).items():
             tensors[f"optim.{name}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
     tensors["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
@@ -52,14 +47,12 @@ def save_checkpoint(
     swap_into(tmp, folder)
 
 
-def _state_of(p: torch.Tensor, state: dict, flat: FlatParameters | None) -> dict[str, torch.Tensor]:
+def _state_of(p: torch.Tensor, optimizer: torch.optim.Optimizer, flat: FlatParameters | None) -> dict:
     """p's optimizer state: its own entry, or its slice of its flat buffer's entry."""
     if flat is None:
-        return state.get(p, {})
-    buffer = flat.flat_of(p)
-    whole, shape = state.get(buffer, {}), buffer.shape
-    # a per-buffer scalar (AdamW's step) is copied: safetensors stores no two names over one storage
-    return {k: flat.view(p, v) if v.shape == shape else v.clone() for k, v in whole.items() if torch.is_tensor(v)}
+        return inner_optimizer(optimizer).state.get(p, {})
+    return flat.state_of(p, optimizer)  # a per-buffer scalar (AdamW's step) comes as a copy: safetensors
+    # stores no two names over one storage
 
 
 def load_checkpoint(
@@ -77,7 +70,7 @@ def load_checkpoint(
     if sorted(params) != names:
         raise ArtifactError(f"checkpoint {folder} was written for different trainable parameters")
     tensors = load_tensors(folder / STATE_FILE)
-    state = _inner(optimizer).state
+    state = inner_optimizer(optimizer).state
     with torch.no_grad():
         for name, p in params.items():
             saved = tensors.get(f"param.{name}")

@@ -76,3 +76,15 @@ class FlatParameters:
 
     def flat_of(self, p: torch.Tensor) -> nn.Parameter:
         return self.flats[self.slices[id(p)][0]]
+
+    def state_of(self, p: torch.Tensor, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+        """p's optimizer state: the p-shaped slice (a view) of each per-element state tensor of its buffer
+        (AdamW's exp_avg, exp_avg_sq) and a copy of each per-buffer scalar (AdamW's step)."""
+        whole = inner_optimizer(optimizer).state.get(self.flat_of(p), {})
+        shape = self.flat_of(p).shape
+        return {k: self.view(p, v) if v.shape == shape else v.clone() for k, v in whole.items() if torch.is_tensor(v)}
+
+
+def inner_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer itself, inside accelerate's wrapper if there is one."""
+    return getattr(optimizer, "optimizer", optimizer)

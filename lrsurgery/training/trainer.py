@@ -23,11 +23,12 @@ from lrsurgery.data.examples import DataSpec, Examples, build_examples, collate,
 from lrsurgery.errors import ArtifactError, OptionError, UserError
 from lrsurgery.io.adapter_file import ADAPTED_KINDS, ADAPTER_FILE, to_tensors, trainable_count
 from lrsurgery.io.artifacts import Manifest, file_digest, read_manifest, save_tensors, write_manifest
-from lrsurgery.io.outputs import check_output, output_folder, write_text_atomic
+from lrsurgery.io.outputs import Work, check_output, output_folder, write_text_atomic
 from lrsurgery.layers.adapted import HEAD_PREFIX, adapted_layers, head_parameters
-from lrsurgery.methods import MethodError, TrainHooks, get_method
+from lrsurgery.methods import HookContext, Method, MethodError, TrainHooks, get_method
 from lrsurgery.progress import bar
 from lrsurgery.stages.adapted import load_adapted
+from lrsurgery.training.accelerator import new_accelerator
 from lrsurgery.training.checkpoint import load_checkpoint, load_checkpoint_extra, save_checkpoint
 from lrsurgery.training.flat import FlatParameters
 from lrsurgery.training.heldout import heldout_loss
@@ -52,168 +53,237 @@ def run_train(
 ) -> Path:
     """Train the adapters of `init_dir` on `data` and write a train artifact to `out`; return `out`.
 
-    With `eval_data`, the held-out loss (training/heldout.py) is logged as `eval_loss` every `cfg.eval_every`
-    steps and after the last one, and recorded in the artifact's manifest. `method_options` are
-    train-time options of the artifact's method (e.g. the dual method's screening schedule); they
-    override the init options, are validated by the method and pinned for `--resume`.
+    With `eval_data`, the held-out loss (training/heldout.py) is logged as `eval_loss` every
+    `cfg.eval_every` steps and after the last one, and recorded in the artifact's manifest.
+    `method_options` are train-time options of the artifact's method (e.g. the dual method's screening
+    schedule); they override the init options, are validated by the method and pinned for `--resume`.
+    `hooks` run after the method's own.
     """
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
     out = Path(out)
     main = int(os.environ.get("RANK", "0")) == 0  # torchrun and accelerate set RANK; only rank 0 writes
     inputs = [init_dir, data.path, eval_data.path if eval_data else None]
     if not main:  # the main process checks, locks and writes the output; the others only refuse the same
         check_output(out, inputs, overwrite, "train")
     with output_folder(out, "train", inputs, overwrite, resume=resume, active=main) as run:
-        work = run.folder
-        # method options are checked before anything heavy is loaded
-        recorded = read_manifest(Path(init_dir), ADAPTED_KINDS).config
-        method_options = dict(method_options or {})
-        try:  # what init recorded must be valid on its own, or the artifact is damaged
-            get_method(recorded["method"], **recorded["options"])
-        except MethodError as exc:
-            raise ArtifactError(f"{init_dir}/manifest.json records options its method refuses: {exc}") from exc
-        method_config = get_method(recorded["method"], **{**recorded["options"], **method_options})
+        trainer = Trainer(Path(init_dir), data, cfg, run, eval_data, method_options or {}, hooks or [])
+        trainer.setup(resume, force)
+        for step in range(trainer.start, trainer.total):
+            trainer.step(step)
+        trainer.finish()
+    trainer.accelerator.wait_for_everyone()
+    return out
+
+
+class Trainer:
+    """One training run, read top to bottom: `setup` (method, model, data, optimizer, hooks, resume), `step`
+    (one optimizer step, with its log line and checkpoint), `finish` (the train artifact)."""
+
+    def __init__(
+        self,
+        init_dir: Path,
+        data: DataSpec,
+        cfg: TrainConfig,
+        run: Work,
+        eval_data: DataSpec | None,
+        method_options: dict[str, Any],
+        hooks: list[TrainHooks],
+    ):
+        self.init_dir, self.data, self.cfg, self.run = init_dir, data, cfg, run
+        self.work = run.folder
+        self.eval_data, self.method_options, self.extra_hooks = eval_data, dict(method_options), hooks
+        self.evaluated: dict[str, Any] = {}
+        self.start = 0
+
+    # -- setup ----------------------------------------------------------------------------------------
+
+    def setup(self, resume: bool, force: bool) -> None:
+        """Build everything the steps need, check it, pin the run's settings and take up a checkpoint."""
+        cfg, data = self.cfg, self.data
+        method = self._method()  # checked before anything heavy is loaded
         torch.manual_seed(cfg.seed)
         labels = read_labels(data) if data.task == "classification" else None
-        loaded, init_manifest = load_adapted(
-            Path(init_dir), task=data.task, num_labels=len(labels) if labels else None, force=force
+        loaded, self.init_manifest = load_adapted(
+            self.init_dir, task=data.task, num_labels=len(labels) if labels else None, force=force
         )
-        model, tokenizer = loaded.model, loaded.tokenizer
+        model, self.tokenizer = loaded.model, loaded.tokenizer
         limit = getattr(model.config, "max_position_embeddings", None)
         if limit and data.seq_len > limit:
             raise OptionError(f"--seq-len {data.seq_len} is longer than the model allows ({limit})")
-        examples = build_examples(data, tokenizer, labels)
-        held_out = build_examples(eval_data, tokenizer, labels) if eval_data else None
-        evaluated: dict[str, Any] = {}
-        head = head_parameters(model) if data.task == "classification" else {}
-        for p in head.values():
+        self.examples = build_examples(data, self.tokenizer, labels)
+        self.held_out = build_examples(self.eval_data, self.tokenizer, labels) if self.eval_data else None
+        self.head = head_parameters(model) if data.task == "classification" else {}
+        for p in self.head.values():
             p.requires_grad_(True)
-        method_hooks = [method_config.hooks(), *(hooks or [])]
+        self.hooks = [method.hooks(), *self.extra_hooks]
         if cfg.gradient_checkpointing:
             if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x name
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        # accelerate keeps one process-wide state; reset what a previous run in this process set
-        AcceleratorState._reset_state()
-        accelerator = Accelerator(
-            cpu=not torch.cuda.is_available(),  # lets torchrun/accelerate start several CPU processes (gloo)
-            mixed_precision="bf16" if cfg.precision == "bf16" else "no",
-        )
-        named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.accelerator = accelerator = new_accelerator(cfg.precision)
+        self.named = {n: p for n, p in model.named_parameters() if p.requires_grad}
         # placing and wrapping the model may give parameters new storage, so they move into their flat
-        # buffers (see training/flat.py) afterwards; `flat.check()` below makes sure nothing moved them out again
-        model = accelerator.prepare(model)
-        flat = FlatParameters(list(named.values()))
-        optimizer = accelerator.prepare(adamw(flat.flats, lr=cfg.lr, weight_decay=cfg.weight_decay))
-        total = total_steps(cfg, len(examples), accelerator.num_processes)
-        for h in method_hooks:
-            h.setup(accelerator.unwrap_model(model), total)
-
-        start = 0
+        # buffers (training/flat.py) afterwards; `flat.check()` in `step` makes sure nothing moved them out
+        self.model = accelerator.prepare(model)
+        self.flat = FlatParameters(list(self.named.values()))
+        self.optimizer = accelerator.prepare(adamw(self.flat.flats, lr=cfg.lr, weight_decay=cfg.weight_decay))
+        self.total = total_steps(cfg, len(self.examples), accelerator.num_processes)
+        unwrapped = accelerator.unwrap_model(self.model)
+        self.layers = adapted_layers(unwrapped)
+        self.init_edits = {name: len(layer.edits) for name, layer in self.layers.items()}
+        self.ctx = HookContext(unwrapped, self.flat, self.optimizer, accelerator, self.total)
+        for h in self.hooks:
+            h.setup(self.ctx)
         if accelerator.is_main_process:
-            work.mkdir(parents=True, exist_ok=True)
-            settings = {
-                "init": str(Path(init_dir).resolve()),
-                "init_fingerprint": file_digest(Path(init_dir) / ADAPTER_FILE),
-                "train": asdict(cfg),
-                "data": asdict(data),
-                "data_fingerprint": examples.fingerprint,
-                "eval_data": asdict(eval_data) if eval_data else None,
-                "processes": accelerator.num_processes,
-                "method_options": method_options,
-            }
-            run.pin(settings)
+            self.run.pin(self._settings())
         accelerator.wait_for_everyone()
-        if resume and (work / "checkpoint").exists():
-            start = load_checkpoint(work / "checkpoint", named, optimizer, flat)
-            extra = load_checkpoint_extra(work / "checkpoint")
-            for i, h in enumerate(method_hooks):
-                prefix = f"hook{i}."
-                h.load_state_dict({k[len(prefix) :]: v for k, v in extra.items() if k.startswith(prefix)})
-        _truncate_log(work / "metrics.jsonl", start)
+        if resume and (self.work / "checkpoint").exists():
+            self._load(self.work / "checkpoint")
+        _truncate_log(self.work / "metrics.jsonl", self.start)
+        self.model.train()
+        self.progress = bar(self.total, desc="train", unit="step", initial=self.start)
 
-        pad = tokenizer.pad_token_id
-        model.train()
-        progress = bar(total, desc="train", unit="step", initial=start)
-        for step in range(start, total):
-            began = time.perf_counter()
-            lr = lr_at(step, total, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            task_loss = 0.0
-            extra_logged: dict[str, float] = {}
-            for micro in range(cfg.grad_accum):
-                world, rank = accelerator.num_processes, accelerator.process_index
-                idx = batch_indices(step, micro, len(examples), cfg, world, rank)
-                rows = collate([examples.rows[i] for i in idx], pad, data.task)
-                batch = {k: v.to(accelerator.device) for k, v in rows.items()}
-                with accelerator.autocast():
-                    loss = model(**batch).loss
-                    extras = {k: v for h in method_hooks for k, v in h.extra_loss(model, step).items()}
-                    total_loss = loss + sum(extras.values()) if extras else loss
-                if not torch.isfinite(total_loss):
-                    raise _diverged("the loss", float(total_loss.detach()), step, start, out, work)
-                accelerator.backward(total_loss / cfg.grad_accum)
-                task_loss += loss.item() / cfg.grad_accum
-                for k, v in extras.items():
-                    extra_logged[k] = extra_logged.get(k, 0.0) + v.item() / cfg.grad_accum
-            if accelerator.num_processes > 1:  # log the loss of the whole global batch, not of one process
-                task_loss = float(accelerator.reduce(torch.tensor(task_loss, device=accelerator.device), "mean"))
-            for h in method_hooks:
-                added = h.add_gradients(accelerator.unwrap_model(model), step)
-                bad = [k for k, v in added.items() if not math.isfinite(v)]
-                if bad:
-                    raise _diverged(bad[0], added[bad[0]], step, start, out, work)
-                extra_logged.update(added)
-            if step == start:
-                flat.check()  # nothing (accelerate, DDP, a hook) cut a gradient loose from the buffers
-            grad_norm = accelerator.clip_grad_norm_(flat.flats, cfg.max_grad_norm)
-            for h in method_hooks:
-                h.after_backward(model, step)
-            optimizer.step()
-            flat.zero_grad()
-            logged: dict[str, Any] = {}
-            for h in method_hooks:
-                logged.update(h.after_step(model, step, optimizer))
-            due = step + 1 == total or (cfg.eval_every > 0 and (step + 1) % cfg.eval_every == 0)
-            if held_out and accelerator.is_main_process and due:
-                evaluated = heldout_loss(accelerator.unwrap_model(model), held_out, pad, data.task, cfg.batch_size)
-                logged["eval_loss"] = evaluated["loss"]
-            record = {
-                "step": step + 1,
-                "loss": task_loss,
-                "lr": lr,
-                "grad_norm": float(grad_norm),
-                "step_time": time.perf_counter() - began,
-                **extra_logged,
-                **logged,
-            }
-            if accelerator.is_main_process and (step + 1) % cfg.log_every == 0:
-                with open(work / "metrics.jsonl", "a") as log:
-                    log.write(json.dumps(record) + "\n")
-            progress.update(1)
-            progress.set_postfix(loss=f"{task_loss:.4f}")
-            if accelerator.is_main_process and (step + 1) % cfg.save_every == 0 and step + 1 < total:
-                hook_state = {f"hook{i}.{k}": v for i, h in enumerate(method_hooks) for k, v in h.state_dict().items()}
-                flat.check()
-                save_checkpoint(work / "checkpoint", step + 1, named, optimizer, extra=hook_state, flat=flat)
-                run.keep()  # from here on a failure leaves the run to --resume
-        progress.close()
+    def _method(self) -> Method:
+        recorded = read_manifest(self.init_dir, ADAPTED_KINDS).config
+        try:  # what init recorded must be valid on its own, or the artifact is damaged
+            get_method(recorded["method"], **recorded["options"])
+        except MethodError as exc:
+            raise ArtifactError(f"{self.init_dir}/manifest.json records options its method refuses: {exc}") from exc
+        return get_method(recorded["method"], **{**recorded["options"], **self.method_options})
 
-        model = accelerator.unwrap_model(model)
-        if accelerator.is_main_process:
-            summary = {k: v for h in method_hooks for k, v in h.summary().items()}
-            _write_run(work, model, head, init_dir, init_manifest, examples, data, cfg, total, method_options, summary)
-            if held_out:
-                manifest = read_manifest(work)
-                manifest.extra["eval"] = {**evaluated, "data": asdict(eval_data), "fingerprint": held_out.fingerprint}
-                write_manifest(work, manifest)
-            shutil.rmtree(work / "checkpoint", ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return out
+    def _settings(self) -> dict[str, Any]:
+        """What a resumed run must share with the run it continues."""
+        return {
+            "init": str(self.init_dir.resolve()),
+            "init_fingerprint": file_digest(self.init_dir / ADAPTER_FILE),
+            "train": asdict(self.cfg),
+            "data": asdict(self.data),
+            "data_fingerprint": self.examples.fingerprint,
+            "eval_data": asdict(self.eval_data) if self.eval_data else None,
+            "processes": self.accelerator.num_processes,
+            "method_options": self.method_options,
+        }
+
+    # -- one optimizer step ------------------------------------------------------------------------------
+
+    def step(self, step: int) -> None:
+        """Forward and backward over the step's micro-batches, the hooks, clipping, AdamW; log and checkpoint."""
+        cfg, accelerator, ctx = self.cfg, self.accelerator, self.ctx
+        began = time.perf_counter()
+        ctx.step = step
+        lr = lr_at(step, self.total, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        task_loss, logged = self._backward(step)
+        for h in self.hooks:
+            added = h.add_gradients(ctx)
+            bad = [k for k, v in added.items() if not math.isfinite(v)]
+            if bad:
+                raise _diverged(bad[0], added[bad[0]], step, self.start, self.run.out, self.work)
+            logged.update(added)
+        if step == self.start:
+            self.flat.check()  # nothing (accelerate, DDP, a hook) cut a gradient loose from the buffers
+        grad_norm = accelerator.clip_grad_norm_(self.flat.flats, cfg.max_grad_norm)
+        for h in self.hooks:
+            h.after_backward(ctx)
+        self.optimizer.step()
+        self.flat.zero_grad()
+        for h in self.hooks:
+            logged.update(h.after_step(ctx))
+        due = step + 1 == self.total or (cfg.eval_every > 0 and (step + 1) % cfg.eval_every == 0)
+        if self.held_out and accelerator.is_main_process and due:
+            self.evaluated = heldout_loss(
+                ctx.model, self.held_out, self.tokenizer.pad_token_id, self.data.task, cfg.batch_size
+            )
+            logged["eval_loss"] = self.evaluated["loss"]
+        record = {"step": step + 1, "loss": task_loss, "lr": lr, "grad_norm": float(grad_norm)}
+        record.update(step_time=time.perf_counter() - began, **logged)
+        if accelerator.is_main_process and (step + 1) % cfg.log_every == 0:
+            with open(self.work / "metrics.jsonl", "a") as log:
+                log.write(json.dumps(record) + "\n")
+        self.progress.update(1)
+        self.progress.set_postfix(loss=f"{task_loss:.4f}")
+        if accelerator.is_main_process and (step + 1) % cfg.save_every == 0 and step + 1 < self.total:
+            self.save(step + 1)
+
+    def _backward(self, step: int) -> tuple[float, dict[str, float]]:
+        """Accumulate the gradients of the step's micro-batches; the task loss and the extra loss terms."""
+        cfg, accelerator = self.cfg, self.accelerator
+        pad, world, rank = self.tokenizer.pad_token_id, accelerator.num_processes, accelerator.process_index
+        task_loss, logged = 0.0, {}
+        for micro in range(cfg.grad_accum):
+            idx = batch_indices(step, micro, len(self.examples), cfg, world, rank)
+            rows = collate([self.examples.rows[i] for i in idx], pad, self.data.task)
+            batch = {k: v.to(accelerator.device) for k, v in rows.items()}
+            with accelerator.autocast():
+                loss = self.model(**batch).loss
+                extras = {k: v for h in self.hooks for k, v in h.extra_loss(self.ctx).items()}
+                total_loss = loss + sum(extras.values()) if extras else loss
+            if not torch.isfinite(total_loss):
+                raise _diverged("the loss", float(total_loss.detach()), step, self.start, self.run.out, self.work)
+            accelerator.backward(total_loss / cfg.grad_accum)
+            task_loss += loss.item() / cfg.grad_accum
+            for k, v in extras.items():
+                logged[k] = logged.get(k, 0.0) + v.item() / cfg.grad_accum
+        if world > 1:  # log the loss of the whole global batch, not of one process
+            task_loss = float(accelerator.reduce(torch.tensor(task_loss, device=accelerator.device), "mean"))
+        return task_loss, logged
+
+    # -- checkpoints -------------------------------------------------------------------------------------
+
+    def save(self, steps: int) -> None:
+        """Checkpoint after `steps` steps: parameters, AdamW state, RNG, hook state and the weight edits
+        made during training (each layer's edit log past its init entries)."""
+        extra = {f"hook{i}.{k}": v for i, h in enumerate(self.hooks) for k, v in h.state_dict().items()}
+        for name, layer in self.layers.items():
+            for k, (b, a) in enumerate(layer.edits[self.init_edits[name] :]):
+                extra[f"edit.{name}.{k}.B"], extra[f"edit.{name}.{k}.A"] = b, a
+        self.flat.check()
+        save_checkpoint(self.work / "checkpoint", steps, self.named, self.optimizer, extra=extra, flat=self.flat)
+        self.run.keep()  # from here on a failure leaves the run to --resume
+
+    def _load(self, folder: Path) -> None:
+        """Continue from a checkpoint: tensors and optimizer state, hook state, and the training-time weight
+        edits replayed in their order, so the frozen weights are bit for bit those of the uninterrupted run."""
+        self.start = load_checkpoint(folder, self.named, self.optimizer, self.flat)
+        extra = load_checkpoint_extra(folder)
+        for i, h in enumerate(self.hooks):
+            prefix = f"hook{i}."
+            h.load_state_dict({k[len(prefix) :]: v for k, v in extra.items() if k.startswith(prefix)})
+        for name, layer in self.layers.items():
+            k = 0
+            while f"edit.{name}.{k}.B" in extra:
+                layer.add_edit(extra[f"edit.{name}.{k}.B"], extra[f"edit.{name}.{k}.A"])
+                k += 1
+        self.ctx.step = self.start
+
+    # -- the artifact ------------------------------------------------------------------------------------
+
+    def finish(self) -> None:
+        """Write the train artifact into the work folder (the main process) and drop the checkpoint."""
+        self.progress.close()
+        if not self.accelerator.is_main_process:
+            return
+        summary = {k: v for h in self.hooks for k, v in h.summary().items()}
+        _write_run(
+            self.work,
+            self.ctx.model,
+            self.head,
+            self.init_dir,
+            self.init_manifest,
+            self.examples,
+            self.data,
+            self.cfg,
+            self.total,
+            self.method_options,
+            summary,
+        )
+        if self.held_out:
+            manifest = read_manifest(self.work)
+            record = {**self.evaluated, "data": asdict(self.eval_data), "fingerprint": self.held_out.fingerprint}
+            manifest.extra["eval"] = record
+            write_manifest(self.work, manifest)
+        shutil.rmtree(self.work / "checkpoint", ignore_errors=True)
 
 
 def _diverged(what: str, value: float, step: int, start: int, out: Path, work: Path) -> TrainingDiverged:

@@ -38,13 +38,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
 
 from lrsurgery.errors import check_choice, check_count, check_number
-from lrsurgery.layers.adapted import AdaptedLinear, adapted_layers
+from lrsurgery.layers.adapted import AdaptedLinear
 from lrsurgery.layers.spec import LowRank, ModuleAdapter
-from lrsurgery.methods.base import MethodError, TrainHooks
+from lrsurgery.methods.base import MethodError
 from lrsurgery.methods.dual.screening import k_at, orthogonality_penalty, phase_bounds, top_k_mask
+from lrsurgery.methods.hooks import HookContext, TrainHooks
 from lrsurgery.methods.importance import ImportanceEMA, triplet_scores
 from lrsurgery.methods.pissa import PiSSA
 
@@ -161,9 +161,9 @@ class DualHooks(TrainHooks):
         self.cfg = cfg
         self.schedule: list[list[int]] = []  # [t, k] at each screening
 
-    def setup(self, model: nn.Module, total_steps: int) -> None:
+    def setup(self, ctx: HookContext) -> None:
         layers: dict[str, AdaptedLinear] = {
-            n: m for n, m in adapted_layers(model).items() if getattr(m, "expert_E", None) is not None
+            n: m for n, m in ctx.layers().items() if getattr(m, "expert_E", None) is not None
         }
         if not layers:
             raise MethodError("the dual method found no gated expert modules in the model")
@@ -171,8 +171,8 @@ class DualHooks(TrainHooks):
         if len(ranks) != 1:
             raise MethodError(f"the dual method needs one expert rank for every module, found {sorted(ranks)}")
         self.names = list(layers)
-        self.total = total_steps
-        self.lo, self.hi = phase_bounds(total_steps, self.cfg.t1, self.cfg.t2)
+        self.total = ctx.total_steps
+        self.lo, self.hi = phase_bounds(ctx.total_steps, self.cfg.t1, self.cfg.t2)
         self.hi = max(self.hi, 1)
         self.a = [m.expert_A for m in layers.values()]
         self.b = [m.expert_B for m in layers.values()]
@@ -190,7 +190,7 @@ class DualHooks(TrainHooks):
         return k_at(t, self.total, self.cfg.r_expert, self.cfg.k_final, self.cfg.t1, self.cfg.t2)
 
     @torch.no_grad()
-    def add_gradients(self, model: nn.Module, step: int) -> dict[str, float]:
+    def add_gradients(self, ctx: HookContext) -> dict[str, float]:
         """γ·mean over modules of the orthogonality penalty (Eq. 14-15): its closed-form gradient goes into
         the expert factors' `.grad` before clipping, its value is logged as `orth_loss`."""
         if not self.cfg.screening or self.cfg.orth_weight == 0:
@@ -204,8 +204,8 @@ class DualHooks(TrainHooks):
         torch._foreach_add_([p.grad for p in params], grads_a + grads_b, alpha=weight)
         return {"orth_loss": weight * float(penalty)}
 
-    def after_backward(self, model: nn.Module, step: int) -> None:
-        if self.cfg.screening and step + 1 <= self.hi:
+    def after_backward(self, ctx: HookContext) -> None:
+        if self.cfg.screening and ctx.step + 1 <= self.hi:
             self.importance.update()
 
     def scores(self) -> torch.Tensor:
@@ -215,10 +215,10 @@ class DualHooks(TrainHooks):
         return triplet_scores(imp[:m], imp[m : 2 * m], imp[2 * m :])
 
     @torch.no_grad()
-    def after_step(self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    def after_step(self, ctx: HookContext) -> dict[str, Any]:
         if not self.cfg.screening:
             return {}
-        t = step + 1
+        t = ctx.step + 1
         logged: dict[str, Any] = {"expert_k": self.k(t)}
         if (self.lo <= t < self.hi and t % self.cfg.delta_t == 0) or t == self.hi:
             k = self.k(t)

@@ -1,0 +1,24 @@
+"""The one place lrsurgery reaches into a library's private API: a fresh accelerate state for each run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def new_accelerator(precision: str) -> Any:
+    """An `accelerate.Accelerator` for one training run: on the CPU when there is no CUDA device (so
+    torchrun and `accelerate launch` can start several CPU processes over gloo), bf16 autocast for
+    `precision` "bf16".
+
+    accelerate keeps one process-wide state (`AcceleratorState`, a singleton) and refuses an Accelerator
+    with other settings than the first one's, so a second run in the same process (tests, a notebook, a
+    comparison of methods) would fail or silently keep the first run's settings. accelerate has no public
+    reset; its private `_reset_state` is called here, and nowhere else.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if precision == "bf16" else "no")
