@@ -301,6 +301,14 @@ def test_cli_init_train_and_peft_export_carry_the_rank_and_alpha_patterns(tiny_l
     code, out = cli("fuse", tmp_path / "r", "--format", "peft", "-o", tmp_path / "peft")
     assert code == 0, out
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    from lrsurgery.io.artifacts import read_manifest
+    from lrsurgery.io.stats_file import stats_fingerprint
+
+    # the model card names the calibration the init read
+    assert (
+        f"| calibration statistics fingerprint | `{stats_fingerprint(read_manifest(tiny_stats))}` |"
+        in (tmp_path / "peft" / "README.md").read_text()
+    )
     modules = _modules(tmp_path / "i")["modules"]
     prefix = next(iter(config["rank_pattern"])).rsplit("layers.", 1)[0]
     for name, info in modules.items():

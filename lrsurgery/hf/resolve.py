@@ -171,8 +171,3 @@ def weight_files(folder: Path) -> list[Path]:
 def model_fingerprint(folder: Path) -> str:
     """Fingerprint of the weights in a resolved model folder (see artifacts.fingerprint_weights)."""
     return fingerprint_weights(weight_files(folder))
-
-
-def clear_cache() -> None:
-    """Remove every materialised model."""
-    shutil.rmtree(cache_dir() / "models", ignore_errors=True)

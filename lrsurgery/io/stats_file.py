@@ -6,6 +6,8 @@ Layout: `manifest.json` (`extra.modules[name]` = {covariance owner, file, tokens
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +20,10 @@ from lrsurgery.io.outputs import check_output, output_folder
 from lrsurgery.linalg.basics import all_finite
 
 
-def has_covariance(manifest: Manifest) -> bool:
-    return "covariance" in manifest.config["collect"]
+def stats_fingerprint(manifest: Manifest) -> str:
+    """A short digest naming a calibration: its model's and data's fingerprints and its settings."""
+    record = [manifest.model.get("fingerprint"), manifest.data, manifest.config]
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def load_sensitivity(stats: Path) -> dict[str, float]:

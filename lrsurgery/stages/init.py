@@ -68,7 +68,14 @@ def run_init(
         raise MethodError(f"{method} init overflows fp32 in {overflow} with these options; use a smaller --alpha")
     manifest = Manifest(
         kind="init",
-        config={"method": method, "options": options, "targets": targets, "seed": seed, "device": str(compute)},
+        config={
+            "method": method,
+            "options": options,
+            "targets": targets,
+            "seed": seed,
+            "device": str(compute),
+            "stats_fingerprint": planned.get("stats_fingerprint"),  # the calibration a data-driven init read
+        },
         model=record,
         extra={"modules": meta, "trainable_parameters": trainable_count(meta), "method": planned},
     )

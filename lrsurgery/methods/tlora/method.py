@@ -64,6 +64,7 @@ class TLoRA(Method):
         self._ranks: dict[str, int] = {}
         self._alphas: dict[str, float] = {}
         self._covariance: Any = None
+        self.stats_fingerprint: str | None = None  # of the stats artifact read by `prepare`
         self._workspace = Workspace()  # the fp64 stacks of one shape group, reused by the next
 
     @property
@@ -101,6 +102,7 @@ class TLoRA(Method):
             "skipped": sorted(n for n, r in self._ranks.items() if r == 0),
             "a": {"init": self.a_init, "variant": self.variant, "frozen": True, "damping": self.damping},
             "b": "zeros",
+            "stats_fingerprint": self.stats_fingerprint,
         }
 
     def _read_stats(self, shapes: dict[str, tuple[int, int]], model: dict[str, Any], force: bool) -> dict[str, float]:
@@ -115,10 +117,11 @@ class TLoRA(Method):
                 "tlora needs --stats STATS_DIR (from `lrsurgery calibrate`) for its "
                 + ("covariances" if self.needs_covariance else "sensitivities")
             )
-        from lrsurgery.io.stats_file import CovarianceReader, load_sensitivity
+        from lrsurgery.io.stats_file import CovarianceReader, load_sensitivity, stats_fingerprint
 
         manifest = read_manifest(self.stats, "stats")
         check_same_model(manifest, model["fingerprint"], model["source"], force)
+        self.stats_fingerprint = stats_fingerprint(manifest)
         if self.needs_covariance:
             if "covariance" not in manifest.config["collect"]:
                 raise MethodError(f"{self.stats} has no covariances; calibrate with --collect covariance,...")
