@@ -26,6 +26,7 @@ from torch import nn
 
 from lrsurgery.calibration.covariance import CalibrationError, CovarianceCollector
 from lrsurgery.calibration.sensitivity import SensitivityCollector, per_sample_loss, whole_model
+from lrsurgery.config import option
 from lrsurgery.data.examples import IGNORE, DataSpec, build_examples, collate
 from lrsurgery.errors import check_count
 from lrsurgery.hf.load import compute_device, default_task, load_model, model_record
@@ -45,18 +46,20 @@ class _Captured(Exception):
 
 @dataclass
 class CalibrateConfig:
-    samples: int = 32
-    seq_len: int = 256
-    batch_size: int = 4
-    dtype: str = "fp32"
-    device: str = "cpu"
-    targets: str | None = None
-    collect: tuple[str, ...] = ("covariance",)
-    sensitivity_path: str = "sequential"
-    offload: str = "cpu"
-    tokens: str = "all"
+    samples: int = option(32, "Calibration sequences.")
+    seq_len: int = option(256, "Tokens per sequence.")
+    batch_size: int = option(4, "Sequences per forward pass.")
+    dtype: str = option("fp32", "Accumulation dtype: fp32 or fp64.")
+    device: str = option("cpu", "Where each block runs: cpu, cuda or cuda:N.")
+    targets: str | None = option(None, "Regex over module names to collect for (default: the block linears).")
+    collect: tuple[str, ...] = option(("covariance",), "Statistics: covariance, sensitivity, or both comma-separated.")
+    sensitivity_path: str = option("sequential", "sequential: one block resident at a time; whole: the whole model.")
+    offload: str = option("cpu", "cpu: the model in RAM; disk: each block read from the safetensors when it runs.")
+    tokens: str = option("all", "Tokens whose activations count: all, or response (prompt/response data).")
 
     def __post_init__(self) -> None:
+        if isinstance(self.collect, str):  # from the command line: "covariance,sensitivity"
+            self.collect = tuple(c.strip() for c in self.collect.split(",") if c.strip())
         self.collect = tuple(self.collect)
         unknown = set(self.collect) - {"covariance", "sensitivity"}
         if unknown or not self.collect:

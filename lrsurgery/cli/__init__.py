@@ -1,6 +1,8 @@
-"""The `lrsurgery` command line: the Typer app, `--config`, user errors as one line, a module per stage."""
+"""The `lrsurgery` command line: the Typer app, `--config`, user errors as one line, a module per stage;
+each stage's flags are generated from its config dataclasses and its methods' options (cli/options.py)."""
 
-from lrsurgery.cli import commands, stats  # noqa: F401  (each registers its commands on `app`)
+# each module registers its command, in the order `lrsurgery --help` lists them
+from lrsurgery.cli import calibrate, init, train, fuse, eval, assets  # noqa: F401, I001
 from lrsurgery.cli.common import app
 
 __all__ = ["app", "main"]

@@ -143,6 +143,21 @@ def read_config(path: Path) -> dict[str, Any]:
     return data
 
 
+def out_option(what: str) -> Any:
+    """The `-o/--out` option of a command that writes `what`."""
+    return typer.Option(..., "-o", "--out", help=f"Output {what}.")
+
+
+OverwriteOption = typer.Option(
+    False, "--overwrite", help="Replace an existing output of the same kind that lrsurgery wrote (never another)."
+)
+ForceOption = typer.Option(
+    False, "--force", help="Use an artifact made from another model's weights (shapes are still checked)."
+)
+ResumeOption = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint.")
+ModelArgument = typer.Argument(
+    "smollm2-135m", help="Model: a HF folder, a hub id in the local cache, a .gguf file or a named default."
+)
 ConfigOption = typer.Option(
     None,
     "--config",

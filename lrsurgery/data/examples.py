@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from lrsurgery.config import option
 from lrsurgery.errors import UserError, check_choice, check_count
 from lrsurgery.io.artifacts import fingerprint_tensors
 
@@ -46,15 +47,15 @@ class DataError(UserError, ValueError):
 class DataSpec:
     """Where the data is and how to turn rows into examples."""
 
-    path: str
-    split: str = "train"
-    task: str = "causal"
-    seq_len: int = 256
-    text_column: str = "text"
-    label_column: str = "label"
-    prompt_template: str | None = None
-    response_template: str | None = None
-    limit: int | None = None
+    path: str = option(help="Data: a local json/jsonl/csv/tsv/parquet/txt file or folder, or a hub id.", flag="--data")
+    split: str = option("train", "Dataset split.")
+    task: str = option("causal", "causal (language modelling or prompt/response SFT) or classification.")
+    seq_len: int = option(256, "Tokens per example (language-modelling blocks; the SFT/classification cap).")
+    text_column: str = option("text", "Column with the text.")
+    label_column: str = option("label", "Column with the class label (classification).")
+    prompt_template: str | None = option(None, "SFT prompt in Python format syntax, e.g. 'Q: {question}\\nA:'.")
+    response_template: str | None = option(None, "SFT response (the loss is computed on it alone), e.g. ' {answer}'.")
+    limit: int | None = option(None, "Use only the first N rows.")
 
     def __post_init__(self) -> None:
         check_choice("--task", self.task, ("causal", "classification"))

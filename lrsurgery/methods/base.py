@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import torch
 
+from lrsurgery.config import option
 from lrsurgery.errors import UserError, check_count, check_number
 from lrsurgery.layers.spec import ModuleAdapter
 from lrsurgery.linalg.basics import all_finite
 from lrsurgery.methods.hooks import TrainHooks
 
 MAX_ALPHA = 1e6
+DEFAULT_RANK = 8
 
 
 class MethodError(UserError, ValueError):
@@ -24,19 +26,28 @@ class Method:
     """Base class for a method's config. Subclasses are dataclasses registered by `name`."""
 
     name: ClassVar[str] = ""
-    rank: int = 8
-    alpha: float | None = None
-    dropout: float = 0.0
+    rank: int | None = option(None, "Adapter rank per module (default 8).", short="-r")
+    alpha: float | None = option(None, "LoRA alpha: the scale is alpha/rank (default: alpha = rank).")
+    dropout: float | None = option(None, "Dropout on the adapter's input during training (default 0).")
 
     def __post_init__(self) -> None:
+        """Check every option's range and fill in the defaults that depend on others (the resolved
+        configuration is what the init manifest records)."""
+        self.rank = DEFAULT_RANK if self.rank is None else self.rank
+        self.dropout = 0.0 if self.dropout is None else self.dropout
         check_count("--rank", self.rank, error=MethodError)
         # the scale α/r must be > 0; beyond 1e6 it only overflows fp32 adapters and activations
         check_number("--alpha", self.alpha, 0, MAX_ALPHA, low_open=True, error=MethodError)
         check_number("--dropout", self.dropout, 0, 1, high_open=True, error=MethodError)
+        self.alpha = float(self.rank if self.alpha is None else self.alpha)
 
     @property
     def alpha_value(self) -> float:
-        return float(self.alpha if self.alpha is not None else self.rank)
+        return float(self.alpha)
+
+    def options(self) -> dict[str, Any]:
+        """Every option's value as used (defaults resolved), JSON-able: what the init manifest records."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def check_shape(self, name: str, weight: torch.Tensor, rank: int) -> None:
         limit = min(weight.shape)
@@ -79,6 +90,11 @@ def register(cls: type[Method]) -> type[Method]:
 
 def method_names() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def registered() -> dict[str, type[Method]]:
+    """The registered method classes by name, in registration order."""
+    return dict(_REGISTRY)
 
 
 def get_method(name: str, **options: Any) -> Method:

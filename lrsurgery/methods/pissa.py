@@ -12,6 +12,7 @@ from typing import ClassVar
 
 import torch
 
+from lrsurgery.config import option
 from lrsurgery.errors import check_choice, check_count
 from lrsurgery.layers.spec import LowRank, ModuleAdapter
 from lrsurgery.linalg.svd import truncated_svd
@@ -23,9 +24,9 @@ class PiSSA(Method):
     """PiSSA with an exact or randomized SVD (`svd`: exact | randomized)."""
 
     name: ClassVar[str] = "pissa"
-    svd: str = "exact"
-    oversample: int = 10
-    power_iters: int = 2
+    svd: str = option("exact", "SVD of the weights: exact, or randomized (Halko et al. 2011).")
+    oversample: int = option(10, "Randomized SVD: extra columns of the range finder.")
+    power_iters: int = option(2, "Randomized SVD: power iterations.")
 
     def __post_init__(self) -> None:
         super().__post_init__()

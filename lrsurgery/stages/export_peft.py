@@ -15,11 +15,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from lrsurgery import __version__
-from lrsurgery.errors import check_choice, check_count
 from lrsurgery.hf.tree import file_keys, module_prefix
 from lrsurgery.io.adapter_file import read_adapters
 from lrsurgery.io.artifacts import save_tensors
@@ -27,7 +27,7 @@ from lrsurgery.io.hub import write_model_card
 from lrsurgery.io.outputs import check_output, output_folder, write_text_atomic
 from lrsurgery.io.shards import LazyWeights
 from lrsurgery.layers.spec import ModuleAdapter
-from lrsurgery.stages.fuse import DTYPES, base_folder, cast, check_fits, output_model
+from lrsurgery.stages.fuse import DTYPES, FuseConfig, base_folder, cast, check_fits, output_model
 
 PEFT = "PEFT adapter"  # the kind of output folder the export writes (outputs.FOLDER_MARKERS)
 
@@ -81,22 +81,14 @@ def compress(b: torch.Tensor, a: torch.Tensor, max_rank: int | None) -> Compress
     )
 
 
-def run_export_peft(
-    artifact: Path,
-    out: Path,
-    max_rank: int | None = None,
-    dtype: str = "fp32",
-    overwrite: bool = False,
-    force: bool = False,
-    model: str | None = None,
-) -> dict:
-    """Write a PEFT LoRA adapter folder for `artifact`; return the compression report."""
-    check_count("--max-rank", max_rank)
-    check_choice("--dtype", dtype, tuple(DTYPES))
-    target = DTYPES[dtype]
+def run_export_peft(artifact: Path, out: Path, overwrite: bool = False, force: bool = False, **options: Any) -> dict:
+    """Write a PEFT LoRA adapter folder for `artifact`; return the compression report. `options` are
+    FuseConfig's (max_rank, dtype, model)."""
+    cfg = FuseConfig(**{"format": "peft", **options})
+    max_rank, target = cfg.max_rank, DTYPES[cfg.dtype]
     check_output(out, [artifact], overwrite, PEFT)
     manifest, adapters, head = read_adapters(Path(artifact))
-    folder = base_folder(manifest, model, force)
+    folder = base_folder(manifest, cfg.model, force)
     skeleton, _, task = output_model(folder, manifest)
     prefix = module_prefix(skeleton)
     weights = LazyWeights(folder)

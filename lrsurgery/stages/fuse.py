@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lrsurgery import __version__
-from lrsurgery.errors import ArtifactError, OptionError, check_choice
+from lrsurgery.config import option
+from lrsurgery.errors import ArtifactError, OptionError, check_choice, check_count
 from lrsurgery.hf.load import default_task
 from lrsurgery.hf.resolve import model_fingerprint, resolve_model
 from lrsurgery.hf.tree import file_keys, module_prefix
@@ -72,22 +74,43 @@ def output_model(folder: Path, manifest: Manifest) -> tuple[torch.nn.Module, Any
     return model, config, task
 
 
-def run_fuse(
-    artifact: Path,
-    out: Path,
-    dtype: str = "fp32",
-    shard_size: str = "5GB",
-    overwrite: bool = False,
-    force: bool = False,
-    model: str | None = None,
-) -> Path:
-    """Write the merged model of an init/train artifact as a plain transformers folder; return `out`."""
-    check_choice("--dtype", dtype, tuple(DTYPES))
-    max_bytes = parse_size(shard_size)
-    target = DTYPES[dtype]
+@dataclass
+class FuseConfig:
+    """What `fuse` writes and where it pushes it (every field is a flag of `lrsurgery fuse`)."""
+
+    format: str = option("hf", "hf: a merged transformers model; peft: a LoRA adapter for the unmodified base.")
+    dtype: str = option("fp32", "Dtype of the written tensors: fp32, bf16, fp16 or fp64.")
+    shard_size: str = option("5GB", "Largest safetensors shard (hf), e.g. 500MB, 5GB.")
+    max_rank: int | None = option(None, "peft: compress each module's change to rank ≤ K by SVD, with its error.")
+    model: str | None = option(None, "Base model to read (default: the one the artifact names).")
+    push_to_hub: str | None = option(None, "Upload the output to this Hub repository, USER/NAME.")
+    private: bool = option(False, "With --push-to-hub: create the repository as private.")
+    revision: str | None = option(None, "With --push-to-hub: the branch to upload to (created if missing).")
+    dry_run: bool = option(False, "With --push-to-hub: list what would be uploaded.")
+
+    def __post_init__(self) -> None:
+        check_choice("--format", self.format, ("hf", "peft"))
+        check_choice("--dtype", self.dtype, tuple(DTYPES))
+        self.max_bytes = parse_size(self.shard_size)
+        check_count("--max-rank", self.max_rank)
+        if self.max_rank is not None and self.format != "peft":
+            raise OptionError("--max-rank applies to --format peft")
+        if not self.push_to_hub and (self.private or self.revision or self.dry_run):
+            raise OptionError("--private, --revision and --dry-run apply to --push-to-hub USER/NAME")
+        if self.push_to_hub:
+            from lrsurgery.io.hub import check_repo_id
+
+            check_repo_id(self.push_to_hub)
+
+
+def run_fuse(artifact: Path, out: Path, overwrite: bool = False, force: bool = False, **options: Any) -> Path:
+    """Write the merged model of an init/train artifact as a plain transformers folder; return `out`.
+    `options` are FuseConfig's (dtype, shard_size, model)."""
+    cfg = FuseConfig(**options)
+    target = DTYPES[cfg.dtype]
     check_output(out, [artifact], overwrite, MERGED)
     manifest, adapters, head = read_adapters(Path(artifact))
-    folder = base_folder(manifest, model, force)
+    folder = base_folder(manifest, cfg.model, force)
     skeleton, config, _ = output_model(folder, manifest)
     prefix = module_prefix(skeleton)
     by_key = {f"{prefix}{name}.weight": spec for name, spec in adapters.items()}
@@ -101,7 +124,7 @@ def run_fuse(
     plan += [(name, tuple(t.shape), target) for name, t in head.items()]
     with output_folder(out, MERGED, [artifact, folder], overwrite) as work:
         tmp = work.folder
-        writer = ShardWriter(tmp, plan, max_bytes)
+        writer = ShardWriter(tmp, plan, cfg.max_bytes)
         check_disk(out, writer.total_size)
         for name, _, _ in progress(plan, desc="fuse", unit="tensor"):
             if name in by_key:
@@ -122,7 +145,7 @@ def run_fuse(
             "method": manifest.config.get("method"),
             "base_model": manifest.model,
             "data": manifest.data,
-            "dtype": dtype,
+            "dtype": cfg.dtype,
             "artifact_lrsurgery_version": manifest.lrsurgery_version,
             "lrsurgery_version": __version__,
         }

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lrsurgery.config import option
 from lrsurgery.errors import SEED_MAX, OptionError, check_choice, check_count, check_number
 
 MAX_BATCH = 2**16  # examples per micro-batch, and micro-batches per step: far beyond any device's memory
@@ -16,21 +17,21 @@ MAX_BATCH = 2**16  # examples per micro-batch, and micro-batches per step: far b
 class TrainConfig:
     """Optimisation settings (every field is a CLI flag)."""
 
-    max_steps: int | None = None
-    epochs: float | None = None
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    batch_size: int = 4
-    grad_accum: int = 1
-    warmup_ratio: float = 0.03
-    schedule: str = "cosine"
-    max_grad_norm: float = 1.0
-    precision: str = "fp32"
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    save_every: int = 50
+    max_steps: int | None = option(None, "Optimizer steps (or give --epochs).")
+    epochs: float | None = option(None, "Passes over the data (or give --max-steps).")
+    lr: float = option(2e-4, "Peak learning rate.")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    batch_size: int = option(4, "Examples per micro-batch per process.")
+    grad_accum: int = option(1, "Micro-batches per optimizer step.")
+    warmup_ratio: float = option(0.03, "Fraction of the steps of linear warmup.")
+    schedule: str = option("cosine", "Learning-rate schedule after warmup: cosine, linear or constant.")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm.")
+    precision: str = option("fp32", "fp32, or bf16 autocast.")
+    gradient_checkpointing: bool = option(False, "Recompute activations in backward: less memory, more time.")
+    seed: int = option(0, "Seed of the data order, dropout and a new task head.")
+    save_every: int = option(50, "Checkpoint every N steps (what --resume continues from).")
     log_every: int = 1
-    eval_every: int = 0  # with eval data: held-out loss every N steps (0: only after the last step)
+    eval_every: int = option(0, "With --eval-data: held-out loss every N steps (0: after the last step only).")
 
     def __post_init__(self) -> None:
         if (self.max_steps is None) == (self.epochs is None):

@@ -39,6 +39,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from lrsurgery.config import option
 from lrsurgery.errors import check_choice, check_count, check_number
 from lrsurgery.layers.adapted import AdaptedLinear
 from lrsurgery.layers.spec import LowRank, ModuleAdapter
@@ -66,23 +67,26 @@ class Dual(PiSSA):
     train options (k_final, t1, t2, delta_t, beta1, beta2, orth_weight, given to `lrsurgery train`)."""
 
     name: ClassVar[str] = "dual"
-    r_share: int | None = None
-    r_expert: int | None = None
-    expert_dropout: float = 0.05
-    ablation: str = "all"
-    k_final: int | None = None  # default round(0.75·r_expert), "slightly below r_expert" (Table 1)
-    t1: float = 0.15
-    t2: float = 0.5
-    delta_t: int = 10
-    beta1: float = 0.85
-    beta2: float = 0.85
-    orth_weight: float = 0.1
+    r_share: int | None = option(None, "Rank of the shared (PiSSA) module.")
+    r_expert: int | None = option(None, "Rank of the gated expert module.")
+    expert_dropout: float = option(0.05, "Dropout on the expert module's input.")
+    ablation: str = option("all", "Table 4 row: all, e-only, shared-only or expert-only.")
+    # k_final default: round(0.75·r_expert), "slightly below r_expert" (Table 1)
+    k_final: int | None = option(None, "Experts kept per module at the end (default 0.75·r_expert).", stage="train")
+    t1: float = option(0.15, "Fraction of the run before screening starts.", stage="train")
+    t2: float = option(0.5, "Fraction at which k reaches k_final and the scores freeze.", stage="train")
+    delta_t: int = option(10, "Steps between screenings.", stage="train")
+    beta1: float = option(0.85, "Sensitivity EMA factor (Eq. 9).", stage="train")
+    beta2: float = option(0.85, "Uncertainty EMA factor (Eq. 11).", stage="train")
+    orth_weight: float = option(0.1, "Orthogonality loss weight γ (Eq. 15).", stage="train")
 
     def __post_init__(self) -> None:
         if self.r_share is None or self.r_expert is None:
             raise MethodError("--method dual needs --r-share and --r-expert")
         check_count("--r-share", self.r_share, error=MethodError)
         check_count("--r-expert", self.r_expert, error=MethodError)
+        if self.rank not in (None, self.r_share + self.r_expert) or self.dropout not in (None, 0.0):
+            raise MethodError("--method dual takes --r-share, --r-expert and --expert-dropout, not --rank or --dropout")
         self.rank = self.r_share + self.r_expert
         super().__post_init__()
         check_number("--expert-dropout", self.expert_dropout, 0, 1, high_open=True, error=MethodError)

@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from lrsurgery.config import option
 from lrsurgery.errors import check_count, check_number
 from lrsurgery.io.artifacts import check_same_model, read_manifest
 from lrsurgery.layers.spec import LowRank, ModuleAdapter
@@ -43,16 +44,18 @@ class TLoRA(Method):
 
     name: ClassVar[str] = "tlora"
     batch_by_shape: ClassVar[bool] = True
-    stats: str | None = None
-    variant: str = "wc"
-    a_init: str = "wc"
-    rank_adapt: bool = True
-    alpha_adapt: bool = True
-    min_rank: int = 1
-    damping: float = 0.01
+    stats: str | None = option(None, "Statistics folder from `lrsurgery calibrate` (covariances, sensitivities).")
+    variant: str = option("wc", "A from the SVD of W·C (wc, Eq. 4) or the theoretical V_rᵀC^(-1/2) (theory, Eq. 3).")
+    a_init: str = option("wc", "Frozen A from wc (W·C), w (W alone) or random (Table 12).")
+    rank_adapt: bool = option(True, "Share the rank budget out by module sensitivity (Eq. 6); else --rank each.")
+    alpha_adapt: bool = option(True, "Share the alpha budget out by module sensitivity (Eq. 7); else --alpha each.")
+    min_rank: int = option(1, "Smallest rank a module gets (0 lets a module drop out).")
+    damping: float = option(0.01, "theory variant: C's eigenvalues + damping × their mean.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.stats is not None:  # recorded absolute, so the init manifest names it from anywhere
+            self.stats = str(Path(self.stats).expanduser().resolve())
         if self.variant not in ("wc", "theory"):
             raise MethodError(f"--variant must be wc or theory, got {self.variant!r}")
         if self.a_init not in ("wc", "w", "random"):
