@@ -25,7 +25,7 @@ def quiet_libraries() -> None:
         hf_logging.disable_progress_bar()
     if "datasets" in sys.modules:
         datasets = sys.modules["datasets"]
-        datasets.logging.set_verbosity_error()
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its read errors come back as our one line
         if not enabled():
             datasets.disable_progress_bars()
 

@@ -38,6 +38,8 @@ def arts(tiny_llama, tiny_llama_wide, bbc, bbc_small, tmp_path_factory):
     run = run_train(init, data, TrainConfig(max_steps=2, batch_size=2), root / "run")
     collect = CalibrateConfig(samples=4, seq_len=32, collect=("covariance", "sensitivity"))
     stats = run_calibrate(str(tiny_llama), DataSpec(path=str(bbc_small)), collect, root / "stats")
+    more = CalibrateConfig(samples=3, seq_len=32, collect=("covariance", "sensitivity"))  # another calibration
+    stats2 = run_calibrate(str(tiny_llama), DataSpec(path=str(bbc_small)), more, root / "stats2")
     wide_stats = run_calibrate(str(tiny_llama_wide), DataSpec(path=str(bbc_small)), collect, root / "wide_stats")
     dual = run_init(str(tiny_llama), "dual", root / "dual", {"r_share": 2, "r_expert": 2})
     task = root / "task.yaml"
@@ -62,6 +64,7 @@ def arts(tiny_llama, tiny_llama_wide, bbc, bbc_small, tmp_path_factory):
         init=init,
         run=run,
         stats=stats,
+        stats2=stats2,
         wide_stats=wide_stats,
         dual=dual,
         task=task,
@@ -77,7 +80,7 @@ def _stage_args(a: SimpleNamespace) -> dict[str, list]:
         "fuse": ["fuse", a.run],
         "fuse-peft": ["fuse", a.run, "--format", "peft"],
         "calibrate": ["calibrate", a.model, "--data", a.data, "--samples", 2, "--seq-len", 16],
-        "merge-stats": ["merge-stats", a.stats, a.stats],
+        "merge-stats": ["merge-stats", a.stats, a.stats2],
         "assets": ["assets", "humaneval"],
     }
 
@@ -117,7 +120,7 @@ def test_an_output_on_or_in_an_input_is_refused(arts, tmp_path, case):
             ["init", arts.model, "--rank", 2, "-o", arts.model / "adapters"],
             arts.model / "adapters",
         ),
-        "merge onto an input": (["merge-stats", arts.stats, arts.stats, "-o", arts.stats, "--overwrite"], arts.stats),
+        "merge onto an input": (["merge-stats", arts.stats, arts.stats2, "-o", arts.stats, "--overwrite"], arts.stats),
         "fuse inside": (["fuse", copy, "-o", copy / "merged"], copy / "merged"),
     }
     args, out = stages[case]
@@ -539,7 +542,7 @@ def test_a_damaged_stats_artifact_is_one_line(arts, tmp_path):
         out=out,
         inputs=(stats,),
     )
-    refused("merge-stats", stats, arts.stats, "-o", out, expect="corrupt", out=out, inputs=(stats,))
+    refused("merge-stats", stats, arts.stats2, "-o", out, expect="corrupt", out=out, inputs=(stats,))
 
 
 def test_a_truncated_gguf_is_one_line(arts, tmp_path, monkeypatch):
@@ -646,9 +649,9 @@ def test_a_failure_before_any_progress_leaves_no_work_folder(arts, tmp_path):
 
 def test_merge_stats_offers_the_overwrite_it_has(arts, tmp_path):
     out = tmp_path / "merged"
-    assert cli("merge-stats", arts.stats, arts.stats, "-o", out)[0] == 0
-    refused("merge-stats", arts.stats, arts.stats, "-o", out, expect="pass --overwrite", out=out)
-    assert cli("merge-stats", arts.stats, arts.stats, "-o", out, "--overwrite")[0] == 0
+    assert cli("merge-stats", arts.stats, arts.stats2, "-o", out)[0] == 0
+    refused("merge-stats", arts.stats, arts.stats2, "-o", out, expect="pass --overwrite", out=out)
+    assert cli("merge-stats", arts.stats, arts.stats2, "-o", out, "--overwrite")[0] == 0
 
 
 # -- found by trying ~450 hostile commands: each class stays fixed -------------------------------------------
@@ -795,9 +798,19 @@ def test_damaged_statistics_are_never_merged(arts, tmp_path):
         (nan, "NaN or Inf"),
         (negative, "negative"),
     ):
-        for order in ((damaged, arts.stats), (arts.stats, damaged)):
-            refused("merge-stats", *order, "-o", out, expect=expect, out=out, inputs=(damaged, arts.stats))
+        for order in ((damaged, arts.stats2), (arts.stats2, damaged)):
+            refused("merge-stats", *order, "-o", out, expect=expect, out=out, inputs=(damaged, arts.stats2))
     refused("inspect", nan, expect="NaN or Inf in the covariance", inputs=(nan,))
+    refused("inspect", negative, expect="negative sensitivity", inputs=(negative,))
+    gram = tmp_path / "gram"  # a covariance sum XᵀX with a negative diagonal entry
+    shutil.copytree(arts.stats, gram)
+    block = load(gram / "block_0000.safetensors")
+    block[first][0, 0] = -1.0
+    save_tensors(gram / "block_0000.safetensors", block)
+    for args in (["inspect", gram], ["merge-stats", gram, arts.stats2, "-o", out]):
+        refused(*args, expect="not a Gram matrix", inputs=(gram,))
+    refused("init", arts.model, "--method", "tlora", "--stats", gram, "-o", out, expect="not a Gram matrix", out=out)
+    refused("merge-stats", arts.stats, arts.stats, "-o", out, expect="same calibration .* count it twice", out=out)
 
 
 def test_a_config_json_of_the_wrong_types_is_one_line(arts, tmp_path):
@@ -923,3 +936,69 @@ def test_sigterm_cleans_up_like_ctrl_c(arts, tmp_path):
     _, err = run.communicate(timeout=120)
     assert run.returncode == 130 and "error: interrupted" in err and "Traceback" not in err, err[-2000:]
     assert list(tmp_path.iterdir()) == []
+
+
+# -- found in a second round: links, names, encodings, configs -------------------------------------------
+
+
+def test_links_beside_the_output_are_never_followed(arts, tmp_path):
+    """A lock file that is a link (its target would be overwritten), a work folder that is a link or a
+    finished run, and an output that is a link: all refused, nothing written through them."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / ".a.lock").symlink_to(victim)
+    init = ["init", arts.model, "--rank", 2, "-o"]
+    refused(*init, tmp_path / "a", expect="lock file .* is not a plain file", inputs=(victim,))
+    (tmp_path / ".b.lock").mkdir()
+    refused(*init, tmp_path / "b", expect="lock file .* is not a plain file")
+    finished = tmp_path / "finished"
+    shutil.copytree(arts.run, finished)
+    (tmp_path / "c.partial").symlink_to(finished)
+    train = ["train", arts.init, "--data", arts.data, *SFT, "--max-steps", 1, "--resume", "-o"]
+    refused(*train, tmp_path / "c", expect="not an lrsurgery work folder", inputs=(finished,))
+    shutil.copytree(arts.run, tmp_path / "d.partial")  # a finished run named like a work folder
+    refused(*train, tmp_path / "d", expect="not an lrsurgery work folder", inputs=(tmp_path / "d.partial",))
+    (tmp_path / "e").symlink_to(tmp_path / "nowhere")
+    refused(*init, tmp_path / "e", expect="is a symbolic link")
+    assert victim.read_text() == "precious" and not (tmp_path / "nowhere").exists()
+
+
+def test_unwritable_output_names_are_refused_before_any_work(arts, tmp_path):
+    long_name = tmp_path / ("x" * 245)
+    refused("init", arts.model, "--rank", 2, "-o", long_name, expect="is too long")
+    refused("eval", arts.model, "--task", arts.task, "-o", f"{long_name}.json", expect="is too long")
+    train = ["train", arts.init, *SFT, "--max-steps", 1, "-o", tmp_path / "r"]
+    refused(*train, "--data", "", expect="--data is empty", out=tmp_path / "r")
+
+
+def test_text_that_is_not_utf8_is_one_line(arts, tmp_path):
+    data = tmp_path / "latin1.jsonl"
+    data.write_bytes(b'{"text": "caf\xe9 na\xefve \xff\xfe"}\n{"text": "more"}\n')
+    out = tmp_path / "out"
+    for args in (["train", arts.init, "--seq-len", 32, "--max-steps", 1], ["calibrate", arts.model, "--samples", 1]):
+        refused(*args, "--data", data, "-o", out, expect="not UTF-8|cannot load data", out=out, inputs=(data,))
+
+
+def test_a_changed_base_config_is_noticed(arts, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(arts.model, base)
+    init = run_init(str(base), "lora", tmp_path / "init", {"rank": 2})
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 0.5}))
+    out = tmp_path / "m"
+    refused("fuse", init, "-o", out, expect=r"config.json .* differs .*\(rms_norm_eps\)", out=out)
+    refused("eval", init, "--task", arts.task, "--limit", 1, expect="differs")
+    assert cli("fuse", init, "--force", "-o", out)[0] == 0  # --force: the user knows
+
+
+def test_a_key_given_twice_in_a_config_file_is_refused(arts, tmp_path):
+    config = tmp_path / "twice.yaml"
+    config.write_text("rank: 2\nrank: 3\n")
+    refused("init", arts.model, "--config", config, "-o", tmp_path / "i", expect="'rank' is given twice")
+
+
+def test_a_hub_dataset_is_looked_up_offline_whatever_the_environment(arts, tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    out = tmp_path / "r"
+    train = ["train", arts.init, "--data", "someone/no-such-dataset", *SFT, "--max-steps", 1, "-o", out]
+    refused(*train, expect="nor a dataset in the local Hugging Face cache", out=out)

@@ -119,6 +119,17 @@ def _spelling(param: Any) -> str:
     return flags[0] if flags and getattr(param, "param_type_name", "") == "option" else param.name
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        twice = next((k for k in keys if keys.count(k) > 1), None)
+        if twice is not None:
+            raise yaml.constructor.ConstructorError(None, None, f"{twice!r} is given twice", node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_config(path: Path) -> dict[str, Any]:
     """The mapping of option names to values in a YAML or TOML file (an empty file: none)."""
     try:
@@ -133,7 +144,7 @@ def read_config(path: Path) -> dict[str, Any]:
 
             data = tomllib.loads(text)
         else:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except (yaml.YAMLError, ValueError) as exc:  # tomllib.TOMLDecodeError is a ValueError
         fail(f"--config {path} is not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {exc}")
     if data is None:

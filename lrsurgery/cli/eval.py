@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import typer
@@ -31,20 +32,18 @@ def eval_(
 ) -> None:
     """Score models on tasks and print a Markdown table."""
     from lrsurgery.evaluation import markdown_table, run_eval
-    from lrsurgery.evaluation.runner import check_report_path, write_report
+    from lrsurgery.evaluation.runner import results_file, write_report
 
-    inputs = [*task, *models]
-    if out:
-        check_report_path(out, inputs, overwrite)  # before any model is scored
-    report = run_eval(
-        models,
-        task,
-        limit=limit,
-        batch_size=batch_size,
-        num_fewshot=num_fewshot,
-        allow_code_execution=allow_code_execution,
-        dtype=dtype,
-    )
-    typer.echo(markdown_table(report))
-    if out:
-        write_report(report, out, inputs, overwrite)
+    with results_file(out, [*task, *models], overwrite) if out else contextlib.nullcontext() as path:
+        report = run_eval(
+            models,
+            task,
+            limit=limit,
+            batch_size=batch_size,
+            num_fewshot=num_fewshot,
+            allow_code_execution=allow_code_execution,
+            dtype=dtype,
+        )
+        typer.echo(markdown_table(report))
+        if path is not None:
+            write_report(report, path)

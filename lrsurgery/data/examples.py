@@ -9,9 +9,11 @@ Three kinds of example, chosen by the task and the options:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import string
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 
 from lrsurgery.config import option
-from lrsurgery.errors import UserError, check_choice, check_count
+from lrsurgery.errors import UserError, check_choice, check_count, first_line
 from lrsurgery.io.artifacts import fingerprint_tensors
 
 IGNORE = -100
@@ -88,6 +90,8 @@ def load_rows(path: str, split: str = "train"):
     from lrsurgery.progress import quiet_libraries
 
     quiet_libraries()
+    if not path:
+        raise DataError("--data is empty: give a data file, folder or a dataset id in the local cache")
     local = Path(path).expanduser()
     if local.exists() and not os.access(local, os.R_OK):
         raise DataError(f"cannot read data {local}: permission denied")
@@ -102,23 +106,38 @@ def load_rows(path: str, split: str = "train"):
             if builder is None:
                 raise DataError(f"{local}: unsupported file type {local.suffix!r}; use {', '.join(LOCAL_BUILDERS)}")
             kwargs = {"delimiter": "\t"} if local.suffix.lower() == ".tsv" else {}
-            dataset = datasets.load_dataset(builder, data_files={split: str(local)}, split=split, **kwargs)
-        elif local.is_dir():
-            dataset = datasets.load_dataset(str(local), split=split)
-        else:
-            dataset = datasets.load_dataset(path, split=split)
+            with offline(datasets):
+                dataset = datasets.load_dataset(builder, data_files={split: str(local)}, split=split, **kwargs)
+        else:  # a local folder, or a dataset id in the local cache
+            with offline(datasets):
+                dataset = datasets.load_dataset(str(local) if local.is_dir() else path, split=split)
     except DataError:
         raise
     except Exception as exc:  # datasets raises many types for unreadable or malformed files
         if not local.exists():
             raise DataError(
                 f"data {path!r} is not a local file or folder, nor a dataset in the local Hugging Face cache "
-                f"(lrsurgery never downloads): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                f"(lrsurgery never downloads): {type(exc).__name__}: {first_line(exc)}"
             ) from exc
-        raise DataError(f"cannot load data {path!r} (split {split!r}): {type(exc).__name__}: {exc}") from exc
+        cause = f" ({type(exc.__cause__).__name__}: {first_line(exc.__cause__)})" if exc.__cause__ else ""
+        raise DataError(
+            f"cannot load data {path!r} (split {split!r}): {type(exc).__name__}: {first_line(exc)}{cause}"
+        ) from exc
     if len(dataset) == 0:
         raise DataError(f"data {path!r} (split {split!r}) is empty")
     return dataset
+
+
+@contextlib.contextmanager
+def offline(datasets: Any) -> Iterator[None]:
+    """`datasets` without the network for the duration (lrsurgery reads only what is cached), whatever
+    HF_HUB_OFFLINE says; its setting is restored after."""
+    before = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE = before
 
 
 def template_fields(template: str, flag: str = "template") -> list[str]:
@@ -165,6 +184,20 @@ def build_examples(spec: DataSpec, tokenizer: Any, labels: list[str] | None = No
     dataset = load_rows(spec.path, spec.split)
     if spec.limit:
         dataset = dataset.select(range(min(spec.limit, len(dataset))))
+    try:
+        rows, labels = _examples(dataset, spec, tokenizer, labels)
+    except UnicodeDecodeError as exc:  # the file's bytes are decoded only as its rows are read
+        raise DataError(f"data {spec.path!r} holds text that is not UTF-8 ({exc.reason}); convert it to UTF-8") from exc
+    if not rows:
+        raise DataError(f"data {spec.path!r} gave no training examples (texts empty or too short)")
+    tensors = [torch.tensor(r["input_ids"] + [-1] + r["labels"]) for r in rows]
+    config = {k: v for k, v in asdict(spec).items() if k != "path"}
+    digest = fingerprint_tensors(tensors + [torch.tensor(list(str(config).encode()))])
+    return Examples(rows=rows, fingerprint=digest, labels=labels)
+
+
+def _examples(dataset: Any, spec: DataSpec, tokenizer: Any, labels: list[str] | None) -> tuple[list, list | None]:
+    """The token rows of `dataset` for `spec.task` (and the label order, for classification)."""
     columns = list(dataset.column_names)
     if spec.task == "classification":
         require_columns(columns, [spec.text_column, spec.label_column], spec.path, "classification")
@@ -180,12 +213,7 @@ def build_examples(spec: DataSpec, tokenizer: Any, labels: list[str] | None = No
         rows = _language_modelling(dataset, spec, tokenizer)
     else:
         raise DataError(f"unknown task {spec.task!r}; use causal or classification")
-    if not rows:
-        raise DataError(f"data {spec.path!r} gave no training examples (texts empty or too short)")
-    tensors = [torch.tensor(r["input_ids"] + [-1] + r["labels"]) for r in rows]
-    config = {k: v for k, v in asdict(spec).items() if k != "path"}
-    digest = fingerprint_tensors(tensors + [torch.tensor(list(str(config).encode()))])
-    return Examples(rows=rows, fingerprint=digest, labels=labels)
+    return rows, labels
 
 
 def _language_modelling(dataset, spec: DataSpec, tokenizer) -> list[dict[str, list[int]]]:

@@ -18,7 +18,7 @@ from lrsurgery.evaluation.tasks import Task, TaskError
 from lrsurgery.hf.load import LoadedModel, default_task, load_model
 from lrsurgery.hf.resolve import model_fingerprint, resolve_model
 from lrsurgery.io.artifacts import MANIFEST, fingerprint_weights
-from lrsurgery.io.outputs import check_output, output_file
+from lrsurgery.io.outputs import output_file
 
 SCORERS = {
     "multiple_choice": score_multiple_choice,
@@ -168,13 +168,14 @@ def results_kind(path: Path) -> str | None:
     return RESULTS if isinstance(report, dict) and "results" in report and "lrsurgery_version" in report else None
 
 
-def check_report_path(out: Path, inputs: list[str | Path], overwrite: bool = False) -> None:
-    """Refuse a results path that would destroy data (see `outputs.check_output`), before any scoring."""
-    check_output(out, inputs, overwrite, RESULTS, results_kind, what="file")
+def results_file(out: Path, inputs: list[str | Path], overwrite: bool = False) -> Any:
+    """The results file `out` by the output protocol (io/outputs.py), held from before any scoring (so a
+    path that cannot be written is refused at once) to the end; yields the temporary path to write."""
+    return output_file(out, RESULTS, results_kind, inputs, overwrite)
 
 
-def write_report(report: dict[str, Any], out: Path, inputs: list[str | Path] = (), overwrite: bool = False) -> None:
-    """Write the results JSON atomically (NaN written as null), by the output protocol of `outputs`."""
+def write_report(report: dict[str, Any], path: Path) -> None:
+    """Write the results JSON (NaN written as null) to `path`."""
 
     def clean(value: Any) -> Any:
         if isinstance(value, float) and math.isnan(value):
@@ -183,5 +184,4 @@ def write_report(report: dict[str, Any], out: Path, inputs: list[str | Path] = (
             return {k: clean(v) for k, v in value.items()}
         return value
 
-    with output_file(out, RESULTS, results_kind, inputs, overwrite) as tmp:
-        tmp.write_text(json.dumps(clean(report), indent=2))
+    Path(path).write_text(json.dumps(clean(report), indent=2))

@@ -22,6 +22,7 @@ import yaml
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from lrsurgery.data.examples import offline
 from lrsurgery.evaluation.schema import DEFAULT_METRICS, OUTPUT_TYPES, UNSUPPORTED, TaskError, validate_task
 
 FEWSHOT_SEED = 1234  # lm-eval's default --fewshot_random_seed
@@ -126,7 +127,8 @@ class Task:
         if paths and all(p.is_file() and p.stat().st_size < 64 and not p.read_text().strip() for p in paths):
             raise TaskError(f"task {self.task}: split {split!r} is empty ({', '.join(map(str, paths))})")
         try:
-            dataset = datasets.load_dataset(self.dataset_path, self.dataset_name, split=split, **kwargs)
+            with offline(datasets):  # task data is read from files or the local cache, never downloaded
+                dataset = datasets.load_dataset(self.dataset_path, self.dataset_name, split=split, **kwargs)
         except Exception as exc:  # datasets raises many types for unreadable data or wrong dataset_kwargs
             reason = f"{exc}: {exc.__cause__}" if exc.__cause__ else str(exc)
             raise TaskError(f"task {self.task}: cannot load split {split!r}: {reason}".splitlines()[0]) from exc

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lrsurgery.errors import first_line
-from lrsurgery.hf.resolve import ModelError, model_fingerprint, resolve_model
+from lrsurgery.hf.resolve import ModelError, model_config, model_fingerprint, resolve_model
 
 
 @dataclass
@@ -120,6 +120,7 @@ def model_record(loaded: LoadedModel) -> dict[str, Any]:
         "source": str(source.resolve()) if source.exists() else loaded.source,
         "folder": str(Path(loaded.folder).resolve()),
         "fingerprint": model_fingerprint(loaded.folder),
+        "config": model_config(loaded.folder),
         "model_type": getattr(config, "model_type", None),
         "architectures": getattr(config, "architectures", None),
     }

@@ -168,6 +168,17 @@ def weight_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 
 
+def model_config(folder: Path) -> dict:
+    """A model folder's config.json, without the fields that name or date the file rather than describe
+    the model (what a manifest records, and checks a base model against)."""
+    import json
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    for volatile in ("transformers_version", "_name_or_path", "dtype", "torch_dtype"):
+        config.pop(volatile, None)
+    return config
+
+
 def model_fingerprint(folder: Path) -> str:
     """Fingerprint of the weights in a resolved model folder (see artifacts.fingerprint_weights)."""
     return fingerprint_weights(weight_files(folder))

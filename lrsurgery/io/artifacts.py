@@ -123,8 +123,12 @@ def _check_schema(manifest: Manifest, path: Path, required: dict[str, Any]) -> N
             raise ArtifactError(f"{path} is corrupt: '{dotted}' is missing or of the wrong type")
 
 
-def check_same_model(manifest: Manifest, fingerprint: str, source: str, force: bool = False) -> None:
-    """Refuse an artifact made for a model other than the one with `fingerprint`, unless forced."""
+def check_same_model(
+    manifest: Manifest, fingerprint: str, source: str, force: bool = False, config: dict | None = None
+) -> None:
+    """Refuse an artifact made for a model other than the one whose weights have `fingerprint`, or whose
+    config (`config`, when known) gives another value to a field the recorded config has, unless forced.
+    Fields only one of them has are not compared: newer transformers versions add some when saving."""
     expected = manifest.model.get("fingerprint")
     if expected and expected != fingerprint and not force:
         raise ArtifactError(
@@ -132,6 +136,14 @@ def check_same_model(manifest: Manifest, fingerprint: str, source: str, force: b
             f"(fingerprint {expected[:12]}), but {source!r} has fingerprint {fingerprint[:12]}. "
             "Use the model the artifact was made from, or pass --force to override."
         )
+    recorded = manifest.model.get("config")
+    if isinstance(recorded, dict) and config and not force:
+        changed = sorted(k for k in recorded.keys() & config.keys() if recorded[k] != config[k])
+        if changed:
+            raise ArtifactError(
+                f"the config.json of {source!r} differs from the one this {manifest.kind} artifact was made with "
+                f"({', '.join(changed[:5])}): restore it, or pass --force to override"
+            )
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:

@@ -75,11 +75,19 @@ def _same_or_nested(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
+MAX_NAME_BYTES = 255 - 16  # room beside it for `.NAME.lock`, `NAME.partial`, `.NAME.tmp-PID`, `.NAME.old-PID`
+
+
 def _absolute(out: str | os.PathLike) -> Path:
-    """`out` as an absolute path without `.` or `..` (so `-o .` names the current folder)."""
+    """`out` as an absolute path without `.` or `..` (so `-o .` names the current folder), its name short
+    enough for the files the protocol puts beside it."""
+    if not str(out):
+        raise OutputError("the output path is empty; give a path to a new folder or file")
     target = Path(os.path.abspath(out))
     if not target.name:
         raise OutputError(f"{out} cannot be an output; give a path to a new folder or file")
+    if len(target.name.encode()) > MAX_NAME_BYTES:
+        raise OutputError(f"the output name {target.name[:40]}... is too long: at most {MAX_NAME_BYTES} bytes")
     return target
 
 
@@ -92,11 +100,14 @@ def check_output(
     what: str = "folder",
 ) -> None:
     """Refuse an output that would destroy data: an input (or, for a folder, one inside or around an
-    input), a path under a file, an existing path without `overwrite`, and with it an existing path that
-    is not an lrsurgery output of the same `kind` (as `kind_of` tells)."""
-    target = _absolute(out).resolve()
+    input), a path under a file, a symbolic link, an existing path without `overwrite`, and with it an
+    existing path that is not an lrsurgery output of the same `kind` (as `kind_of` tells)."""
+    path = _absolute(out)
+    if path.is_symlink():  # replacing it would replace the link, not what it names: too easy to misread
+        raise OutputError(f"{out} is a symbolic link; give the path it stands for, or another output path")
+    target = path.resolve()
     for given in inputs:
-        if given is None or not Path(given).exists():
+        if not given or not Path(given).exists():
             continue  # hub ids and named models are not paths
         source = Path(given).resolve()
         clash = target == source if what == "file" else _same_or_nested(target, source)
@@ -143,9 +154,12 @@ class Lock:
         while True:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                # never through a link: a lock file that is one would have its target overwritten
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             except OSError as exc:
-                raise OutputError(f"cannot write {self.what}: {exc.strerror or exc}") from exc
+                odd = self.path.is_symlink() or self.path.is_dir()
+                why = f"its lock file {self.path} is not a plain file; remove it" if odd else exc.strerror or exc
+                raise OutputError(f"cannot write {self.what}: {why}") from exc
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
             except BlockingIOError:
@@ -266,9 +280,9 @@ def output_folder(
     check_output(out, inputs, overwrite, kind)
     with lock_for(out):
         check_output(out, inputs, overwrite, kind)  # again: another process may have finished it meanwhile
-        if work.folder.exists():
-            if not (work.folder / WORK_MARKER).is_file() and folder_kind(work.folder) is None:
-                raise OutputError(f"{work.folder} exists and was not made by lrsurgery; move it away")
+        if work.folder.exists() or work.folder.is_symlink():
+            if work.folder.is_symlink() or not (work.folder / WORK_MARKER).is_file():
+                raise OutputError(f"{work.folder} is in the way and is not an lrsurgery work folder; move it away")
             if resume:
                 work.resumed = work.kept = True
             elif resume is not None and not overwrite:
@@ -287,8 +301,8 @@ def output_folder(
                 shutil.rmtree(work.folder, ignore_errors=True)
             raise
         (work.folder / PIN_FILE).unlink(missing_ok=True)
-        (work.folder / WORK_MARKER).unlink(missing_ok=True)
         swap_into(work.folder, target)
+        (target / WORK_MARKER).unlink(missing_ok=True)  # after the rename: till then it marks the work folder
 
 
 @contextlib.contextmanager

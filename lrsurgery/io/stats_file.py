@@ -20,6 +20,13 @@ from lrsurgery.io.outputs import check_output, output_folder
 from lrsurgery.linalg.basics import all_finite
 
 
+def negative_diagonal(sums: torch.Tensor) -> bool:
+    """Whether the sum XᵀX `sums` has a negative diagonal entry (so it cannot be one: the file is damaged).
+    Its finiteness is checked by each reader, which names the module."""
+    diagonal = torch.diagonal(sums)
+    return bool((diagonal[torch.isfinite(diagonal)] < 0).any())
+
+
 def stats_fingerprint(manifest: Manifest) -> str:
     """A short digest naming a calibration: its model's and data's fingerprints and its settings."""
     record = [manifest.model.get("fingerprint"), manifest.data, manifest.config]
@@ -36,7 +43,15 @@ def sensitivity_tensors(stats: Path) -> dict[str, torch.Tensor]:
     manifest = read_manifest(stats, "stats")
     if "sensitivity" not in manifest.extra:
         raise ArtifactError(f"{stats} has no sensitivities (calibrate with --collect covariance,sensitivity)")
-    return load_tensors(Path(stats) / manifest.extra["sensitivity"]["file"])
+    path = Path(stats) / manifest.extra["sensitivity"]["file"]
+    tensors = load_tensors(path)
+    for name, value in tensors.items():  # means of |w · g|: finite and ≥ 0, or the file is damaged
+        module = name.split(".", 1)[-1]
+        if not all_finite(value):
+            raise ArtifactError(f"{path} holds a non-finite sensitivity for {module}: it is damaged")
+        if bool((value < 0).any()):
+            raise ArtifactError(f"{path} holds a negative sensitivity for {module} (a mean of |w·g|): it is damaged")
+    return tensors
 
 
 class CovarianceReader:
@@ -83,6 +98,8 @@ class CovarianceReader:
     def sums(self, module: str) -> tuple[torch.Tensor, int]:
         """XᵀX (d_in, d_in) for `module` in the stored dtype, and n, the number of tokens: C = XᵀX / n."""
         sums = self._open(module, lambda handle, key: handle.get_tensor(key))
+        if sums.ndim != 2 or sums.shape[0] != sums.shape[1] or negative_diagonal(sums):
+            raise ArtifactError(f"{self.stats} holds a covariance of {module} that is not a Gram matrix XᵀX: damaged")
         return sums, self.modules[module]["tokens"]
 
 
@@ -103,6 +120,12 @@ def merge_stats(inputs: list[Path], out: Path, force: bool = False, overwrite: b
     check_output(out, inputs, overwrite, "stats")
     manifests = [read_manifest(p, "stats") for p in inputs]
     first = manifests[0]
+    seen: dict[str, Path] = {}
+    for path, m in zip(inputs, manifests, strict=True):  # the same calibration twice would count its tokens twice
+        key = stats_fingerprint(m)
+        if key in seen:
+            raise ArtifactError(f"{path} holds the same calibration as {seen[key]}: merging would count it twice")
+        seen[key] = Path(path)
     for path, m in zip(inputs[1:], manifests[1:], strict=True):
         if m.model["fingerprint"] != first.model["fingerprint"] and not force:
             raise ArtifactError(
@@ -170,3 +193,6 @@ def _check_same_tensors(parts: list[dict[str, torch.Tensor]], files: list[Path])
         bad = next((k for k, v in part.items() if not all_finite(v)), None)
         if bad:
             raise ArtifactError(f"{file} holds NaN or Inf values in {bad}: it is damaged")
+        gram = next((k for k, v in part.items() if k.startswith("cov.") and negative_diagonal(v)), None)
+        if gram:
+            raise ArtifactError(f"{file} holds {gram} with a negative diagonal, not a Gram matrix XᵀX: it is damaged")

@@ -9,7 +9,7 @@ from torch import nn
 
 from lrsurgery.errors import ArtifactError
 from lrsurgery.hf.load import LoadedModel, load_model
-from lrsurgery.hf.resolve import model_fingerprint
+from lrsurgery.hf.resolve import model_config, model_fingerprint
 from lrsurgery.io.adapter_file import read_adapters
 from lrsurgery.io.artifacts import Manifest, check_same_model
 from lrsurgery.layers.adapted import head_parameters, inject
@@ -34,7 +34,7 @@ def load_adapted(
     num_labels = num_labels or head_info.get("num_labels")
     source = base_source(manifest, model)
     loaded = load_model(source, task=task, num_labels=num_labels, dtype=dtype)
-    check_same_model(manifest, model_fingerprint(loaded.folder), source, force)
+    check_same_model(manifest, model_fingerprint(loaded.folder), source, force, model_config(loaded.folder))
     try:
         inject(loaded.model, adapters)
     except ValueError as exc:  # --force across architectures: fingerprints may be skipped, shapes never

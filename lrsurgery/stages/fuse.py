@@ -18,7 +18,7 @@ from lrsurgery import __version__
 from lrsurgery.config import option
 from lrsurgery.errors import ArtifactError, OptionError, check_choice, check_count
 from lrsurgery.hf.load import default_task
-from lrsurgery.hf.resolve import model_fingerprint, resolve_model
+from lrsurgery.hf.resolve import model_config, model_fingerprint, resolve_model
 from lrsurgery.hf.tree import file_keys, module_prefix
 from lrsurgery.io.adapter_file import read_adapters
 from lrsurgery.io.artifacts import Manifest, check_same_model
@@ -52,7 +52,7 @@ def base_folder(manifest: Manifest, model: str | None, force: bool) -> Path:
     """The artifact's base model folder (or `model`), checked against the recorded fingerprint."""
     source = base_source(manifest, model)
     folder = resolve_model(source)
-    check_same_model(manifest, model_fingerprint(folder), str(source), force)
+    check_same_model(manifest, model_fingerprint(folder), str(source), force, model_config(folder))
     return folder
 
 

@@ -123,7 +123,7 @@ class TLoRA(Method):
         from lrsurgery.io.stats_file import CovarianceReader, load_sensitivity, stats_fingerprint
 
         manifest = read_manifest(self.stats, "stats")
-        check_same_model(manifest, model["fingerprint"], model["source"], force)
+        check_same_model(manifest, model["fingerprint"], model["source"], force, model.get("config"))
         self.stats_fingerprint = stats_fingerprint(manifest)
         if self.needs_covariance:
             if "covariance" not in manifest.config["collect"]:
