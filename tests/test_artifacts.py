@@ -11,9 +11,9 @@ from helpers import PROMPT
 from lrsurgery.data.examples import DataSpec
 from lrsurgery.errors import ArtifactError
 from lrsurgery.hf.resolve import model_fingerprint
-from lrsurgery.io.adapter_file import ADAPTER_FILE
 from lrsurgery.io.artifacts import fingerprint_tensors
 from lrsurgery.io.outputs import output_folder
+from lrsurgery.layers.adapter_file import ADAPTER_FILE
 from lrsurgery.stages import init as surgery
 from lrsurgery.stages.adapted import load_adapted
 from lrsurgery.stages.fuse import run_fuse

@@ -11,11 +11,11 @@ from helpers import FP64_UNIT, sum_tolerance, write_jsonl
 from lrsurgery.calibration import runner as calibration
 from lrsurgery.calibration.covariance import CalibrationError
 from lrsurgery.calibration.runner import CalibrateConfig, run_calibrate
+from lrsurgery.calibration.stats_file import load_covariance
 from lrsurgery.data.examples import DataSpec, build_examples, collate
 from lrsurgery.hf.load import default_task, load_model
 from lrsurgery.hf.tree import backbone, find_targets
 from lrsurgery.io.artifacts import load_tensors
-from lrsurgery.io.stats_file import load_covariance
 from lrsurgery.linalg.gram import add_gram_upper, symmetrize_upper_
 
 
@@ -129,7 +129,7 @@ def test_clear_errors(tiny_llama, lm_data, tmp_path):
 
 
 def test_merged_stats_equal_one_run_over_the_union(tiny_llama, bbc, tmp_path):
-    from lrsurgery.io.stats_file import merge_stats
+    from lrsurgery.calibration.stats_file import merge_stats
 
     rows = [json.loads(x)["text"] for x in (bbc / "train.jsonl").read_text().splitlines()[:40]]
     part_a = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in rows[:20]])
@@ -150,8 +150,8 @@ def test_merged_stats_equal_one_run_over_the_union(tiny_llama, bbc, tmp_path):
 
 
 def test_merge_refuses_another_model(tiny_llama, tiny_llama_other, lm_data, tmp_path):
+    from lrsurgery.calibration.stats_file import merge_stats
     from lrsurgery.errors import ArtifactError
-    from lrsurgery.io.stats_file import merge_stats
 
     cfg = CalibrateConfig(samples=3, seq_len=32, batch_size=3)
     a = run_calibrate(str(tiny_llama), DataSpec(path=str(lm_data)), cfg, tmp_path / "a")
@@ -186,7 +186,7 @@ def test_inspect_summary(tiny_llama, lm_data, tmp_path):
 def test_calibrate_collects_sensitivity(tiny_llama, lm_data, tmp_path, path):
     """The artifact's sensitivities equal the whole-model computation on the same samples."""
     from lrsurgery.calibration.sensitivity import whole_model
-    from lrsurgery.io.stats_file import load_sensitivity
+    from lrsurgery.calibration.stats_file import load_sensitivity
 
     cfg = CalibrateConfig(samples=3, seq_len=24, collect=("covariance", "sensitivity"), sensitivity_path=path)
     stats = run_calibrate(str(tiny_llama), DataSpec(path=str(lm_data)), cfg, tmp_path / "s")
@@ -257,7 +257,7 @@ def test_inspect_ranks_sensitivity_and_draws_a_heatmap(tiny_llama, lm_data, tmp_
     from helpers import cli
 
     from lrsurgery.calibration.inspect import sensitivity_grid
-    from lrsurgery.io.stats_file import load_sensitivity
+    from lrsurgery.calibration.stats_file import load_sensitivity
 
     cfg = CalibrateConfig(samples=2, seq_len=24, collect=("sensitivity",))
     stats = run_calibrate(str(tiny_llama), DataSpec(path=str(lm_data)), cfg, tmp_path / "s")

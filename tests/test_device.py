@@ -10,11 +10,11 @@ import torch
 from helpers import FP32_UNIT, assert_adapted_equals_base, cli
 
 from lrsurgery.calibration.runner import CalibrateConfig, run_calibrate
+from lrsurgery.calibration.stats_file import load_covariance
 from lrsurgery.data.examples import DataSpec
 from lrsurgery.hf.load import compute_device, load_model
 from lrsurgery.hf.resolve import ModelError
-from lrsurgery.io.adapter_file import read_adapters
-from lrsurgery.io.stats_file import load_covariance
+from lrsurgery.layers.adapter_file import read_adapters
 from lrsurgery.linalg.svd import subspace_distance
 from lrsurgery.stages.init import run_init
 

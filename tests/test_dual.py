@@ -21,8 +21,8 @@ from test_train import Interrupt
 
 from lrsurgery.data.examples import DataSpec
 from lrsurgery.errors import ArtifactError
-from lrsurgery.io.adapter_file import ADAPTER_FILE, read_adapters
 from lrsurgery.layers.adapted import adapted_layers
+from lrsurgery.layers.adapter_file import ADAPTER_FILE, read_adapters
 from lrsurgery.methods import HookContext, MethodError, get_method
 from lrsurgery.methods.dual.screening import k_at, orthogonality_penalty, top_k_mask
 from lrsurgery.methods.importance import ImportanceEMA, triplet_scores

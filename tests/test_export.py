@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-from helpers import PROMPT, RESPONSE, assert_same_function, max_abs, outputs
+from helpers import FP64_UNIT, PROMPT, RESPONSE, assert_same_function, max_abs, outputs, sum_tolerance
 
 from lrsurgery.data.examples import DataSpec
-from lrsurgery.io.adapter_file import read_adapters
+from lrsurgery.layers.adapter_file import read_adapters
 from lrsurgery.stages.adapted import load_adapted
 from lrsurgery.stages.export_peft import compress, concatenated_factors, run_export_peft
 from lrsurgery.stages.init import run_init
@@ -86,9 +86,9 @@ def test_peft_export_tiny_bare_encoder(tiny_bert, tmp_path):
     for layer in adapted.model.modules():  # move away from init so the check is not trivially zero
         if hasattr(layer, "lora_B"):
             layer.lora_B.data += 0.01
-    from lrsurgery.io.adapter_file import ADAPTER_FILE, to_tensors
     from lrsurgery.io.artifacts import save_tensors
     from lrsurgery.layers.adapted import adapted_layers
+    from lrsurgery.layers.adapter_file import ADAPTER_FILE, to_tensors
 
     tensors, _ = to_tensors({n: m.export() for n, m in adapted_layers(adapted.model).items()})
     save_tensors(init / ADAPTER_FILE, tensors)
@@ -124,3 +124,22 @@ def test_compress_is_best_rank_k():
     assert torch.allclose(packed.B @ packed.A, best, atol=1e-10)  # fp64, σ2/σ3 well separated: ~1e-14
     same = compress(b, a, None)
     assert torch.equal(same.B, b) and same.dropped_sq == 0.0
+
+
+def test_a_gated_one_branch_adapter_is_exported_with_its_mask():
+    from lrsurgery.layers.spec import LowRank, ModuleAdapter
+    from lrsurgery.stages.export_peft import as_it_is
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 6, generator=g), torch.randn(5, 4, generator=g)
+    gate, mask = torch.randn(4, generator=g), torch.tensor([1.0, 0.0, 1.0, 0.0])
+    spec = ModuleAdapter([LowRank(a, b, 0.5, 2.0, E=gate, mask=mask)])
+    packed = as_it_is(spec)
+    # the product of the exported factors is the adapter's own: fp64 sums of 4 products in either order
+    terms = spec.scale * (b.double() * (gate * mask).double()).abs() @ a.double().abs()
+    assert max_abs(spec.scale * packed.B @ packed.A, spec.product()) <= sum_tolerance(4, FP64_UNIT) * terms.max()
+    # ‖Δ‖²_F from r×r Grams: sums of (d_out + d_in + r²) products, bounded by the same sums of |products|
+    bg, aa = (b.double() * (gate * mask).double()).abs(), a.double().abs()
+    bound = spec.scale**2 * float(((bg.T @ bg) * (aa @ aa.T)).sum()) * sum_tolerance(5 + 6 + 16, FP64_UNIT)
+    assert abs(packed.total_sq - float(spec.product().square().sum())) <= bound
+    assert bool((packed.B[:, 1] == 0).all()) and bool((packed.B[:, 3] == 0).all())

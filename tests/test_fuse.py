@@ -111,8 +111,8 @@ def test_fused_bare_encoder_is_a_bare_encoder(tiny_bert, tmp_path):
 
 
 def test_fp16_overflow_names_the_tensor(tiny_llama, tmp_path):
-    from lrsurgery.io.adapter_file import ADAPTER_FILE, read_adapters, to_tensors
     from lrsurgery.io.artifacts import save_tensors
+    from lrsurgery.layers.adapter_file import ADAPTER_FILE, read_adapters, to_tensors
 
     init = run_init(str(tiny_llama), "lora", tmp_path / "init", {"rank": 2})
     _, adapters, _ = read_adapters(init)

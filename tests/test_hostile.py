@@ -19,9 +19,9 @@ from hostile import refused, snapshot
 
 from lrsurgery.calibration.runner import CalibrateConfig, run_calibrate
 from lrsurgery.data.examples import DataSpec
-from lrsurgery.io.adapter_file import ADAPTER_FILE
 from lrsurgery.io.artifacts import load_tensors, save_tensors
 from lrsurgery.io.outputs import lock_for
+from lrsurgery.layers.adapter_file import ADAPTER_FILE
 from lrsurgery.stages.init import run_init
 from lrsurgery.training.schedule import TrainConfig
 from lrsurgery.training.trainer import run_train

@@ -8,8 +8,8 @@ import torch
 from helpers import FP32_UNIT, FP64_EXACT, assert_adapted_equals_base, max_abs, outputs
 
 from lrsurgery.hf.load import load_model
-from lrsurgery.io.adapter_file import read_adapters
 from lrsurgery.layers.adapted import adapted_layers, inject
+from lrsurgery.layers.adapter_file import read_adapters
 from lrsurgery.linalg.svd import truncated_svd
 from lrsurgery.stages.adapted import load_adapted
 from lrsurgery.stages.init import run_init
@@ -96,3 +96,23 @@ def test_lora_init_is_seeded(tiny_llama, tmp_path):
     assert torch.equal(a[name].A, b[name].A)
     assert not torch.equal(a[name].A, c[name].A)
     assert torch.count_nonzero(a[name].B) == 0
+
+
+def test_init_records_every_option_as_used(tiny_llama, tmp_path):
+    import json
+
+    init = run_init(str(tiny_llama), "lora", tmp_path / "init", {})
+    options = json.loads((init / "manifest.json").read_text())["config"]["options"]
+    assert options == {"rank": 8, "alpha": 8.0, "dropout": 0.0}
+
+
+def test_a_branch_may_not_take_the_main_branch_parameter_names():
+    from lrsurgery.layers.spec import LowRank, ModuleAdapter
+
+    def branch(name: str) -> LowRank:
+        return LowRank(torch.zeros(1, 4), torch.zeros(4, 1), 1.0, 1.0, 0.0, name=name)
+
+    ModuleAdapter([branch(""), branch("expert")])
+    for bad in ("lora", "ex.pert", ""):
+        with pytest.raises(ValueError, match="main branch"):
+            ModuleAdapter([branch(""), branch(bad)])

@@ -16,7 +16,7 @@ from helpers import PROMPT, RESPONSE, assert_same_tensors, cli
 from test_train import Interrupt
 
 from lrsurgery.data.examples import DataSpec
-from lrsurgery.io.adapter_file import ADAPTER_FILE, read_adapters
+from lrsurgery.layers.adapter_file import ADAPTER_FILE, read_adapters
 from lrsurgery.methods import HookContext, TrainHooks, register
 from lrsurgery.methods.lora import LoRA
 from lrsurgery.stages.init import run_init
@@ -99,3 +99,55 @@ def test_a_method_that_edits_weights_resumes_bit_for_bit(tiny_llama, bbc_small, 
     assert losses[0] == losses[1]
     _, adapters, _ = read_adapters(tmp_path / "whole")
     assert all(len(spec.edits) == 1 and spec.edits[0][0].abs().max() > 0 for spec in adapters.values())
+
+
+class WeightsSpy(TrainHooks):
+    """Keeps the step and one layer's frozen weight its `setup` sees, and that weight after optimizer step `at`."""
+
+    def __init__(self, at: int = 0):
+        self.at, self.after = at, None
+
+    def setup(self, ctx: HookContext) -> None:
+        self.step, self.weight = ctx.step, _first_weight(ctx)
+
+    def after_step(self, ctx: HookContext) -> dict[str, Any]:
+        if ctx.step + 1 == self.at:
+            self.after = _first_weight(ctx)
+        return {}
+
+
+def _first_weight(ctx: HookContext) -> torch.Tensor:
+    return next(iter(ctx.layers().values())).base.weight.detach().clone()
+
+
+def test_setup_on_resume_sees_the_step_and_the_edits_it_continues_from(tiny_llama, bbc_small, tmp_path):
+    init = run_init(str(tiny_llama), "recycle", tmp_path / "init", {"rank": 2, "at": 2})
+    data = DataSpec(path=str(bbc_small), prompt_template=PROMPT, response_template=RESPONSE, seq_len=48)
+    cfg = TrainConfig(max_steps=4, save_every=1, lr=1e-2, batch_size=2)
+    whole = WeightsSpy(at=2)  # the weight after step 2, the recycling edit included
+    run_train(init, data, cfg, tmp_path / "whole", hooks=[whole])
+    with pytest.raises(KeyboardInterrupt):  # in step 3: the last checkpoint is after step 2
+        run_train(init, data, cfg, tmp_path / "resumed", hooks=[Interrupt(3)])
+    resumed = WeightsSpy()
+    run_train(init, data, cfg, tmp_path / "resumed", resume=True, hooks=[resumed])
+    assert (whole.step, resumed.step) == (0, 2)
+    assert not torch.equal(whole.weight, whole.after)  # the edit changed the weight
+    assert torch.equal(resumed.weight, whole.after)
+
+
+def test_an_edit_changes_the_weight_by_what_its_log_records(tiny_llama):
+    from lrsurgery.hf.load import load_model
+    from lrsurgery.layers.adapted import AdaptedLinear
+    from lrsurgery.layers.spec import LowRank, ModuleAdapter
+
+    base = load_model(tiny_llama).model.model.layers[0].self_attn.q_proj
+    d_out, d_in = base.weight.shape
+    layer = AdaptedLinear(base, ModuleAdapter([LowRank(torch.zeros(1, d_in), torch.zeros(d_out, 1), 1.0, 1.0, 0.0)]))
+    before = layer.base.weight.detach().clone()
+    b, a = torch.randn(d_out, 2, dtype=torch.float64) / 3, torch.randn(2, d_in, dtype=torch.float64) / 3
+    layer.add_edit(b, a)  # fp64 factors: the log keeps them in fp32, and the weight moves by those
+    logged_b, logged_a = layer.edits[-1]
+    assert logged_b.dtype == logged_a.dtype == torch.float32
+    assert not torch.equal(logged_b.double(), b)  # the rounding this test is about happens
+    expected = (before.double() + logged_b.double() @ logged_a.double()).float()
+    assert torch.equal(layer.base.weight, expected)

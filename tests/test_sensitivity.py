@@ -11,10 +11,10 @@ from helpers import PROMPT, RESPONSE, assert_same_tensors, sum_tolerance
 from lrsurgery.calibration import runner as calibration
 from lrsurgery.calibration.runner import CalibrateConfig, run_calibrate
 from lrsurgery.calibration.sensitivity import whole_model
+from lrsurgery.calibration.stats_file import sensitivity_tensors
 from lrsurgery.data.examples import DataSpec, build_examples, collate
 from lrsurgery.hf.load import load_model
 from lrsurgery.hf.tree import find_targets
-from lrsurgery.io.stats_file import sensitivity_tensors
 
 BOTH = ("covariance", "sensitivity")
 

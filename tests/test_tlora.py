@@ -9,13 +9,13 @@ import torch
 from helpers import FP32_UNIT, PROMPT, RESPONSE, assert_adapted_equals_base, cli, max_abs, outputs, sum_tolerance
 
 from lrsurgery.calibration.runner import CalibrateConfig, run_calibrate
+from lrsurgery.calibration.stats_file import load_covariance, load_sensitivity
 from lrsurgery.data.examples import DataSpec
 from lrsurgery.errors import ArtifactError
 from lrsurgery.hf.load import load_model
 from lrsurgery.hf.tree import backbone, find_targets
-from lrsurgery.io.adapter_file import read_adapters
 from lrsurgery.io.artifacts import load_tensors, save_tensors
-from lrsurgery.io.stats_file import load_covariance, load_sensitivity
+from lrsurgery.layers.adapter_file import read_adapters
 from lrsurgery.linalg.eigen import psd_power
 from lrsurgery.linalg.svd import subspace_distance
 from lrsurgery.methods import MethodError, TrainHooks
@@ -301,8 +301,8 @@ def test_cli_init_train_and_peft_export_carry_the_rank_and_alpha_patterns(tiny_l
     code, out = cli("fuse", tmp_path / "r", "--format", "peft", "-o", tmp_path / "peft")
     assert code == 0, out
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    from lrsurgery.calibration.stats_file import stats_fingerprint
     from lrsurgery.io.artifacts import read_manifest
-    from lrsurgery.io.stats_file import stats_fingerprint
 
     # the model card names the calibration the init read
     assert (

@@ -11,8 +11,8 @@ from helpers import PROMPT, RESPONSE, assert_same_tensors, sum_tolerance
 
 from lrsurgery.data.examples import DataSpec, collate
 from lrsurgery.errors import ArtifactError
-from lrsurgery.io.adapter_file import ADAPTER_FILE
 from lrsurgery.io.artifacts import load_tensors
+from lrsurgery.layers.adapter_file import ADAPTER_FILE
 from lrsurgery.methods import TrainHooks
 from lrsurgery.stages.init import run_init
 from lrsurgery.training.schedule import TrainConfig, lr_at

@@ -1,1 +1,2 @@
-"""The `calibrate` stage: block-by-block activation covariances and sensitivities; summaries of stats artifacts."""
+"""The `calibrate` stage: block-by-block activation covariances and sensitivities, the stats file (reading and
+merging), summaries of stats artifacts."""

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 
 from lrsurgery.calibration.covariance import CalibrationError
+from lrsurgery.calibration.stats_file import CovarianceReader, load_sensitivity
 from lrsurgery.errors import ArtifactError
 from lrsurgery.io.outputs import output_file
-from lrsurgery.io.stats_file import CovarianceReader, load_sensitivity
 from lrsurgery.linalg.basics import all_finite
 
 

@@ -55,7 +55,7 @@ def merge_stats_cmd(
     config: Path = ConfigOption,
 ) -> None:
     """Add calibration statistics gathered on different data (sums and token counts add)."""
-    from lrsurgery.io.stats_file import merge_stats
+    from lrsurgery.calibration.stats_file import merge_stats
 
     with timed(out):
         merge_stats(stats, out, force=force, overwrite=overwrite)
@@ -72,10 +72,10 @@ def inspect(
 ) -> None:
     """Summarise a stats artifact: covariance trace, effective rank and condition; sensitivity ranking."""
     from lrsurgery.calibration.inspect import png_kind, save_heatmap, summarise
+    from lrsurgery.calibration.stats_file import load_sensitivity
     from lrsurgery.errors import check_count
     from lrsurgery.io.artifacts import read_manifest
     from lrsurgery.io.outputs import check_output
-    from lrsurgery.io.stats_file import load_sensitivity
 
     check_count("--top", top, 0)
     manifest = read_manifest(stats, "stats")

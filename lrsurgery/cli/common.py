@@ -166,6 +166,7 @@ ForceOption = typer.Option(
     False, "--force", help="Use an artifact made from another model's weights (shapes are still checked)."
 )
 ResumeOption = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint.")
+# the default is hf.resolve.DEFAULT_MODEL, written out so that building the CLI does not import torch
 ModelArgument = typer.Argument(
     "smollm2-135m", help="Model: a HF folder, a hub id in the local cache, a .gguf file or a named default."
 )

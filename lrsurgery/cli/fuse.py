@@ -32,11 +32,9 @@ def fuse(
     cfg = FuseConfig(**fuse)  # every option checked before anything is read
     with timed(out):
         if cfg.format == "hf":
-            run_fuse(artifact, out, overwrite, force, dtype=cfg.dtype, shard_size=cfg.shard_size, model=cfg.model)
+            run_fuse(artifact, out, overwrite, force, **fuse)
         else:
-            report = run_export_peft(
-                artifact, out, overwrite, force, max_rank=cfg.max_rank, dtype=cfg.dtype, model=cfg.model
-            )
+            report = run_export_peft(artifact, out, overwrite, force, **fuse)
             if cfg.max_rank is not None:
                 worst = max(report["module_relative_error"].items(), key=lambda kv: kv[1])
                 typer.echo(

@@ -23,6 +23,18 @@ class LoadedModel:
     source: str
 
 
+TASKS = ("causal", "classification", "base")
+
+
+def model_class(task: str) -> Any:
+    """The transformers Auto class a model for `task` is loaded as: AutoModelForCausalLM ('causal'),
+    AutoModelForSequenceClassification ('classification'), AutoModel ('base', the bare backbone)."""
+    import transformers
+
+    names = {"causal": "AutoModelForCausalLM", "classification": "AutoModelForSequenceClassification"}
+    return getattr(transformers, names.get(task, "AutoModel"))
+
+
 def load_model(
     spec: str | os.PathLike,
     task: str = "causal",
@@ -34,22 +46,14 @@ def load_model(
     'classification' adds a fresh sequence-classification head with `num_labels` outputs; 'base'
     loads the bare backbone (AutoModel), the class encoder-only checkpoints are usually saved as.
     """
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
-
+    if task not in TASKS:
+        raise ModelError(f"unknown task {task!r}; use causal, classification or base")
+    if task == "classification" and not num_labels:
+        raise ModelError("a classification model needs num_labels")
     folder = resolve_model(spec)
+    labels = {"num_labels": num_labels} if task == "classification" else {}
     try:
-        if task == "causal":
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-        elif task == "classification":
-            if not num_labels:
-                raise ModelError("a classification model needs num_labels")
-            model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels, dtype=dtype)
-        elif task == "base":
-            model = AutoModel.from_pretrained(folder, dtype=dtype)
-        else:
-            raise ModelError(f"unknown task {task!r}; use causal, classification or base")
-    except ModelError:
-        raise
+        model = model_class(task).from_pretrained(folder, dtype=dtype, **labels)
     except (ValueError, RuntimeError, OSError) as exc:  # mis-shaped or unreadable weights, bad config
         raise ModelError(f"cannot load {spec} for task {task!r}: {first_line(exc)}") from exc
     tokenizer = load_tokenizer(folder)
@@ -87,12 +91,11 @@ def empty_model(folder: Path, buffers: bool = True) -> nn.Module:
     are filled in; without, everything is on the meta device (names and shapes only, built faster:
     transformers skips initialising weights there)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(folder)
-    cls = AutoModelForCausalLM if default_task(folder) == "causal" else AutoModel
     with init_empty_weights(include_buffers=False) if buffers else torch.device("meta"):
-        model = cls.from_config(config)
+        model = model_class(default_task(folder)).from_config(config)
     return model.eval()
 
 

@@ -1,2 +1,1 @@
-"""Reading and writing: the output protocol, artifacts and manifests, safetensors files, the adapter
-and stats file formats, the Hub."""
+"""Bytes on disk: the output protocol, artifacts and manifests, safetensors files, the Hub."""

@@ -1,1 +1,2 @@
-"""The adapted linear layer: the adapter spec (branches and edit log), the layer, and its fused branches op."""
+"""The adapted linear layer: the adapter spec (branches and edit log), the layer, its fused branches op, and
+the adapter file."""

@@ -17,10 +17,9 @@ from torch import nn
 
 from lrsurgery.hf.tree import backbone
 from lrsurgery.layers.branches import BranchPlan, add_branches
-from lrsurgery.layers.spec import LowRank, ModuleAdapter
+from lrsurgery.layers.spec import MAIN_PREFIX, LowRank, ModuleAdapter
 
 HEAD_PREFIX = "head."
-MAIN_PREFIX = "lora"  # the parameter prefix of a layer's main (unnamed) branch
 
 
 @dataclass(frozen=True)
@@ -32,6 +31,11 @@ class BranchInfo:
     scale: float
     alpha: float
     dropout: float
+
+    @property
+    def keys(self) -> tuple[str, str, str, str]:
+        """The layer attributes holding the branch's A, B, E and mask."""
+        return (f"{self.prefix}_A", f"{self.prefix}_B", f"{self.prefix}_E", f"{self.prefix}_mask")
 
 
 class AdaptedLinear(nn.Module):
@@ -56,6 +60,7 @@ class AdaptedLinear(nn.Module):
         for branch in spec.branches:
             self._add_branch(branch)
         self.plans = tuple(BranchPlan(info.scale, info.dropout) for info in self.branches)
+        self._keys = tuple(key for info in self.branches for key in info.keys)  # every factor, in forward order
 
     def _add_branch(self, branch: LowRank) -> None:
         dtype, device = self.base.weight.dtype, self.base.weight.device
@@ -74,7 +79,7 @@ class AdaptedLinear(nn.Module):
 
     def factors(self, info: BranchInfo) -> tuple[torch.Tensor | None, ...]:
         """A, B, E and mask of a branch (E and mask None when it has no gate)."""
-        return tuple(getattr(self, f"{info.prefix}_{key}") for key in ("A", "B", "E", "mask"))
+        return tuple(getattr(self, key) for key in info.keys)
 
     def branch(self, name: str) -> BranchInfo | None:
         """The branch called `name` ("" for the main one), or None."""
@@ -99,7 +104,7 @@ class AdaptedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        factors = tuple(t for info in self.branches for t in self.factors(info))
+        factors = tuple(getattr(self, key) for key in self._keys)
         flat = add_branches(
             out.reshape(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]), self.plans, factors, self.training
         )
@@ -107,12 +112,14 @@ class AdaptedLinear(nn.Module):
 
     @torch.no_grad()
     def add_edit(self, b: torch.Tensor, a: torch.Tensor) -> None:
-        """Edit the frozen weight in place, W ← W + B·A (B (d_out, k), A (k, d_in); summed in fp64 and rounded
-        once to W's dtype), and append (B, A) to the edit log, which fuse and export replay exactly."""
+        """Edit the frozen weight in place, W ← W + B·A (B (d_out, k), A (k, d_in)), and append (B, A) to the
+        edit log, which fuse and export replay exactly. B and A are rounded to fp32 first (the edit log's
+        precision), so the weight changes by exactly what is logged: summed in fp64, rounded once to W's dtype."""
+        b, a = b.detach().float().cpu().clone(), a.detach().float().cpu().clone()
         weight = self.base.weight
         merged = weight.double() + b.to(weight.device).double() @ a.to(weight.device).double()
         weight.copy_(merged.to(weight.dtype))
-        self.edits.append((b.detach().float().cpu().clone(), a.detach().float().cpu().clone()))
+        self.edits.append((b, a))
 
     def export(self) -> ModuleAdapter:
         """The layer's current adapter, on the CPU in fp32: every branch and the whole edit log."""

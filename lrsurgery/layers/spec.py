@@ -43,6 +43,8 @@ class LowRank:
         return low_rank_product(self.B, self.A, self.scale, self.gate())
 
 
+MAIN_PREFIX = "lora"  # the parameter prefix of a layer's main (unnamed) branch
+
 # the main branch's attributes a ModuleAdapter reads and writes through
 MAIN_FIELDS = frozenset({"A", "B", "E", "mask", "scale", "alpha", "dropout", "frozen", "rank", "gate", "product"})
 
@@ -69,8 +71,13 @@ class ModuleAdapter:
 
     def __post_init__(self) -> None:
         names = [b.name for b in self.branches]
-        if not names or names[0] != "" or len(set(names)) != len(names):
-            raise ValueError(f"an adapter needs one unnamed main branch first and uniquely named others, got {names}")
+        # a named branch's parameters are `{name}_A`, ... beside the main branch's `lora_A`, ... (layers/adapted.py)
+        named = all(n.isidentifier() and n != MAIN_PREFIX for n in names[1:])
+        if not names or names[0] != "" or not named or len(set(names)) != len(names):
+            raise ValueError(
+                f"an adapter needs one unnamed main branch first and others named by distinct identifiers "
+                f"other than {MAIN_PREFIX!r}, got {names}"
+            )
 
     @property
     def main(self) -> LowRank:

@@ -65,7 +65,8 @@ class Method:
     def prepare(self, shapes: dict[str, tuple[int, int]], model: dict[str, Any], force: bool = False) -> dict[str, Any]:
         """Called once before any module is initialised with every target's (d_out, d_in) and the
         model's manifest record (source, fingerprint: to check statistics against); returns what the
-        init manifest should record about the method's choices."""
+        init manifest should record about the method's choices (its key `stats_fingerprint`, naming the
+        calibration a data-driven init read, goes into the manifest's config and the model card)."""
         return {}
 
     def init_modules(self, weights: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, ModuleAdapter]:

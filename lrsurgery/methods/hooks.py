@@ -29,9 +29,12 @@ class HookContext:
     total_steps: int
     step: int = 0
 
+    def __post_init__(self) -> None:
+        self._layers = adapted_layers(self.model)  # the model's layers do not change while it trains
+
     def layers(self) -> dict[str, AdaptedLinear]:
         """Every adapted layer of the model, by name relative to the backbone."""
-        return adapted_layers(self.model)
+        return self._layers
 
     def moments(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
         """AdamW's first and second moments of `param` (`exp_avg`, `exp_avg_sq`) as writable views of its
@@ -65,7 +68,8 @@ class TrainHooks:
     """
 
     def setup(self, ctx: HookContext) -> None:
-        """Called once before training (`ctx.step` is the step training starts from)."""
+        """Called once before training: `ctx.step` is the step training starts from and, on `--resume`, the
+        frozen weights hold the edits made before it; `load_state_dict` is called after this."""
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors to checkpoint (names without dots at the start)."""

@@ -10,9 +10,9 @@ from torch import nn
 from lrsurgery.errors import ArtifactError
 from lrsurgery.hf.load import LoadedModel, load_model
 from lrsurgery.hf.resolve import model_config, model_fingerprint
-from lrsurgery.io.adapter_file import read_adapters
 from lrsurgery.io.artifacts import Manifest, check_same_model
 from lrsurgery.layers.adapted import head_parameters, inject
+from lrsurgery.layers.adapter_file import read_adapters
 
 
 def load_adapted(

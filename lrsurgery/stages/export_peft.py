@@ -21,11 +21,11 @@ import torch
 
 from lrsurgery import __version__
 from lrsurgery.hf.tree import file_keys, module_prefix
-from lrsurgery.io.adapter_file import read_adapters
 from lrsurgery.io.artifacts import save_tensors
 from lrsurgery.io.hub import write_model_card
 from lrsurgery.io.outputs import check_output, output_folder, write_text_atomic
 from lrsurgery.io.shards import LazyWeights
+from lrsurgery.layers.adapter_file import read_adapters
 from lrsurgery.layers.spec import ModuleAdapter
 from lrsurgery.stages.fuse import DTYPES, FuseConfig, base_folder, cast, check_fits, output_model
 
@@ -56,10 +56,10 @@ class Compressed:
 
 
 def as_it_is(spec: ModuleAdapter) -> Compressed:
-    """A one-branch adapter without edits as PEFT stores it: B·diag(E) and A, scale kept apart;
-    ‖Δ‖²_F = s²·tr((B·diag(E))ᵀ(B·diag(E)) · AAᵀ) from r×r Grams."""
-    gate = spec.E.double() if spec.E is not None else 1.0
-    b, a = spec.B.double() * gate, spec.A.double()
+    """A one-branch adapter without edits as PEFT stores it: B·diag(E ⊙ mask) and A, scale kept apart;
+    ‖Δ‖²_F = s²·tr((B·diag(g))ᵀ(B·diag(g)) · AAᵀ) from r×r Grams, g = E ⊙ mask."""
+    gate = spec.gate()
+    b, a = spec.B.double() * (1.0 if gate is None else gate.double()), spec.A.double()
     total = spec.scale**2 * float(((b.T @ b) * (a @ a.T)).sum())
     return Compressed(b, a, 0.0, total)
 

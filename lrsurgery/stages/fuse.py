@@ -17,13 +17,13 @@ import torch
 from lrsurgery import __version__
 from lrsurgery.config import option
 from lrsurgery.errors import ArtifactError, OptionError, check_choice, check_count
-from lrsurgery.hf.load import default_task
+from lrsurgery.hf.load import default_task, model_class
 from lrsurgery.hf.resolve import model_config, model_fingerprint, resolve_model
 from lrsurgery.hf.tree import file_keys, module_prefix
-from lrsurgery.io.adapter_file import read_adapters
 from lrsurgery.io.artifacts import Manifest, check_same_model
 from lrsurgery.io.outputs import check_output, output_folder, write_text_atomic
 from lrsurgery.io.shards import LazyWeights, ShardWriter, parse_size
+from lrsurgery.layers.adapter_file import read_adapters
 from lrsurgery.progress import progress
 from lrsurgery.stages.adapted import base_source
 
@@ -58,7 +58,7 @@ def base_folder(manifest: Manifest, model: str | None, force: bool) -> Path:
 
 def output_model(folder: Path, manifest: Manifest) -> tuple[torch.nn.Module, Any, str]:
     """An empty (meta-device) model of the output class, its config, and the task it is for."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(folder)
     head = manifest.extra.get("head") or {}
@@ -67,9 +67,8 @@ def output_model(folder: Path, manifest: Manifest) -> tuple[torch.nn.Module, Any
         labels = {int(k): v for k, v in head["id2label"].items()}
         config.num_labels = len(labels)
         config.id2label, config.label2id = labels, {v: k for k, v in labels.items()}
-    cls = {"causal": AutoModelForCausalLM, "classification": AutoModelForSequenceClassification}.get(task, AutoModel)
     with torch.device("meta"):
-        model = cls.from_config(config)
+        model = model_class(task).from_config(config)
     config.architectures = [type(model).__name__]
     return model, config, task
 
@@ -163,7 +162,7 @@ def check_fits(by_key: dict[str, Any], sources: dict[str, str], weights: LazyWei
     if missing:
         raise ArtifactError(f"the base weights in {folder} lack adapted module(s): {', '.join(missing[:5])}")
     for name, spec in by_key.items():
-        shape = (spec.B.shape[0], spec.A.shape[1])
+        shape = spec.shape
         if weights.shape(sources[name]) != shape:
             raise ArtifactError(
                 f"{name} is {weights.shape(sources[name])} in {folder} but the adapter is for {shape}: "

@@ -11,9 +11,9 @@ from lrsurgery.errors import SEED_MAX, check_count
 from lrsurgery.hf.load import LoadedModel, compute_device, empty_model, model_record
 from lrsurgery.hf.resolve import resolve_model
 from lrsurgery.hf.tree import backbone, find_targets, target_weights
-from lrsurgery.io.adapter_file import ADAPTER_FILE, to_tensors, trainable_count
 from lrsurgery.io.artifacts import Manifest, save_tensors, write_manifest
 from lrsurgery.io.outputs import check_output, output_folder
+from lrsurgery.layers.adapter_file import ADAPTER_FILE, to_tensors, trainable_count
 from lrsurgery.layers.spec import ModuleAdapter
 from lrsurgery.linalg.basics import all_finite
 from lrsurgery.methods import MethodError, get_method
@@ -70,11 +70,11 @@ def run_init(
         kind="init",
         config={
             "method": method,
-            "options": options,
+            "options": config.options(),  # every option's value as used, defaults resolved
             "targets": targets,
             "seed": seed,
             "device": str(compute),
-            "stats_fingerprint": planned.get("stats_fingerprint"),  # the calibration a data-driven init read
+            "stats_fingerprint": planned.pop("stats_fingerprint", None),  # the calibration a data-driven init read
         },
         model=record,
         extra={"modules": meta, "trainable_parameters": trainable_count(meta), "method": planned},

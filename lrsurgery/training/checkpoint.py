@@ -62,11 +62,7 @@ def load_checkpoint(
     flat: FlatParameters | None = None,
 ) -> int:
     """Restore parameters, optimizer and RNG state in place; return the step to continue from."""
-    try:
-        info = json.loads((folder / INFO_FILE).read_text())
-        step, names = int(info["step"]), info["params"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ArtifactError(f"checkpoint {folder} is damaged ({exc}); start over with --overwrite") from exc
+    step, names = _info(folder)
     if sorted(params) != names:
         raise ArtifactError(f"checkpoint {folder} was written for different trainable parameters")
     tensors = load_tensors(folder / STATE_FILE)
@@ -98,6 +94,20 @@ def load_checkpoint(
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     return step
+
+
+def checkpoint_step(folder: Path) -> int:
+    """The number of steps the checkpoint in `folder` was saved after."""
+    return _info(folder)[0]
+
+
+def _info(folder: Path) -> tuple[int, list[str]]:
+    """The checkpoint's step and the names of the parameters it holds."""
+    try:
+        info = json.loads((folder / INFO_FILE).read_text())
+        return int(info["step"]), list(info["params"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"checkpoint {folder} is damaged ({exc}); start over with --overwrite") from exc
 
 
 def load_checkpoint_extra(folder: Path) -> dict[str, torch.Tensor]:

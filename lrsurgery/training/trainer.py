@@ -21,15 +21,15 @@ from torch import nn
 
 from lrsurgery.data.examples import DataSpec, Examples, build_examples, collate, read_labels
 from lrsurgery.errors import ArtifactError, OptionError, UserError
-from lrsurgery.io.adapter_file import ADAPTED_KINDS, ADAPTER_FILE, to_tensors, trainable_count
 from lrsurgery.io.artifacts import Manifest, file_digest, read_manifest, save_tensors, write_manifest
 from lrsurgery.io.outputs import Work, check_output, output_folder, write_text_atomic
 from lrsurgery.layers.adapted import HEAD_PREFIX, adapted_layers, head_parameters
+from lrsurgery.layers.adapter_file import ADAPTED_KINDS, ADAPTER_FILE, to_tensors, trainable_count
 from lrsurgery.methods import HookContext, Method, MethodError, TrainHooks, get_method
 from lrsurgery.progress import bar
 from lrsurgery.stages.adapted import load_adapted
 from lrsurgery.training.accelerator import new_accelerator
-from lrsurgery.training.checkpoint import load_checkpoint, load_checkpoint_extra, save_checkpoint
+from lrsurgery.training.checkpoint import checkpoint_step, load_checkpoint, load_checkpoint_extra, save_checkpoint
 from lrsurgery.training.flat import FlatParameters
 from lrsurgery.training.heldout import heldout_loss
 from lrsurgery.training.schedule import TrainConfig, adamw, batch_indices, lr_at, total_steps
@@ -128,17 +128,21 @@ class Trainer:
         self.flat = FlatParameters(list(self.named.values()))
         self.optimizer = accelerator.prepare(adamw(self.flat.flats, lr=cfg.lr, weight_decay=cfg.weight_decay))
         self.total = total_steps(cfg, len(self.examples), accelerator.num_processes)
-        unwrapped = accelerator.unwrap_model(self.model)
-        self.layers = adapted_layers(unwrapped)
+        self.ctx = HookContext(accelerator.unwrap_model(self.model), self.flat, self.optimizer, accelerator, self.total)
+        self.layers = self.ctx.layers()
         self.init_edits = {name: len(layer.edits) for name, layer in self.layers.items()}
-        self.ctx = HookContext(unwrapped, self.flat, self.optimizer, accelerator, self.total)
-        for h in self.hooks:
-            h.setup(self.ctx)
         if accelerator.is_main_process:
             self.run.pin(self._settings())
         accelerator.wait_for_everyone()
-        if resume and (self.work / "checkpoint").exists():
-            self._load(self.work / "checkpoint")
+        checkpoint = self.work / "checkpoint"
+        resuming = resume and checkpoint.exists()
+        extra = load_checkpoint_extra(checkpoint) if resuming else {}
+        if resuming:  # the hooks' setup sees the step and the frozen weights the run continues from
+            self._replay(checkpoint, extra)
+        for h in self.hooks:
+            h.setup(self.ctx)
+        if resuming:
+            self._load(checkpoint, extra)
         _truncate_log(self.work / "metrics.jsonl", self.start)
         self.model.train()
         self.progress = bar(self.total, desc="train", unit="step", initial=self.start)
@@ -242,20 +246,23 @@ class Trainer:
         save_checkpoint(self.work / "checkpoint", steps, self.named, self.optimizer, extra=extra, flat=self.flat)
         self.run.keep()  # from here on a failure leaves the run to --resume
 
-    def _load(self, folder: Path) -> None:
-        """Continue from a checkpoint: tensors and optimizer state, hook state, and the training-time weight
-        edits replayed in their order, so the frozen weights are bit for bit those of the uninterrupted run."""
-        self.start = load_checkpoint(folder, self.named, self.optimizer, self.flat)
-        extra = load_checkpoint_extra(folder)
-        for i, h in enumerate(self.hooks):
-            prefix = f"hook{i}."
-            h.load_state_dict({k[len(prefix) :]: v for k, v in extra.items() if k.startswith(prefix)})
+    def _replay(self, folder: Path, extra: dict[str, torch.Tensor]) -> None:
+        """Take up a checkpoint's step and replay the weight edits made before it, in their order, so the
+        frozen weights are bit for bit those of the uninterrupted run."""
+        self.start = self.ctx.step = checkpoint_step(folder)
         for name, layer in self.layers.items():
             k = 0
             while f"edit.{name}.{k}.B" in extra:
                 layer.add_edit(extra[f"edit.{name}.{k}.B"], extra[f"edit.{name}.{k}.A"])
                 k += 1
-        self.ctx.step = self.start
+
+    def _load(self, folder: Path, extra: dict[str, torch.Tensor]) -> None:
+        """Restore a checkpoint's trainable tensors, optimizer state, RNG and hook state (after the hooks'
+        setup, which may build the state they load)."""
+        load_checkpoint(folder, self.named, self.optimizer, self.flat)
+        for i, h in enumerate(self.hooks):
+            prefix = f"hook{i}."
+            h.load_state_dict({k[len(prefix) :]: v for k, v in extra.items() if k.startswith(prefix)})
 
     # -- the artifact ------------------------------------------------------------------------------------
 

@@ -120,7 +120,7 @@ class TLoRA(Method):
                 "tlora needs --stats STATS_DIR (from `lrsurgery calibrate`) for its "
                 + ("covariances" if self.needs_covariance else "sensitivities")
             )
-        from lrsurgery.io.stats_file import CovarianceReader, load_sensitivity, stats_fingerprint
+        from lrsurgery.calibration.stats_file import CovarianceReader, load_sensitivity, stats_fingerprint
 
         manifest = read_manifest(self.stats, "stats")
         check_same_model(manifest, model["fingerprint"], model["source"], force, model.get("config"))
