@@ -26,6 +26,7 @@ from torch import nn
 
 from lrsurgery.calibration.covariance import CalibrationError, CovarianceCollector
 from lrsurgery.calibration.sensitivity import SensitivityCollector, per_sample_loss, whole_model
+from lrsurgery.calibration.stats_file import write_block, write_sensitivity
 from lrsurgery.config import option
 from lrsurgery.data.examples import IGNORE, DataSpec, build_examples, collate
 from lrsurgery.errors import check_count
@@ -242,7 +243,7 @@ def _forward(runner, batches, targets, cfg, run, covariance_from, forward_to, ke
             runner.release(index)
             if collector:
                 collector.close()
-                _write_block(run.folder, index, collector)
+                write_block(run.folder, index, collector.finish(), collector.share, collector.tokens)
                 run.keep()
         if forward_to < keep_to:
             kept.append([h for h, _, _ in hidden])
@@ -308,22 +309,6 @@ def per_sample_count(labels: torch.Tensor) -> int:
     return int(((labels[:, 1:] != IGNORE).sum(dim=1) > 0).sum())
 
 
-def _write_block(work: Path, index: int, collector: CovarianceCollector) -> None:
-    """Write one block's sums atomically, then record it in the manifest (the resume point)."""
-    tensors = {f"cov.{name}": s for name, s in collector.finish().items()}
-    save_tensors(work / f"block_{index:04d}.safetensors", tensors)
-    manifest = read_manifest(work)
-    for name, owner in collector.share.items():
-        manifest.extra["modules"][name] = {
-            "covariance": owner,
-            "file": f"block_{index:04d}.safetensors",
-            "tokens": collector.tokens,
-        }
-    manifest.extra["completed"] = index + 1
-    manifest.extra["tokens"] = collector.tokens
-    write_manifest(work, manifest)
-
-
 def _write_sensitivity_block(work: Path, index: int, tensors: dict, grads: list[torch.Tensor]) -> None:
     """Write block `index`'s sensitivities and the gradient entering it, then move the resume point."""
     save_tensors(work / f"sens_{index:04d}.safetensors", tensors)
@@ -342,12 +327,8 @@ def _gather_sensitivity(work: Path) -> dict[str, torch.Tensor]:
 
 
 def _save_sensitivity(work: Path, tensors: dict, batches: list[dict], path: str) -> None:
-    save_tensors(work / "sensitivity.safetensors", tensors)
-    manifest = read_manifest(work)
-    samples = sum(per_sample_count(b["labels"]) for b in batches)
-    manifest.extra["sensitivity"] = {"file": "sensitivity.safetensors", "samples": samples, "path": path}
-    manifest.extra.pop("sensitivity_next", None)
-    write_manifest(work, manifest)
+    """Write the sensitivity file and drop the sequential pass's per-block work files."""
+    write_sensitivity(work, tensors, sum(per_sample_count(b["labels"]) for b in batches), path)
     for file in [*work.glob("sens_*.safetensors"), *work.glob("grad_*.safetensors")]:
         file.unlink()
 

@@ -1,4 +1,4 @@
-"""Reading and merging a stats artifact (written by `lrsurgery calibrate`).
+"""The stats artifact's files (written block by block by `lrsurgery calibrate`): writing, reading, merging.
 
 Layout: `manifest.json` (`extra.modules[name]` = {covariance owner, file, tokens}; `extra.sensitivity`
 = {file, samples, path}), `block_NNNN.safetensors` holding `cov.{owner}` = Σ xᵀx per block, and
@@ -18,6 +18,29 @@ from lrsurgery.errors import ArtifactError
 from lrsurgery.io.artifacts import Manifest, load_tensors, read_manifest, save_tensors, write_manifest
 from lrsurgery.io.outputs import check_output, output_folder
 from lrsurgery.linalg.basics import all_finite
+
+
+def write_block(work: Path, index: int, sums: dict[str, torch.Tensor], share: dict[str, str], tokens: int) -> None:
+    """Write block `index`'s covariance sums (`sums`: owner → (d_in, d_in) Σ xᵀx) atomically, then record
+    each module (`share`: module → the owner whose input it shares) in the manifest: the resume point."""
+    save_tensors(work / f"block_{index:04d}.safetensors", {f"cov.{name}": s for name, s in sums.items()})
+    manifest = read_manifest(work)
+    for name, owner in share.items():
+        file = f"block_{index:04d}.safetensors"
+        manifest.extra["modules"][name] = {"covariance": owner, "file": file, "tokens": tokens}
+    manifest.extra["completed"] = index + 1
+    manifest.extra["tokens"] = tokens
+    write_manifest(work, manifest)
+
+
+def write_sensitivity(work: Path, tensors: dict[str, torch.Tensor], samples: int, path: str) -> None:
+    """Write the sensitivity file (`sens.*`, `sens_rows.*`, `sens_cols.*`: means over `samples` samples,
+    collected along `path`, sequential or whole) and record it in the manifest."""
+    save_tensors(work / "sensitivity.safetensors", tensors)
+    manifest = read_manifest(work)
+    manifest.extra["sensitivity"] = {"file": "sensitivity.safetensors", "samples": samples, "path": path}
+    manifest.extra.pop("sensitivity_next", None)
+    write_manifest(work, manifest)
 
 
 def negative_diagonal(sums: torch.Tensor) -> bool:
