@@ -99,17 +99,17 @@ def test_sequential_equals_whole_model_minilm(minilm, lm_data, tmp_path):
 def test_resume_after_interruption_gives_identical_files(tiny_llama, lm_data, tmp_path, monkeypatch):
     cfg = CalibrateConfig(samples=6, seq_len=32, batch_size=4)
     whole = run_calibrate(str(tiny_llama), DataSpec(path=str(lm_data)), cfg, tmp_path / "whole")
-    original = calibration._write_block
+    original = calibration.write_block
 
-    def crash_on_second(work, index, collector):
+    def crash_on_second(work, index, *block):
         if index == 1:
             raise KeyboardInterrupt
-        original(work, index, collector)
+        original(work, index, *block)
 
-    monkeypatch.setattr(calibration, "_write_block", crash_on_second)
+    monkeypatch.setattr(calibration, "write_block", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
         run_calibrate(str(tiny_llama), DataSpec(path=str(lm_data)), cfg, tmp_path / "again")
-    monkeypatch.setattr(calibration, "_write_block", original)
+    monkeypatch.setattr(calibration, "write_block", original)
     assert json.loads((tmp_path / "again.partial" / "manifest.json").read_text())["extra"]["completed"] == 1
     with pytest.raises(Exception, match="--resume"):
         run_calibrate(str(tiny_llama), DataSpec(path=str(lm_data)), cfg, tmp_path / "again")
