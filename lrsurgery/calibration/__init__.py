@@ -1,2 +1,1 @@
-"""The `calibrate` stage: block-by-block activation covariances and sensitivities, the stats file (reading and
-merging), summaries of stats artifacts."""
+"""The `calibrate` stage: block-by-block covariances and sensitivities, the stats file, its summaries."""

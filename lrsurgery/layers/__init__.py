@@ -1,2 +1,1 @@
-"""The adapted linear layer: the adapter spec (branches and edit log), the layer, its fused branches op, and
-the adapter file."""
+"""The adapted linear layer: its adapter spec (branches + edit log), its fused branches op, the adapter file."""

@@ -1,2 +1,1 @@
-"""The stages that turn artifacts into artifacts: init (SVD surgery), fuse and PEFT export; an artifact
-applied to its base model."""
+"""Artifacts into artifacts: init (the SVD surgery), fuse, PEFT export; an artifact applied to its base model."""
