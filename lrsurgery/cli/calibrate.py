@@ -1,4 +1,4 @@
-"""`lrsurgery calibrate`, `merge-stats` and `inspect`: the commands that make and read stats artifacts."""
+"""`lrsurgery calibrate` and `merge-stats`: the commands that make stats artifacts."""
 
 from __future__ import annotations
 
@@ -59,42 +59,3 @@ def merge_stats_cmd(
 
     with timed(out):
         merge_stats(stats, out, force=force, overwrite=overwrite)
-
-
-@app.command()
-@user_errors
-def inspect(
-    stats: Path = typer.Argument(..., help="A stats artifact (from `lrsurgery calibrate`)."),
-    top: int = typer.Option(10, "--top", help="Modules shown in the sensitivity ranking (0: all)."),
-    heatmap: Path = typer.Option(None, "--heatmap", help="Also write a PNG of sensitivity by block x module."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a heatmap PNG written by lrsurgery."),
-    config: Path = ConfigOption,
-) -> None:
-    """Summarise a stats artifact: covariance trace, effective rank and condition; sensitivity ranking."""
-    from lrsurgery.calibration.inspect import png_kind, save_heatmap, summarise
-    from lrsurgery.calibration.stats_file import load_sensitivity
-    from lrsurgery.errors import check_count
-    from lrsurgery.io.artifacts import read_manifest
-    from lrsurgery.io.outputs import check_output
-
-    check_count("--top", top, 0)
-    manifest = read_manifest(stats, "stats")
-    if heatmap:
-        check_output(heatmap, [stats], overwrite, "figure", png_kind, what="file")
-    if "covariance" in manifest.config["collect"]:
-        typer.echo("| covariance | shared by | dim | trace | effective rank | condition |")
-        typer.echo("|---|---|---|---|---|---|")
-        for row in summarise(stats):
-            shared = ", ".join(n.rsplit(".", 1)[-1] for n in row["shared_by"])
-            typer.echo(
-                f"| {row['covariance']} | {shared} | {row['dim']} | {row['trace']:.4g} | "
-                f"{row['effective_rank']:.1f} | {row['condition']:.3g} |"
-            )
-    if "sensitivity" in manifest.extra:
-        ranking = sorted(load_sensitivity(stats).items(), key=lambda kv: -kv[1])
-        total = sum(v for _, v in ranking) or float("nan")  # all zero: no shares to show
-        typer.echo("\n| rank | module | sensitivity | share |\n|---|---|---|---|")
-        for i, (name, value) in enumerate(ranking[: top or None], start=1):
-            typer.echo(f"| {i} | {name} | {value:.4g} | {value / total:.1%} |")
-    if heatmap:
-        typer.echo(f"heatmap written to {save_heatmap(stats, heatmap, overwrite)}")

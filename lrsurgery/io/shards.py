@@ -92,11 +92,11 @@ def read_header(path: Path) -> tuple[dict, int]:
 
 
 class LazyWeights:
-    """The tensors of a model folder's safetensors files, read one at a time on request."""
+    """The tensors of a model folder's safetensors files (or of one file), read one at a time on request."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
-        files = sorted(self.folder.glob("*.safetensors"))
+        files = [self.folder] if self.folder.is_file() else sorted(self.folder.glob("*.safetensors"))
         if not files:
             raise WeightsFileError(f"{folder} has no safetensors weights")
         self.entries: dict[str, tuple[Path, int, dict]] = {}
@@ -141,6 +141,10 @@ class LazyWeights:
             yield self._read(key, first, min(shape[0], first + step))
         if shape[0] == 0:
             yield torch.empty(shape, dtype=self.dtype(key))
+
+    def rows(self, key: str, first: int, last: int) -> torch.Tensor:
+        """Rows `first:last` of a tensor of at least one dimension, as stored."""
+        return self._read(key, first, last)
 
     def _read(self, key: str, first: int, last: int) -> torch.Tensor:
         file, start, info = self.entries[key]

@@ -131,6 +131,7 @@ def from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict
 
 
 ADAPTER_FILE = "adapter.safetensors"
+METHOD_FILE = "method.safetensors"  # an init artifact's per-module method data (ModuleAdapter.method_data)
 
 
 ADAPTED_KINDS = ("init", "train")

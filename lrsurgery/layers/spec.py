@@ -57,6 +57,9 @@ class ModuleAdapter:
 
     branches: list[LowRank]
     edits: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    # per-module tensors a method keeps for training, outside the layer's function (SRLoRA's reserve of
+    # singular directions): init writes them to the artifact's method file, hooks read them from there
+    method_data: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __getattr__(self, name: str) -> Any:
         if name in MAIN_FIELDS:

@@ -8,11 +8,13 @@ from lrsurgery.methods.dual.method import Dual
 from lrsurgery.methods.hooks import HookContext, TrainHooks
 from lrsurgery.methods.lora import LoRA
 from lrsurgery.methods.pissa import PiSSA
+from lrsurgery.methods.srlora import SRLoRA
 from lrsurgery.methods.tlora.method import TLoRA
 
 register(LoRA)
 register(PiSSA)
 register(TLoRA)
 register(Dual)
+register(SRLoRA)
 
 __all__ = ["HookContext", "Method", "MethodError", "TrainHooks", "get_method", "method_names", "register"]

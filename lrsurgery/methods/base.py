@@ -49,12 +49,14 @@ class Method:
         """Every option's value as used (defaults resolved), JSON-able: what the init manifest records."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
-    def check_shape(self, name: str, weight: torch.Tensor, rank: int) -> None:
+    def check_shape(self, name: str, weight: torch.Tensor, rank: int, what: str = "rank") -> None:
+        """MethodError unless `rank` (the option called `what` in the message) fits module `name`'s weight
+        and the weight is finite."""
         limit = min(weight.shape)
         if rank > limit:
             raise MethodError(
-                f"rank {rank} is larger than module {name} allows: its weight is "
-                f"{weight.shape[0]}x{weight.shape[1]}, so the rank can be at most {limit}"
+                f"{what} {rank} is larger than module {name} allows: its weight is "
+                f"{weight.shape[0]}x{weight.shape[1]}, so {what.removesuffix(' =')} can be at most {limit}"
             )
         if not all_finite(weight):
             raise MethodError(f"module {name} has NaN or Inf weights")

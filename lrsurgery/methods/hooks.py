@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,7 +16,8 @@ from lrsurgery.layers.adapted import AdaptedLinear, adapted_layers
 class HookContext:
     """What every hook receives: the unwrapped model, the flat buffers of the trainable tensors
     (`training.flat.FlatParameters`) and the optimizer over them, the accelerator, the run's number of
-    optimizer steps and the step being taken (0-based; after it, `step + 1` steps are done).
+    optimizer steps, the step being taken (0-based; after it, `step + 1` steps are done) and the folder of
+    the artifact being trained (where a method's init may have left data: `layers.adapter_file.METHOD_FILE`).
 
     Through it a hook may read or zero the AdamW moments of any part of a trainable tensor and edit a
     frozen weight in place (recorded in its layer's edit log). The trainer checkpoints both, so a resumed
@@ -28,6 +30,7 @@ class HookContext:
     accelerator: Any
     total_steps: int
     step: int = 0
+    artifact: Path | None = None
 
     def __post_init__(self) -> None:
         self._layers = adapted_layers(self.model)  # the model's layers do not change while it trains
@@ -80,6 +83,10 @@ class TrainHooks:
 
     def summary(self) -> dict[str, Any]:
         """JSON-able facts about the finished run, stored in the train manifest's `extra`."""
+        return {}
+
+    def files(self) -> dict[str, str]:
+        """Text files (name → content) written into the finished run's artifact, e.g. a JSON record."""
         return {}
 
     def extra_loss(self, ctx: HookContext) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ of parameters and updates all of them with a handful of `torch._foreach_*` calls
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any
 
 import torch
 
@@ -47,6 +48,12 @@ class ImportanceEMA:
         torch._foreach_sub_(s, self.sbar)
         torch._foreach_abs_(s)  # U, Eq. 10
         torch._foreach_lerp_(self.ubar, s, 1 - self.beta2)  # Ū, Eq. 11
+
+    @torch.no_grad()
+    def reset(self, i: int, index: Any = ...) -> None:
+        """Forget the history of `params[i][index]` (all of it by default): S̄ and Ū start again from 0."""
+        self.sbar[i][index] = 0
+        self.ubar[i][index] = 0
 
     @torch.no_grad()
     def scores(self) -> list[torch.Tensor]:

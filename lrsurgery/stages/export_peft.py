@@ -4,7 +4,8 @@ Every weight change lrsurgery makes is low-rank, so for each module the whole ch
 Δ = Σ_k B_k A_k (edit log) + s·B·diag(E)·A (+ s_e·B_e·diag(E_e ⊙ mask)·A_e for an expert branch)  is one
 product  B_cat · A_cat  of concatenated factors:  B_cat = [B_1 … B_K, s·B·diag(E), s_e·B_e·diag(E_e ⊙ mask)],
 A_cat = [A_1; …; A_K; A; A_e]  (gates fold into B).  The module's PEFT rank is the total
-rank of that concatenation, and its alpha equals its rank so PEFT's scale α/r is 1. A module with one
+rank of that concatenation (reduced exactly to min(d_out, d_in) when the concatenation is longer, as after
+many SRLoRA switches), and its alpha equals its rank so PEFT's scale α/r is 1. A module with one
 branch and an empty edit log (LoRA, TLoRA) is exported as it is instead: its own A, B·diag(E), rank r
 and alpha s·r, so the per-module ranks and alphas an init chose (TLoRA's allocation) are the export's. Both go into
 `rank_pattern` / `alpha_pattern`. `max_rank` compresses Δ to its best rank-K approximation
@@ -106,7 +107,13 @@ def run_export_peft(artifact: Path, out: Path, overwrite: bool = False, force: b
             packed = as_it_is(spec)  # its own rank and alpha (TLoRA's allocation), no factorisation needed
             alphas[full] = spec.scale * spec.rank
         else:
-            packed = compress(*concatenated_factors(spec), max_rank)
+            b, a = concatenated_factors(spec)
+            # an edit log longer than the weight's rank (SRLoRA's switches) is reduced exactly: Δ has rank
+            # ≤ min(d_out, d_in), and keeping every singular value of its core drops nothing
+            limit = max_rank
+            if b.shape[1] > min(spec.shape):
+                limit = min(spec.shape) if max_rank is None else min(max_rank, min(spec.shape))
+            packed = compress(b, a, limit)
             alphas[full] = float(packed.A.shape[0])
         tensors[f"base_model.model.{full}.lora_A.weight"] = cast(f"{full}.lora_A", packed.A, target)
         tensors[f"base_model.model.{full}.lora_B.weight"] = cast(f"{full}.lora_B", packed.B, target)

@@ -11,9 +11,9 @@ from lrsurgery.errors import SEED_MAX, check_count
 from lrsurgery.hf.load import LoadedModel, compute_device, empty_model, model_record
 from lrsurgery.hf.resolve import resolve_model
 from lrsurgery.hf.tree import backbone, find_targets, target_weights
-from lrsurgery.io.artifacts import Manifest, save_tensors, write_manifest
+from lrsurgery.io.artifacts import Manifest, file_digest, save_tensors, write_manifest
 from lrsurgery.io.outputs import check_output, output_folder
-from lrsurgery.layers.adapter_file import ADAPTER_FILE, to_tensors, trainable_count
+from lrsurgery.layers.adapter_file import ADAPTER_FILE, METHOD_FILE, to_tensors, trainable_count
 from lrsurgery.layers.spec import ModuleAdapter
 from lrsurgery.linalg.basics import all_finite
 from lrsurgery.methods import MethodError, get_method
@@ -63,6 +63,7 @@ def run_init(
     adapters = {name: adapters[name] for name in names if name in adapters}
     tensors, meta = to_tensors(adapters)
     tensors = {key: value.cpu() for key, value in tensors.items()}
+    method_data = {f"{n}.{k}": t.cpu() for n, spec in adapters.items() for k, t in spec.method_data.items()}
     overflow = next((key for key, value in tensors.items() if not all_finite(value)), None)
     if overflow:
         raise MethodError(f"{method} init overflows fp32 in {overflow} with these options; use a smaller --alpha")
@@ -81,6 +82,9 @@ def run_init(
     )
     with output_folder(out, "init", inputs, overwrite) as work:
         save_tensors(work.folder / ADAPTER_FILE, tensors)
+        if method_data:  # read back by the method's training hooks, checked against this digest
+            save_tensors(work.folder / METHOD_FILE, method_data)
+            manifest.extra["method_file"] = {"file": METHOD_FILE, "sha256": file_digest(work.folder / METHOD_FILE)}
         write_manifest(work.folder, manifest)
     return Path(out)
 

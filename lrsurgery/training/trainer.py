@@ -128,7 +128,8 @@ class Trainer:
         self.flat = FlatParameters(list(self.named.values()))
         self.optimizer = accelerator.prepare(adamw(self.flat.flats, lr=cfg.lr, weight_decay=cfg.weight_decay))
         self.total = total_steps(cfg, len(self.examples), accelerator.num_processes)
-        self.ctx = HookContext(accelerator.unwrap_model(self.model), self.flat, self.optimizer, accelerator, self.total)
+        unwrapped = accelerator.unwrap_model(self.model)
+        self.ctx = HookContext(unwrapped, self.flat, self.optimizer, accelerator, self.total, artifact=self.init_dir)
         self.layers = self.ctx.layers()
         self.init_edits = {name: len(layer.edits) for name, layer in self.layers.items()}
         if accelerator.is_main_process:
@@ -285,6 +286,11 @@ class Trainer:
             self.method_options,
             summary,
         )
+        for h in self.hooks:
+            for name, text in h.files().items():
+                if Path(name).name != name or name in (ADAPTER_FILE, "manifest.json", "metrics.jsonl", "checkpoint"):
+                    raise ValueError(f"a training hook may not write the file {name!r} into the run")
+                write_text_atomic(self.work / name, text)
         if self.held_out:
             manifest = read_manifest(self.work)
             record = {**self.evaluated, "data": asdict(self.eval_data), "fingerprint": self.held_out.fingerprint}

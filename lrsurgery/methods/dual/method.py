@@ -116,12 +116,7 @@ class Dual(PiSSA):
 
     def init_module(self, name: str, weight: torch.Tensor, generator: torch.Generator) -> ModuleAdapter:
         d_out, d_in = weight.shape
-        if self.rank > min(d_out, d_in):
-            raise MethodError(
-                f"--r-share + --r-expert = {self.rank} is larger than module {name} allows: its weight is "
-                f"{d_out}x{d_in}, so r_share + r_expert can be at most {min(d_out, d_in)}"
-            )
-        self.check_shape(name, weight, self.rank)
+        self.check_shape(name, weight, self.rank, "r_share + r_expert =")
         scale = self.alpha_value / self.rank
         edits = []
         if self.shared_init:
