@@ -151,7 +151,7 @@ class SRLoRAHooks(TrainHooks):
             )
         self.total = ctx.total_steps
         self.every = cfg.interval(self.total)
-        if self.every >= self.total:
+        if cfg.switch_interval is not None and self.every >= self.total:
             raise MethodError(
                 f"--switch-interval {self.every} is not shorter than the run ({self.total} optimizer steps), so no "
                 "switch would happen; give a smaller interval or more steps"
