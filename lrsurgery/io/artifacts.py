@@ -196,10 +196,10 @@ def fingerprint_weights(files: list[Path], rows_per_tensor: int = 8) -> str:
 
 
 def file_digest(path: Path) -> str:
-    """sha256 hex digest of a file's bytes, read in 16 MiB blocks."""
+    """sha256 hex digest of a file's bytes, read in 1 MiB blocks (as fast as larger ones, and no large buffer)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        while block := handle.read(16 << 20):
+        while block := handle.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
 
