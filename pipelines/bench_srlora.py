@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from bench_train_step import mark_baseline, measure, paired_ratio, paired_times, random_batch, run_child, run_children
 
+from lrsurgery.training.edit_log import EditFiles
 from lrsurgery.training.flat import FlatParameters
 from lrsurgery.training.schedule import adamw
 
@@ -61,6 +62,8 @@ def make_step(variant: str, args: argparse.Namespace, switch_first: bool = False
     optimizer = adamw(flat.flats, lr=1e-4)
     method = get_method(manifest.config["method"], **manifest.config["options"])
     ctx = HookContext(model, flat, optimizer, None, args.total, artifact=artifact)
+    edits = EditFiles(Path(tempfile.mkdtemp(dir=args.work)), ctx.layers())
+    ctx.on_edit = edits.spill  # as `lrsurgery train` keeps the edit log: on disk
     hooks = method.hooks()
     hooks.setup(ctx)  # SRLoRA's importance EMAs are training state: they count
     every = getattr(hooks, "every", 0)

@@ -21,7 +21,7 @@ from lrsurgery.hf.tree import backbone
 from lrsurgery.io.shards import LazyWeights
 from lrsurgery.layers.adapted import adapted_layers
 from lrsurgery.layers.adapter_file import ADAPTER_FILE, METHOD_FILE, read_adapters
-from lrsurgery.methods import HookContext, get_method
+from lrsurgery.methods import HookContext, TrainHooks, get_method
 from lrsurgery.methods.srlora import INTERVALS_FILE, SRLoRA, SRLoRAHooks
 from lrsurgery.stages.adapted import load_adapted
 from lrsurgery.stages.init import run_init
@@ -47,48 +47,55 @@ def _metrics(run) -> list[dict]:
 # -- one switch, by hand: the function is unchanged ---------------------------------------------------------
 
 
-def _switched_outputs(artifact, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The adapted model's outputs before and after one switch, run by the method's hooks on a model held in
-    `dtype`, with its adapters moved off their init (to the same fp32 numbers in either dtype)."""
+def _switched_outputs(artifact, dtype: torch.dtype, switches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The adapted model's outputs before and after each of `switches` switches in a row, run by the method's
+    hooks on a model held in `dtype`. Before each, the adapters move as training would move them (to the
+    same fp32 numbers in either dtype) and a backward pass feeds the importance."""
     loaded, manifest = load_adapted(artifact, dtype=dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
-    noise = torch.Generator().manual_seed(0)
     layers = adapted_layers(model)
-    with torch.no_grad():
-        for layer in layers.values():
-            for p in (layer.lora_A, layer.lora_B):
-                step = torch.randn(p.shape, generator=noise) * p.float().abs().mean()
-                p.copy_(p.float() + step)  # fp32 numbers, held exactly in fp64 too
     method = get_method("srlora", **{**manifest.config["options"], "switch_interval": 1})
     flat = FlatParameters([p for p in model.parameters() if p.requires_grad])
-    ctx = HookContext(model, flat, adamw(flat.flats, lr=1e-3), None, total_steps=4, artifact=artifact)
+    ctx = HookContext(model, flat, adamw(flat.flats, lr=1e-3), None, total_steps=switches + 1, artifact=artifact)
     hooks = method.hooks()
     hooks.setup(ctx)
     batch = tokenizer(["The striker scored twice in the second half."], return_tensors="pt")
-    model(**batch, labels=batch["input_ids"]).loss.backward()
-    hooks.after_backward(ctx)
-    model.eval()
-    before = outputs(model, tokenizer)
-    assert hooks.after_step(ctx)["srlora_switch"] == method.recycled
-    assert all(len(layer.edits) == 2 for layer in layers.values())
-    return before, outputs(model, tokenizer)
+    noise = torch.Generator().manual_seed(0)
+    seen = []
+    for k in range(switches):
+        with torch.no_grad():
+            for layer in layers.values():
+                for p in (layer.lora_A, layer.lora_B):
+                    step = torch.randn(p.shape, generator=noise) * p.float().abs().mean()
+                    p.copy_(p.float() + step)  # fp32 numbers, held exactly in fp64 too
+        flat.zero_grad()
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        hooks.after_backward(ctx)
+        before = outputs(model, tokenizer)
+        ctx.step = k
+        assert hooks.after_step(ctx)["srlora_switch"] == method.recycled
+        assert all(len(layer.edits) == 2 + k for layer in layers.values())
+        seen.append((before, outputs(model, tokenizer)))
+    return seen
 
 
-def _assert_switch_keeps_the_function(artifact) -> None:
-    before32, after32 = _switched_outputs(artifact, torch.float32)
-    before64, after64 = _switched_outputs(artifact, torch.float64)
-    # exact in fp64 (the fused pairs and the refills are fp32 numbers and s = α/r = 1, so the logged edit is
-    # exactly the branch's change); in fp32 within the two models' own rounding
-    assert_same_function(after32, after64, before32, before64, "outputs across a switch")
+def _assert_switches_keep_the_function(artifact, switches: int) -> None:
+    seen32 = _switched_outputs(artifact, torch.float32, switches)
+    seen64 = _switched_outputs(artifact, torch.float64, switches)
+    for k, ((before32, after32), (before64, after64)) in enumerate(zip(seen32, seen64, strict=True)):
+        # exact in fp64 (the fused pairs and the refills are fp32 numbers and s = α/r = 1, so the logged edit
+        # is exactly the branch's change); in fp32 within the two models' own rounding
+        assert_same_function(after32, after64, before32, before64, f"outputs across switch {k + 1}")
 
 
-def test_a_switch_leaves_the_function_unchanged(tiny_llama, tmp_path):
-    _assert_switch_keeps_the_function(_init(tiny_llama, tmp_path))
+def test_switches_leave_the_function_unchanged(tiny_llama, tmp_path):
+    _assert_switches_keep_the_function(_init(tiny_llama, tmp_path), switches=4)
 
 
 @pytest.mark.slow
-def test_a_switch_leaves_smollm2_unchanged(smollm2, tmp_path):
-    _assert_switch_keeps_the_function(run_init(str(smollm2), "srlora", tmp_path / "init", {"rank": 4, "r_target": 8}))
+def test_switches_leave_smollm2_unchanged(smollm2, tmp_path):
+    init = run_init(str(smollm2), "srlora", tmp_path / "init", {"rank": 4, "r_target": 10})
+    _assert_switches_keep_the_function(init, switches=3)
 
 
 # -- switches inside `lrsurgery train`: refills, importance and moment rules --------------------------------
@@ -267,6 +274,33 @@ def test_resume_across_a_switch_is_bit_identical(tiny_llama, bbc_small, tmp_path
         assert (tmp_path / "whole" / name).read_text() == (tmp_path / "resumed" / name).read_text()
 
 
+class EditsOnDisk(TrainHooks):
+    """After a switch, the layers' newest edit is in the run's work folder, byte for byte."""
+
+    def __init__(self, work):
+        self.work, self.checked = work, 0
+
+    def after_step(self, ctx: HookContext) -> dict:
+        for name, layer in ctx.layers().items():
+            if len(layer.edits) > 1:
+                k = len(layer.edits) - 1
+                for which, tensor in zip("BA", layer.edits[k], strict=True):
+                    assert (self.work / "edits" / f"{name}.{k}.{which}").read_bytes() == tensor.numpy().tobytes()
+                self.checked += 1
+        return {}
+
+
+def test_the_edit_log_lives_on_disk_while_training(tiny_llama, bbc_small, tmp_path):
+    init = _init(tiny_llama, tmp_path)
+    spy = EditsOnDisk(tmp_path / "run.partial")
+    cfg = TrainConfig(max_steps=4, batch_size=2, lr=1e-2, save_every=1)
+    run_train(init, _data(bbc_small), cfg, tmp_path / "run", hooks=[spy], method_options={"switch_interval": 1})
+    assert spy.checked > 0
+    assert not (tmp_path / "run" / "edits").exists()  # gone with the checkpoint; the artifact holds the log
+    _, adapters, _ = read_adapters(tmp_path / "run")
+    assert all(len(spec.edits) == 4 for spec in adapters.values())
+
+
 # -- fuse and export after several switches -----------------------------------------------------------------
 
 
@@ -412,3 +446,13 @@ def test_train_refuses_an_artifact_without_its_reserve(tiny_llama, bbc_small, tm
     reserve.write_bytes(reserve.read_bytes()[:-4] + b"\0\0\0\0")
     expect = "method.safetensors does not match the digest"
     _refused_train(init, bbc_small, tmp_path / "tampered", expect=expect, inputs=(init,))
+
+
+def test_inspect_refuses_a_block_or_a_run_it_cannot_draw(tiny_llama, bbc_small, tmp_path):
+    init = _init(tiny_llama, tmp_path)
+    run = run_train(init, _data(bbc_small), TrainConfig(max_steps=2, batch_size=2), tmp_path / "run")
+    png = tmp_path / "intervals.png"
+    refused("inspect", run, "--plot", png, "--block", 7, expect="--block 7: the run has blocks 0, 1", out=png)
+    lora = run_init(str(tiny_llama), "lora", tmp_path / "lora-init", {"rank": 2})
+    lora_run = run_train(lora, _data(bbc_small), TrainConfig(max_steps=2, batch_size=2), tmp_path / "lora-run")
+    refused("inspect", lora_run, "--plot", png, expect="only an srlora train run records active intervals", out=png)

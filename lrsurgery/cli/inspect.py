@@ -43,10 +43,11 @@ def inspect(
         return
     from lrsurgery.training.report import run_summary, save_intervals_plot
 
+    drawn = save_intervals_plot(artifact, png, block, overwrite) if png else None  # refused before any output
     for line in run_summary(artifact, manifest):
         typer.echo(line)
-    if png:
-        typer.echo(f"active intervals drawn in {save_intervals_plot(artifact, png, block, overwrite)}")
+    if drawn:
+        typer.echo(f"active intervals drawn in {drawn}")
 
 
 def _stats(stats: Path, manifest, top: int, png: Path | None, overwrite: bool) -> None:

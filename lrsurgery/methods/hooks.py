@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ class HookContext:
     total_steps: int
     step: int = 0
     artifact: Path | None = None
+    on_edit: Callable[[AdaptedLinear], None] | None = None  # the trainer moves each new edit to disk
 
     def __post_init__(self) -> None:
         self._layers = adapted_layers(self.model)  # the model's layers do not change while it trains
@@ -56,6 +58,8 @@ class HookContext:
     def edit_weight(self, layer: AdaptedLinear, b: torch.Tensor, a: torch.Tensor) -> None:
         """W ← W + B·A on `layer`'s frozen weight, appended to its edit log (see AdaptedLinear.add_edit)."""
         layer.add_edit(b, a)
+        if self.on_edit is not None:
+            self.on_edit(layer)
 
 
 class TrainHooks:

@@ -30,6 +30,7 @@ from lrsurgery.progress import bar
 from lrsurgery.stages.adapted import load_adapted
 from lrsurgery.training.accelerator import new_accelerator
 from lrsurgery.training.checkpoint import checkpoint_step, load_checkpoint, load_checkpoint_extra, save_checkpoint
+from lrsurgery.training.edit_log import EditFiles
 from lrsurgery.training.flat import FlatParameters
 from lrsurgery.training.heldout import heldout_loss
 from lrsurgery.training.schedule import TrainConfig, adamw, batch_indices, lr_at, total_steps
@@ -132,6 +133,9 @@ class Trainer:
         self.ctx = HookContext(unwrapped, self.flat, self.optimizer, accelerator, self.total, artifact=self.init_dir)
         self.layers = self.ctx.layers()
         self.init_edits = {name: len(layer.edits) for name, layer in self.layers.items()}
+        self.edit_files = EditFiles(self.work, self.layers)
+        if accelerator.is_main_process:  # the other processes keep their (identical) edits in memory
+            self.ctx.on_edit = self.edit_files.spill
         if accelerator.is_main_process:
             self.run.pin(self._settings())
         accelerator.wait_for_everyone()
@@ -237,12 +241,13 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------------------
 
     def save(self, steps: int) -> None:
-        """Checkpoint after `steps` steps: parameters, AdamW state, RNG, hook state and the weight edits
-        made during training (each layer's edit log past its init entries)."""
+        """Checkpoint after `steps` steps: parameters, AdamW state, RNG, hook state and how many weight edits
+        each layer has made during training (their factors are already in the work folder's edit files)."""
         extra = {f"hook{i}.{k}": v for i, h in enumerate(self.hooks) for k, v in h.state_dict().items()}
-        for name, layer in self.layers.items():
-            for k, (b, a) in enumerate(layer.edits[self.init_edits[name] :]):
-                extra[f"edit.{name}.{k}.B"], extra[f"edit.{name}.{k}.A"] = b, a
+        for name, layer in self.layers.items():  # the edits themselves are in the work folder (edit_log.py)
+            widths = [b.shape[1] for b, _ in layer.edits[self.init_edits[name] :]]
+            if widths:
+                extra[f"edits.{name}"] = torch.tensor(widths, dtype=torch.int64)
         self.flat.check()
         save_checkpoint(self.work / "checkpoint", steps, self.named, self.optimizer, extra=extra, flat=self.flat)
         self.run.keep()  # from here on a failure leaves the run to --resume
@@ -252,10 +257,8 @@ class Trainer:
         frozen weights are bit for bit those of the uninterrupted run."""
         self.start = self.ctx.step = checkpoint_step(folder)
         for name, layer in self.layers.items():
-            k = 0
-            while f"edit.{name}.{k}.B" in extra:
-                layer.add_edit(extra[f"edit.{name}.{k}.B"], extra[f"edit.{name}.{k}.A"])
-                k += 1
+            if f"edits.{name}" in extra:
+                self.edit_files.replay(name, layer, extra[f"edits.{name}"].tolist())
 
     def _load(self, folder: Path, extra: dict[str, torch.Tensor]) -> None:
         """Restore a checkpoint's trainable tensors, optimizer state, RNG and hook state (after the hooks'
@@ -297,6 +300,7 @@ class Trainer:
             manifest.extra["eval"] = record
             write_manifest(self.work, manifest)
         shutil.rmtree(self.work / "checkpoint", ignore_errors=True)
+        shutil.rmtree(self.edit_files.folder, ignore_errors=True)
 
 
 def _diverged(what: str, value: float, step: int, start: int, out: Path, work: Path) -> TrainingDiverged:
