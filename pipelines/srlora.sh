@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # SRLoRA against LoRA and PiSSA at equal rank, same steps, schedule and data order (one seed):
-#   SmolLM2-135M learning BBC News topics (SFT) and the MiniLM encoder classifying them, plus SRLoRA with
-#   its refilled pairs' AdamW moments kept instead of reset. Training-loss curves → loss table + PNG per model.
+#   SmolLM2-135M learning BBC News topics (SFT) and the MiniLM encoder classifying them; SRLoRA twice, its
+#   refilled pairs' AdamW moments reset and kept. Training-loss curves → loss table + PNG per model.
 # Usage: pipelines/srlora.sh [WORK_DIR]   (default: runs/srlora); STEPS, MINILM_STEPS, RANK, R_TARGET, LR,
 # MINILM_LR, BATCH, SEQ_LEN override.
 set -euo pipefail
@@ -25,16 +25,16 @@ compare() {
   local name=$1 model=$2 steps=$3 lr=$4
   shift 4
   local runs=()
-  for variant in lora pissa srlora srlora-keep; do
-    method=${variant%-keep}
+  for variant in lora pissa srlora-reset srlora-keep; do
+    method=${variant%-*}
     extra=()
     [[ $method == srlora ]] && extra=(--r-target "$R_TARGET")
-    [[ $variant == srlora ]] && lrsurgery init "$model" --method srlora --rank "$RANK" "${extra[@]}" \
+    [[ $variant == srlora-reset ]] && lrsurgery init "$model" --method srlora --rank "$RANK" "${extra[@]}" \
       -o "$WORK/$name/init-srlora" --overwrite
     [[ $variant == lora || $variant == pissa ]] && lrsurgery init "$model" --method "$method" --rank "$RANK" \
       -o "$WORK/$name/init-$method" --overwrite
     moments=()
-    [[ $variant == srlora-keep ]] && moments=(--moments keep)
+    [[ $method == srlora ]] && moments=(--moments "${variant#srlora-}")
     lrsurgery train "$WORK/$name/init-$method" "$@" --max-steps "$steps" --lr "$lr" --warmup-ratio 0.1 --seed 0 \
       --batch-size "$BATCH" --seq-len "$SEQ_LEN" "${moments[@]}" -o "$WORK/$name/run-$variant" --overwrite
     runs+=("$WORK/$name/run-$variant")
