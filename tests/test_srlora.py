@@ -456,3 +456,12 @@ def test_inspect_refuses_a_block_or_a_run_it_cannot_draw(tiny_llama, bbc_small, 
     lora = run_init(str(tiny_llama), "lora", tmp_path / "lora-init", {"rank": 2})
     lora_run = run_train(lora, _data(bbc_small), TrainConfig(max_steps=2, batch_size=2), tmp_path / "lora-run")
     refused("inspect", lora_run, "--plot", png, expect="only an srlora train run records active intervals", out=png)
+
+
+def test_init_keeps_the_adapter_options(tiny_llama, tmp_path):
+    init = _init(tiny_llama, tmp_path, alpha=4.0, dropout=0.1)
+    _, adapters, _ = read_adapters(init)
+    spec = adapters["layers.0.self_attn.q_proj"]
+    assert (spec.rank, spec.alpha, spec.scale, spec.dropout) == (2, 4.0, 2.0, 0.1)
+    reserve = LazyWeights(init / METHOD_FILE)
+    assert reserve.shape("layers.0.self_attn.q_proj.reserve_A") == (4, 32)

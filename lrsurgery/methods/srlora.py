@@ -121,7 +121,7 @@ class SRLoRA(PiSSA):
         root = torch.sqrt(s / scale)
         b, a = (u * root).float(), (root[:, None] * vh).float()  # r_target directions, PiSSA's split (Eq. 2, 11)
         r = self.rank
-        branch = LowRank(A=a[:r].clone(), B=b[:, :r].clone(), scale=scale, alpha=self.alpha_value)
+        branch = LowRank(a[:r].clone(), b[:, :r].clone(), scale, self.alpha_value, dropout=self.dropout)
         reserve = {"reserve_A": a[r:], "reserve_Bt": b[:, r:].T, "reserve_S": s[r:].float()}
         data = {k: v.float().contiguous().clone() for k, v in reserve.items()}
         return ModuleAdapter([branch], edits=[(-scale * branch.B, branch.A)], method_data=data)
