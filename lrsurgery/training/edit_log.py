@@ -20,12 +20,17 @@ FOLDER = "edits"
 class EditFiles:
     """The run's edit files under `work/edits/`, one pair per edit, named by module and position in its log."""
 
-    def __init__(self, work: Path, layers: dict[str, AdaptedLinear]):
+    def __init__(self, work: Path, layers: dict[str, AdaptedLinear], write: bool = True):
+        """`write`: this process writes the files (the main one); the others keep their edits in memory and
+        only read the files on `--resume`."""
         self.folder = Path(work) / FOLDER
         self.names = {id(layer): name for name, layer in layers.items()}
+        self.write = write
 
     def spill(self, layer: AdaptedLinear) -> None:
         """Write the layer's newest edit to disk and replace it in the log by lazily mapped copies."""
+        if not self.write:
+            return
         self.folder.mkdir(exist_ok=True)
         name, k = self.names[id(layer)], len(layer.edits) - 1
         b, a = layer.edits[k]

@@ -133,9 +133,9 @@ class Trainer:
         self.ctx = HookContext(unwrapped, self.flat, self.optimizer, accelerator, self.total, artifact=self.init_dir)
         self.layers = self.ctx.layers()
         self.init_edits = {name: len(layer.edits) for name, layer in self.layers.items()}
-        self.edit_files = EditFiles(self.work, self.layers)
-        if accelerator.is_main_process:  # the other processes keep their (identical) edits in memory
-            self.ctx.on_edit = self.edit_files.spill
+        # the main process moves each edit to disk; the others keep their (identical) edits in memory
+        self.edit_files = EditFiles(self.work, self.layers, write=accelerator.is_main_process)
+        self.ctx.on_edit = self.edit_files.spill
         if accelerator.is_main_process:
             self.run.pin(self._settings())
         accelerator.wait_for_everyone()
