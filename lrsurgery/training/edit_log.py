@@ -41,8 +41,9 @@ class EditFiles:
         d_out, d_in = layer.base.weight.shape
         for width in widths:
             k = len(layer.edits)
-            layer.add_edit(self._read(name, k, "B", (d_out, width)), self._read(name, k, "A", (width, d_in)))
-            self.spill(layer)
+            b, a = self._read(name, k, "B", (d_out, width)), self._read(name, k, "A", (width, d_in))
+            layer.add_edit(b, a)
+            layer.edits[k] = (b, a)  # the files stay where they are: the log maps them again
 
     def _path(self, name: str, k: int, which: str) -> Path:
         return self.folder / f"{name}.{k}.{which}"
