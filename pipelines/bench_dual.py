@@ -61,6 +61,11 @@ def make_step(variant: str, args: argparse.Namespace):
     ctx = HookContext(model, flat, optimizer, None, args.total)
     hooks.setup(ctx)  # the importance EMAs are training state: they count
     ctx.step = getattr(hooks, "lo", 0)  # dual: start at T1, inside the screening phase
+    return hooked_step(model, ids, flat, optimizer, hooks, ctx, args.device), params
+
+
+def hooked_step(model, ids, flat, optimizer, hooks, ctx, device: str):
+    """One `lrsurgery train` step with every hook in its order, as a closure that advances `ctx.step`."""
 
     def step() -> None:
         loss = model(input_ids=ids, labels=ids).loss
@@ -72,11 +77,11 @@ def make_step(variant: str, args: argparse.Namespace):
         optimizer.step()
         flat.zero_grad()
         hooks.after_step(ctx)
-        if args.device.startswith("cuda"):
+        if device.startswith("cuda"):
             torch.cuda.synchronize()
         ctx.step += 1
 
-    return step, params
+    return step
 
 
 def run_variant(variant: str, args: argparse.Namespace) -> dict:

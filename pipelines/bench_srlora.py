@@ -1,14 +1,15 @@
 """Benchmark: SRLoRA's train step against PiSSA's at equal rank: time between switches, the cost of one
 switch, the amortised step time, and peak memory.
 
-Both variants are built from init artifacts (SRLoRA reads its reserve of singular directions from its own,
-as `lrsurgery train` does) and run the step of `lrsurgery train`: forward, backward, `after_backward`
-(SRLoRA's importance EMAs), clipping, fused AdamW, `after_step`. Time: both variants side by side in one
-process, taking turns step by step (bench_train_step.paired_times); ratios are medians of per-round
-ratios. Switch cost: every switch of a run (r_target − r reserve directions, r′ per switch), each timed
-alone. Amortised: (interval · step + switch) / (interval · PiSSA step), with the interval Eq. 14 gives for
-`--total` steps. Memory: peak above the model with its adapters in place (bench_train_step.mark_baseline),
-each variant alone in a process over `--steps` steps, a switch among them for SRLoRA.
+Both variants are built from init artifacts (SRLoRA reads its reserve of singular directions from its own, as
+`lrsurgery train` does) and run the step of `lrsurgery train` with every hook (bench_dual.hooked_step):
+forward, backward, clipping, `after_backward` (SRLoRA's importance EMAs), fused AdamW, `after_step`. Time:
+both variants side by side in one process, taking turns step by step (bench_train_step.paired_times); ratios
+are medians of per-round ratios. Switch cost: every switch of a run (r_target − r reserve directions, r′ per
+switch), each timed alone. Amortised: (interval · step + switch) / (interval · PiSSA step), with the interval
+Eq. 14 gives for `--total` steps. Memory: peak above the model with its adapters in place
+(bench_train_step.mark_baseline), each variant alone in a process over `--steps` steps, a switch among them
+for SRLoRA.
 
   python pipelines/bench_srlora.py --rank 8 --r-target 32 --batch-size 4 --seq-len 128
 """
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_dual import hooked_step
 from bench_train_step import mark_baseline, measure, paired_ratio, paired_times, random_batch, run_child, run_children
 
 from lrsurgery.training.edit_log import EditFiles
@@ -68,20 +70,7 @@ def make_step(variant: str, args: argparse.Namespace, switch_first: bool = False
     hooks.setup(ctx)  # SRLoRA's importance EMAs are training state: they count
     every = getattr(hooks, "every", 0)
     ctx.step = every - 1 if switch_first else (every // 2 if every else 0)  # between switches unless asked
-
-    def step() -> None:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(flat.flats, 1.0)
-        hooks.after_backward(ctx)
-        optimizer.step()
-        flat.zero_grad()
-        hooks.after_step(ctx)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        ctx.step += 1
-
-    return step, params, hooks, ctx
+    return hooked_step(model, ids, flat, optimizer, hooks, ctx, args.device), params, hooks, ctx
 
 
 def switch_times(args: argparse.Namespace) -> dict:
@@ -90,6 +79,8 @@ def switch_times(args: argparse.Namespace) -> dict:
     step()
     times = []
     for k in range(1, hooks.cfg.switches + 1):
+        if k * hooks.every >= hooks.total:  # the run skips a switch on its last step
+            break
         ctx.step = k * hooks.every - 1
         began = time.perf_counter()
         logged = hooks.after_step(ctx)
