@@ -465,3 +465,18 @@ def test_init_keeps_the_adapter_options(tiny_llama, tmp_path):
     assert (spec.rank, spec.alpha, spec.scale, spec.dropout) == (2, 4.0, 2.0, 0.1)
     reserve = LazyWeights(init / METHOD_FILE)
     assert reserve.shape("layers.0.self_attn.q_proj.reserve_A") == (4, 32)
+
+
+def test_resume_refuses_a_damaged_edit_file(tiny_llama, bbc_small, tmp_path):
+    init = _init(tiny_llama, tmp_path)
+    train = ["train", init, "--data", bbc_small, *SFT, "--max-steps", 5, "--save-every", 1, "--switch-interval", 2]
+    cfg = TrainConfig(max_steps=5, save_every=1, batch_size=2)
+    with pytest.raises(KeyboardInterrupt):  # in step 4: the checkpoint after step 3 holds the switch of step 2
+        run_train(
+            init, _data(bbc_small), cfg, tmp_path / "run", hooks=[Interrupt(4)], method_options={"switch_interval": 2}
+        )
+    damaged = sorted((tmp_path / "run.partial" / "edits").iterdir())[0]
+    damaged.write_bytes(damaged.read_bytes()[:-4])
+    work = tmp_path / "run.partial"
+    refused(*train, "--resume", "-o", tmp_path / "run", expect=f"{damaged} is missing or damaged", inputs=(init,))
+    assert work.is_dir()  # the interrupted run is kept, as it was

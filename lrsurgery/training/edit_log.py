@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from lrsurgery.errors import ArtifactError
 from lrsurgery.io.outputs import write_bytes_atomic
 from lrsurgery.layers.adapted import AdaptedLinear
 
@@ -55,6 +56,11 @@ class EditFiles:
     def _read(self, name: str, k: int, which: str, shape: tuple[int, int]) -> torch.Tensor:
         path = self._path(name, k, which)
         size = shape[0] * shape[1]
+        if not path.is_file() or path.stat().st_size != 4 * size:
+            raise ArtifactError(
+                f"{path} is missing or damaged, so the run in {self.folder.parent} cannot be resumed; "
+                "start it again with --overwrite"
+            )
         if size == 0:
             return torch.zeros(shape)
         return torch.from_file(str(path), shared=False, size=size, dtype=torch.float32).view(shape)
