@@ -16,6 +16,7 @@ from helpers import (
     cli,
     max_abs,
     outputs,
+    sum_tolerance,
 )
 from test_train import Interrupt
 
@@ -149,8 +150,8 @@ def _set_scores(hooks, scores: torch.Tensor) -> None:
         hooks.importance.ubar[2 * m + i].fill_(1.0)
 
 
-def test_screening_masks_exactly_k_and_a_rising_expert_comes_back(tiny_llama, tmp_path):
-    loaded, hooks = _hooks_on(tiny_llama, tmp_path, total=20)  # T1 = 4, T2 = 12, ΔT = 2
+def test_straight_through_masking_keeps_e_and_a_rising_expert_comes_back(tiny_llama, tmp_path):
+    loaded, hooks = _hooks_on(tiny_llama, tmp_path, total=20, masking="straight-through")  # T1 = 4, T2 = 12
     layers = [adapted_layers(loaded.model)[n] for n in hooks.names]
     with torch.no_grad():
         for layer in layers:
@@ -193,6 +194,78 @@ def test_screening_masks_exactly_k_and_a_rising_expert_comes_back(tiny_llama, tm
     assert torch.equal(hooks.masks, frozen) and int(frozen.sum(1).unique()) == 2
 
 
+def _true_gate_gradient(layer, x: torch.Tensor) -> torch.Tensor:
+    """∂(Σ y)/∂E of the expert term s·B_e diag(E) A_e x written out in fp64 (the gradient without a mask)."""
+    e = layer.expert_E.detach().double().requires_grad_(True)
+    a, b = layer.expert_A.detach().double(), layer.expert_B.detach().double()
+    scale = layer.branches[-1].scale
+    (scale * ((x.double() @ a.T) * e) @ b.T).sum().backward()
+    return e.grad
+
+
+def test_zero_masking_sets_e_to_zero_and_keeps_its_true_gradient(tiny_llama, tmp_path):
+    """Eq. 17: a switched-off expert's E_i is 0 right after screening, the forward is not masked, so its
+    next gradient is the true ∂L/∂E_i, its instantaneous sensitivity |E_i·∂L/∂E_i| is 0, it regrows
+    between screenings, is re-zeroed after every step of the final phase, and the artifact's masks take
+    the final choice at the last step."""
+    loaded, hooks = _hooks_on(tiny_llama, tmp_path, total=20)  # masking zero is the default
+    assert hooks.cfg.masking == "zero"
+    layers = [adapted_layers(loaded.model)[n] for n in hooks.names]
+    with torch.no_grad():
+        for layer in layers:
+            layer.expert_E.copy_(torch.randn(4) + 3)
+    before = [layer.expert_E.detach().clone() for layer in layers]
+    scores = torch.rand(len(layers), 4, generator=torch.Generator().manual_seed(0))
+    _set_scores(hooks, scores)
+    assert _after_step(hooks, loaded.model, 8)["expert_screened"]  # k = 3
+    for layer, row, old in zip(layers, scores, before, strict=True):
+        low = int(row.argmin())
+        assert layer.expert_E[low] == 0 and int((layer.expert_E != 0).sum()) == 3
+        kept = torch.arange(4) != low
+        assert torch.equal(layer.expert_E[kept], old[kept])  # the others keep their values
+        assert layer.expert_mask.eq(1).all()  # no mask in the forward during training
+    layer, low = layers[0], int(scores[0].argmin())
+    layer.eval()
+    x = torch.randn(2, 5, layer.base.in_features)
+    layer.zero_grad()
+    layer(x).sum().backward()
+    got, want = layer.expert_E.grad.double(), _true_gate_gradient(layer, x)
+    assert want[low] != 0 and float((layer.expert_E[low] * layer.expert_E.grad[low]).detach().abs()) == 0
+    # one fp32 gradient against the fp64 formula: each entry is a sum over tokens × d_out × d_in terms
+    terms = x.shape[0] * x.shape[1] * layer.base.in_features * layer.base.out_features
+    assert max_abs(got, want) <= sum_tolerance(terms) * float(want.abs().max()) * 10
+    # regrowth between screenings is kept; from T2 on a switched-off E_i is zeroed after every step
+    with torch.no_grad():
+        layer.expert_E[low] = 0.5
+    _after_step(hooks, loaded.model, 9)
+    assert layer.expert_E[low] == 0.5
+    _after_step(hooks, loaded.model, 12)  # T2: the last screening (k_final = 2), then frozen
+    off = hooks.masks == 0
+    for t in range(13, 21):
+        with torch.no_grad():
+            for layer_, row in zip(layers, off, strict=True):
+                layer_.expert_E[row] = 0.25  # what an optimizer step could have done
+        _after_step(hooks, loaded.model, t)
+        assert all(not layer_.expert_E[row].any() for layer_, row in zip(layers, off, strict=True))
+        assert all(layer_.expert_mask.eq(1).all() for layer_ in layers) == (t < 20)
+    assert torch.equal(torch.stack([layer_.expert_mask for layer_ in layers]), hooks.masks)
+
+
+def test_orthogonality_weight_is_gamma_on_the_mean_over_all_factors(tiny_llama, tmp_path):
+    """Eq. 15 with AdaLoRA's convention: γ times the mean of the 2M norms ‖AAᵀ − I‖_F and ‖BᵀB − I‖_F."""
+    loaded, hooks = _hooks_on(tiny_llama, tmp_path, orth_weight=0.3)
+    with torch.no_grad():
+        for a in hooks.a:
+            a.mul_(1.5)  # off the minimum, so the penalty is not 0
+    with torch.no_grad():
+        norms = [torch.linalg.matrix_norm(a @ a.T - torch.eye(a.shape[0])) for a in hooks.a]
+        norms += [torch.linalg.matrix_norm(b.T @ b - torch.eye(b.shape[1])) for b in hooks.b]
+    assert len(norms) == 2 * len(hooks.names)
+    logged = hooks.add_gradients(HookContext(loaded.model, None, None, None, hooks.total))
+    want = 0.3 * float(torch.stack(norms).double().mean())
+    assert abs(logged["orth_loss"] - want) <= sum_tolerance(len(norms)) * want * 10
+
+
 def test_bad_options_are_one_line_errors(tiny_llama, tmp_path):
     with pytest.raises(MethodError, match="r_share \\+ r_expert can be at most 32"):
         _dual_init(tiny_llama, tmp_path, r_share=16, r_expert=20)
@@ -202,6 +275,7 @@ def test_bad_options_are_one_line_errors(tiny_llama, tmp_path):
         ({"r_expert": None}, "needs --r-share and --r-expert"),
         ({"ablation": "none"}, "--ablation must be one of"),
         ({"beta1": 1.0}, "--beta1 must be in"),
+        ({"masking": "soft"}, "--masking must be one of"),
     ]
     for extra, message in cases:
         with pytest.raises(MethodError, match=message):

@@ -41,7 +41,8 @@ class BranchInfo:
 class AdaptedLinear(nn.Module):
     """A frozen nn.Linear plus its low-rank branches (see the module doc), run as one autograd op
     (`lrsurgery.layers.branches`). A gate's value is E ⊙ mask; its gradient reaches every entry of E
-    (straight-through for masked entries), so a masked expert keeps being scored and can come back.
+    (straight-through for masked entries), so a masked expert keeps being scored and can come back
+    (used by the dual method's `--masking straight-through`).
     """
 
     def __init__(self, base: nn.Linear, spec: ModuleAdapter):

@@ -17,7 +17,8 @@ Why one op rather than autograd over the separate products:
   product, instead of a (tokens, d_in) dropped copy per branch held from forward to backward. A frozen
   A (TLoRA) keeps just the mask.
 - Gates: the value is E ⊙ mask, but ∂L/∂E is the whole gradient with respect to the gate, masked entries
-  included (straight-through), so a masked expert keeps being scored and can come back.
+  included (straight-through), so a masked expert keeps being scored and can come back (the dual
+  method's `--masking straight-through`; with `--masking zero` the mask stays 1 and E itself is zeroed).
 - Under autocast everything runs in the autocast dtype of the base output (inputs cast once, autocast off
   inside), so forward and backward agree on dtypes; gradients are returned in each input's own dtype."""
 

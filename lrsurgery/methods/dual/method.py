@@ -16,16 +16,26 @@ Init.
 
 Training (`DualHooks`).
 - Importance (Eq. 8-13, `lrsurgery.methods.importance`) after clipping, on the applied gradients, up to T2.
-- Orthogonality loss γ·mean over modules of ‖B_eᵀB_e − I‖_F + ‖A_e A_eᵀ − I‖_F (Eq. 14-15), logged as
-  `orth_loss`; the logged `loss` is the task loss alone. The mean over modules (as in AdaLoRA) keeps γ
-  independent of the number of adapted modules. It depends on the parameters alone, so its gradient is
-  added in closed form to the factors' gradients once per step, before clipping (`add_gradients`):
-  the same update as adding it to the loss, without an autograd graph over 420 factors.
-- Screening (Eq. 16-17, `lrsurgery.screening`): every ΔT steps in [T1, T2) and once at T2, m keeps the top-k^t
-  triplets of each module. Masking, not pruning: E keeps its value and stays in the optimizer; the forward
-  uses E ⊙ m (a masked expert adds exactly 0), but E's gradient passes the mask (straight-through), so a
-  masked expert's sensitivity |E_i · ∂L/∂gate_i| (the first-order loss change of switching it back on) keeps
-  being measured and it returns when it ranks in the top k^t again. After T2 scores and masks are frozen.
+- Orthogonality loss (Eq. 14-15), logged as `orth_loss`; the logged `loss` is the task loss alone. Eq. 15
+  adds γ·R to the loss without saying how R sums over a model's modules; lrsurgery takes AdaLoRA's
+  convention, which DMC-LoRA's screening follows: γ times the *mean over the 2M factors* (every A_e and
+  every B_e counts once) of ‖B_eᵀB_e − I‖_F and ‖A_e A_eᵀ − I‖_F, i.e. γ/(2M)·Σ_modules R, so Table 1's
+  γ = 0.1-0.3 means what it meant there and does not grow with the number of adapted modules. It depends
+  on the parameters alone, so its gradient is added in closed form to the factors' gradients once per
+  step, before clipping (`add_gradients`): the same update as adding it to the loss, without an autograd
+  graph over 420 factors.
+- Screening (Eq. 16-17, `lrsurgery.screening`): every ΔT steps in [T1, T2) and once at T2, the top-k^t
+  triplets of each module stay on; after T2 the scores and the choice are frozen. `masking` says how an
+  expert is switched off:
+  - `zero` (default; Eq. 17 as written, and AdaLoRA's `masked_fill`): its gate value E_i is set to 0.
+    It stays in the optimizer with its moments and keeps its true gradient, so between screenings it
+    regrows from 0 and its sensitivity |E_i·∂L/∂E_i| starts again from 0: it comes back only if it earns
+    its place again. In the final phase [T2, total) the switched-off E_i are zeroed after every step
+    (AdaLoRA's fixed rank pattern), so they stay off. The layers' mask buffers stay 1 during training and
+    take the final choice at the last step, where the masked E_i are 0: the function is unchanged.
+  - `straight-through` (lrsurgery's earlier behaviour): E keeps its value; the forward uses E ⊙ m (a
+    masked expert adds exactly 0) but E's gradient passes the mask, so a masked expert keeps its score
+    and returns with its old E_i when it ranks in the top k^t again.
 
 Ablations (paper Table 4): `all`; `e-only` (Test-Base: the gate E, LoRA-initialised shared module with the
 expert dropout, no screening); `shared-only` (Test-Share: PiSSA shared module, no screening);
@@ -33,7 +43,6 @@ expert dropout, no screening); `shared-only` (Test-Share: PiSSA shared module, n
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -47,6 +56,7 @@ from lrsurgery.methods.base import MethodError
 from lrsurgery.methods.dual.screening import k_at, orthogonality_penalty, phase_bounds, top_k_mask
 from lrsurgery.methods.hooks import HookContext, TrainHooks
 from lrsurgery.methods.importance import ImportanceEMA, triplet_scores
+from lrsurgery.methods.lora import random_a
 from lrsurgery.methods.pissa import PiSSA
 
 # ablation -> (PiSSA shared module with dropout 0, importance screening + orthogonality loss)
@@ -58,6 +68,7 @@ ABLATIONS: dict[str, tuple[bool, bool]] = {
 }
 
 
+MASKINGS = ("zero", "straight-through")
 EXPERT_INIT = "A_e orthonormal rows, B_e orthonormal columns, E = 0, mask = 1"
 
 
@@ -78,7 +89,12 @@ class Dual(PiSSA):
     delta_t: int = option(10, "Steps between screenings.", stage="train")
     beta1: float = option(0.85, "Sensitivity EMA factor (Eq. 9).", stage="train")
     beta2: float = option(0.85, "Uncertainty EMA factor (Eq. 11).", stage="train")
-    orth_weight: float = option(0.1, "Orthogonality loss weight γ (Eq. 15).", stage="train")
+    orth_weight: float = option(
+        0.1, "Orthogonality loss weight γ (Eq. 15), on the mean over all A_e and B_e.", stage="train"
+    )
+    masking: str = option(
+        "zero", "How screening switches an expert off: zero (E_i = 0, Eq. 17) or straight-through.", stage="train"
+    )
 
     def __post_init__(self) -> None:
         if self.r_share is None or self.r_expert is None:
@@ -105,6 +121,7 @@ class Dual(PiSSA):
         check_number("--beta1", self.beta1, 0, 1, high_open=True, error=MethodError)
         check_number("--beta2", self.beta2, 0, 1, high_open=True, error=MethodError)
         check_number("--orth-weight", self.orth_weight, 0, 1e3, error=MethodError)  # the paper uses 0.1-0.3
+        check_choice("--masking", self.masking, MASKINGS, error=MethodError)
 
     @property
     def shared_init(self) -> bool:
@@ -124,10 +141,14 @@ class Dual(PiSSA):
             shared = LowRank(A=a, B=b, scale=scale, alpha=self.alpha_value, dropout=0.0)
             edits = [(-scale * b, a)]
         else:  # LoRA init (Kaiming-uniform A, B = 0) with the expert's dropout
-            bound = 1.0 / math.sqrt(d_in)
-            a = (torch.rand(self.r_share, d_in, generator=generator) * 2 - 1) * bound
             b = torch.zeros(d_out, self.r_share)
-            shared = LowRank(A=a, B=b, scale=scale, alpha=self.alpha_value, dropout=self.expert_dropout)
+            shared = LowRank(
+                A=random_a(self.r_share, d_in, generator),
+                B=b,
+                scale=scale,
+                alpha=self.alpha_value,
+                dropout=self.expert_dropout,
+            )
         expert = LowRank(
             A=_orthonormal(d_in, self.r_expert, generator).T.contiguous(),
             B=_orthonormal(d_out, self.r_expert, generator),
@@ -176,10 +197,13 @@ class DualHooks(TrainHooks):
         self.a = [m.expert_A for m in layers.values()]
         self.b = [m.expert_B for m in layers.values()]
         self.e = [m.expert_E for m in layers.values()]
-        # one (M, r) mask tensor; each layer's mask buffer is a view of a row, so one copy_ updates all
-        self.masks = torch.stack([m.expert_mask for m in layers.values()])
-        for i, m in enumerate(layers.values()):
-            m.expert_mask = self.masks[i]
+        # one (M, r) tensor of screening choices; with straight-through masking each layer's mask buffer is
+        # a view of a row, so one copy_ updates all; with zero masking the layers' masks stay 1 until the end
+        self.layers = list(layers.values())
+        self.masks = torch.stack([m.expert_mask for m in self.layers])
+        if self.cfg.masking == "straight-through":
+            for i, m in enumerate(self.layers):
+                m.expert_mask = self.masks[i]
         params = self.a + self.b + self.e
         self.importance = ImportanceEMA(params, self.cfg.beta1, self.cfg.beta2) if self.cfg.screening else None
         self.schedule = []
@@ -195,7 +219,7 @@ class DualHooks(TrainHooks):
         if not self.cfg.screening or self.cfg.orth_weight == 0:
             return {}
         penalty, grads_a, grads_b = orthogonality_penalty(self.a, self.b)
-        weight = self.cfg.orth_weight / len(self.a)
+        weight = self.cfg.orth_weight / (2 * len(self.a))  # γ on the mean over every A_e and B_e (AdaLoRA)
         params = self.a + self.b
         for p in params:
             if p.grad is None:
@@ -219,11 +243,17 @@ class DualHooks(TrainHooks):
             return {}
         t = ctx.step + 1
         logged: dict[str, Any] = {"expert_k": self.k(t)}
-        if (self.lo <= t < self.hi and t % self.cfg.delta_t == 0) or t == self.hi:
+        screened = (self.lo <= t < self.hi and t % self.cfg.delta_t == 0) or t == self.hi
+        if screened:
             k = self.k(t)
             self.masks.copy_(top_k_mask(self.scores(), k))  # Eq. 17; frozen from T2 on
             self.schedule.append([t, k])
             logged["expert_screened"] = True
+        if self.cfg.masking == "zero" and (screened or t > self.hi):
+            torch._foreach_mul_(self.e, [row.to(e.dtype) for row, e in zip(self.masks, self.e, strict=True)])
+        if self.cfg.masking == "zero" and t == self.total:  # the switched-off E_i are 0: the function is unchanged
+            for row, layer in zip(self.masks, self.layers, strict=True):
+                layer.expert_mask.copy_(row)
         logged["expert_active"] = int(self.masks.sum())
         if t == self.total:
             logged["expert_masks"] = self.active()
@@ -252,6 +282,7 @@ class DualHooks(TrainHooks):
         return {
             "dual": {
                 "ablation": self.cfg.ablation,
+                "masking": self.cfg.masking,
                 "expert_init": EXPERT_INIT,
                 "phases": {"T1": self.lo, "T2": self.hi, "total": self.total},
                 "k_schedule": self.schedule,
