@@ -70,7 +70,7 @@ def main() -> None:
             return time.perf_counter() - began
 
         first = plain_forward()
-        covariance_s = timed_calibrate("cov")
+        covariance_s = timed_calibrate("cov", collect=("covariance",))
         forward_s = min(first, plain_forward())
         fwd_bwd_s = forward_backward()
         sensitivity_s = {

@@ -55,7 +55,11 @@ def run_child(args: argparse.Namespace) -> None:
         build_examples(DataSpec(path=args.data, seq_len=args.seq_len), AutoTokenizer.from_pretrained(folder))
     else:
         cfg = CalibrateConfig(
-            samples=args.samples, seq_len=args.seq_len, batch_size=args.batch_size, offload=args.child
+            samples=args.samples,
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            offload=args.child,
+            collect=("covariance",),
         )
         run_calibrate(args.model, DataSpec(path=args.data), cfg, Path(args.out))
     print(json.dumps({"added_mb": (_status_kib("VmHWM") - base) * 1024 / MB}))

@@ -81,19 +81,25 @@ def test_upper_triangle_gram_equals_the_full_product(d):
 
 
 def test_sequential_equals_whole_model_tiny(tiny_llama, lm_data, tmp_path):
-    _check_against_whole_model(tiny_llama, lm_data, tmp_path, CalibrateConfig(samples=6, seq_len=32, batch_size=4), 4)
+    _check_against_whole_model(
+        tiny_llama, lm_data, tmp_path, CalibrateConfig(samples=6, seq_len=32, batch_size=4, shuffle=False), 4
+    )
 
 
 @pytest.mark.slow
 def test_sequential_equals_whole_model_smollm2(smollm2, lm_data, tmp_path):
     """q/k/v and gate/up read one tensor each: 4 covariances per Llama block, not 7."""
-    _check_against_whole_model(smollm2, lm_data, tmp_path, CalibrateConfig(samples=8, seq_len=64, batch_size=4), 4)
+    _check_against_whole_model(
+        smollm2, lm_data, tmp_path, CalibrateConfig(samples=8, seq_len=64, batch_size=4, shuffle=False), 4
+    )
 
 
 @pytest.mark.slow
 def test_sequential_equals_whole_model_minilm(minilm, lm_data, tmp_path):
     """BERT: query/key/value share; attention.output.dense, intermediate.dense, output.dense do not."""
-    _check_against_whole_model(minilm, lm_data, tmp_path, CalibrateConfig(samples=8, seq_len=64, batch_size=4), 4)
+    _check_against_whole_model(
+        minilm, lm_data, tmp_path, CalibrateConfig(samples=8, seq_len=64, batch_size=4, shuffle=False), 4
+    )
 
 
 def test_resume_after_interruption_gives_identical_files(tiny_llama, lm_data, tmp_path, monkeypatch):
@@ -134,7 +140,7 @@ def test_merged_stats_equal_one_run_over_the_union(tiny_llama, bbc, tmp_path):
     rows = [json.loads(x)["text"] for x in (bbc / "train.jsonl").read_text().splitlines()[:40]]
     part_a = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in rows[:20]])
     part_b = write_jsonl(tmp_path / "b.jsonl", [{"text": t} for t in rows[20:]])
-    cfg = CalibrateConfig(samples=6, seq_len=32, batch_size=3)
+    cfg = CalibrateConfig(samples=6, seq_len=32, batch_size=3, shuffle=False)
     a = run_calibrate(str(tiny_llama), DataSpec(path=str(part_a)), cfg, tmp_path / "sa")
     b = run_calibrate(str(tiny_llama), DataSpec(path=str(part_b)), cfg, tmp_path / "sb")
     merged = merge_stats([a, b], tmp_path / "merged")
@@ -147,6 +153,88 @@ def test_merged_stats_equal_one_run_over_the_union(tiny_llama, bbc, tmp_path):
         assert float((got - union).norm() / union.norm()) <= sum_tolerance(n_a + n_b), name
     manifest = json.loads((merged / "manifest.json").read_text())
     assert manifest["data"]["samples"] == 12 and len(manifest["data"]["fingerprint"]) == 2
+    # each sequence is centred on its own mean: the union's centred sums are the parts' sums added
+    from lrsurgery.calibration.stats_file import CovarianceReader
+
+    for name in sums_a:
+        parts = [CovarianceReader(p).centered_sums(name) for p in (a, b)]
+        got, n = CovarianceReader(merged).centered_sums(name)
+        union = parts[0][0] + parts[1][0]
+        assert n == parts[0][1] + parts[1][1]
+        assert float((got - union).norm() / union.norm()) <= sum_tolerance(n), name
+
+
+def test_centered_covariance_equals_per_sequence_centring_by_hooks(tiny_llama, bbc_small, tmp_path):
+    """XᵀX − Σ_s S_s S_sᵀ / n_s from the artifact equals Σ_s Σ_t (x_t − x̄_s)(x_t − x̄_s)ᵀ formed directly,
+    one unpadded sequence at a time, for all tokens and for response tokens only (padded batches)."""
+    from helpers import PROMPT, RESPONSE
+
+    from lrsurgery.calibration.stats_file import CovarianceReader
+
+    spec = DataSpec(path=str(bbc_small), seq_len=128, prompt_template=PROMPT, response_template=RESPONSE)
+    loaded = load_model(tiny_llama)
+    rows = build_examples(spec, loaded.tokenizer).rows[:5]
+    assert len({len(r["input_ids"]) for r in rows}) > 1  # batches of 2 are padded
+    name = "layers.1.mlp.down_proj"
+    captured = []
+    handle = backbone(loaded.model).get_submodule(name).register_forward_hook(lambda m, a, o: captured.append(a[0]))
+    with torch.no_grad():
+        for row in rows:
+            loaded.model(input_ids=torch.tensor([row["input_ids"]]))
+    handle.remove()
+    for tokens in ("all", "response"):
+        cfg = CalibrateConfig(samples=5, seq_len=128, batch_size=2, tokens=tokens, shuffle=False, dtype="fp64")
+        stats = run_calibrate(str(tiny_llama), spec, cfg, tmp_path / tokens)
+        expected, count = torch.zeros(()), 0
+        for h, row in zip(captured, rows, strict=True):
+            x = h[0].double()
+            if tokens == "response":
+                x = x[torch.tensor(row["labels"]) != -100]
+            centred = x - x.mean(dim=0)
+            expected, count = expected + centred.T @ centred, count + x.shape[0]
+        got, n = CovarianceReader(stats).centered_sums(name)
+        assert n == count
+        # fp64 sums both ways, but of fp32 activations from padded batches here and single sequences there,
+        # which differ by fp32 rounding: the bound of an fp32 sum over these tokens covers both
+        assert float((got - expected).norm() / expected.norm()) <= sum_tolerance(count), tokens
+        raw, _ = CovarianceReader(stats).sums(name)
+        assert float((raw.double() - expected).norm() / expected.norm()) > 1e-3  # the means matter here
+
+
+def test_calibration_draws_its_samples_with_a_seed(tiny_llama, lm_data, tmp_path):
+    """--seed draws which sequences are used (recorded in the manifest); --no-shuffle takes the first ones;
+    drawing every sequence gives the same sums as taking them in order."""
+    examples = build_examples(DataSpec(path=str(lm_data), seq_len=32), load_model(tiny_llama).tokenizer)
+    every = len(examples.rows)
+    name = "layers.0.mlp.down_proj"
+
+    def covariance(tag, **options):
+        cfg = CalibrateConfig(seq_len=32, batch_size=4, collect=("covariance",), **options)
+        stats = run_calibrate(str(tiny_llama), DataSpec(path=str(lm_data)), cfg, tmp_path / tag)
+        config = json.loads((stats / "manifest.json").read_text())["config"]
+        assert config["seed"] == options.get("seed", 0) and config["shuffle"] == options.get("shuffle", True)
+        return load_covariance(stats, name).double()
+
+    first = covariance("first", samples=4, shuffle=False)
+    seed0, seed0_again, seed1 = (covariance(t, samples=4, seed=s) for t, s in (("a", 0), ("b", 0), ("c", 1)))
+    assert torch.equal(seed0, seed0_again)
+    assert not torch.equal(seed0, seed1) and not torch.equal(seed0, first)
+    all_in_order, all_drawn = covariance("all", samples=every, shuffle=False), covariance("drawn", samples=every)
+    tokens = every * 32
+    assert float((all_in_order - all_drawn).norm() / all_in_order.norm()) <= sum_tolerance(tokens)
+    with pytest.raises(Exception, match="--seed must be at least 0"):
+        CalibrateConfig(seed=-1)
+
+
+def test_default_collect_is_both_for_a_causal_lm_and_covariance_otherwise(tiny_llama, tiny_bert, lm_data, tmp_path):
+    cfg = CalibrateConfig(samples=2, seq_len=24)
+    assert cfg.collect is None
+    causal = run_calibrate(str(tiny_llama), DataSpec(path=str(lm_data)), cfg, tmp_path / "causal")
+    manifest = json.loads((causal / "manifest.json").read_text())
+    assert manifest["config"]["collect"] == ["covariance", "sensitivity"] and "sensitivity" in manifest["extra"]
+    encoder = run_calibrate(str(tiny_bert), DataSpec(path=str(lm_data)), cfg, tmp_path / "encoder")
+    manifest = json.loads((encoder / "manifest.json").read_text())
+    assert manifest["config"]["collect"] == ["covariance"] and "sensitivity" not in manifest["extra"]
 
 
 def test_merge_refuses_another_model(tiny_llama, tiny_llama_other, lm_data, tmp_path):
@@ -188,7 +276,9 @@ def test_calibrate_collects_sensitivity(tiny_llama, lm_data, tmp_path, path):
     from lrsurgery.calibration.sensitivity import whole_model
     from lrsurgery.calibration.stats_file import load_sensitivity
 
-    cfg = CalibrateConfig(samples=3, seq_len=24, collect=("covariance", "sensitivity"), sensitivity_path=path)
+    cfg = CalibrateConfig(
+        samples=3, seq_len=24, collect=("covariance", "sensitivity"), sensitivity_path=path, shuffle=False
+    )
     stats = run_calibrate(str(tiny_llama), DataSpec(path=str(lm_data)), cfg, tmp_path / "s")
     got = load_sensitivity(stats)
     loaded = load_model(tiny_llama)
@@ -233,7 +323,7 @@ def test_response_tokens_only(tiny_llama, bbc_small, tmp_path):
     from helpers import PROMPT, RESPONSE
 
     spec = DataSpec(path=str(bbc_small), seq_len=128, prompt_template=PROMPT, response_template=RESPONSE)
-    cfg = CalibrateConfig(samples=4, seq_len=128, batch_size=2, tokens="response")
+    cfg = CalibrateConfig(samples=4, seq_len=128, batch_size=2, tokens="response", shuffle=False)
     stats = run_calibrate(str(tiny_llama), spec, cfg, tmp_path / "s")
     loaded = load_model(tiny_llama)
     rows = build_examples(spec, loaded.tokenizer).rows[:4]

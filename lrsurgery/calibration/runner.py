@@ -17,7 +17,7 @@ run continues with `--resume` from the last finished block."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from lrsurgery.calibration.sensitivity import SensitivityCollector, per_sample_l
 from lrsurgery.calibration.stats_file import write_block, write_sensitivity
 from lrsurgery.config import option
 from lrsurgery.data.examples import IGNORE, DataSpec, build_examples, collate
-from lrsurgery.errors import check_count
+from lrsurgery.errors import SEED_MAX, check_count
 from lrsurgery.hf.load import compute_device, default_task, load_model, model_record
 from lrsurgery.hf.resolve import resolve_model
 from lrsurgery.hf.tree import backbone, block_list, find_targets
@@ -53,25 +53,33 @@ class CalibrateConfig:
     dtype: str = option("fp32", "Accumulation dtype: fp32 or fp64.")
     device: str = option("cpu", "Where each block runs: cpu, cuda or cuda:N.")
     targets: str | None = option(None, "Regex over module names to collect for (default: the block linears).")
-    collect: tuple[str, ...] = option(("covariance",), "Statistics: covariance, sensitivity, or both comma-separated.")
+    collect: tuple[str, ...] | None = option(
+        None,
+        "Statistics: covariance, sensitivity, or both comma-separated (default: both for a causal LM, whose LM loss "
+        "the sensitivities need; covariance for other models).",
+    )
     sensitivity_path: str = option("sequential", "sequential: one block resident at a time; whole: the whole model.")
     offload: str = option("cpu", "cpu: the model in RAM; disk: each block read from the safetensors when it runs.")
     tokens: str = option("all", "Tokens whose activations count: all, or response (prompt/response data).")
+    shuffle: bool = option(True, "Draw the --samples sequences at random with --seed (else the first ones in order).")
+    seed: int = option(0, "Seed of the draw of the calibration sequences.")
 
     def __post_init__(self) -> None:
         if isinstance(self.collect, str):  # from the command line: "covariance,sensitivity"
             self.collect = tuple(c.strip() for c in self.collect.split(",") if c.strip())
-        self.collect = tuple(self.collect)
-        unknown = set(self.collect) - {"covariance", "sensitivity"}
-        if unknown or not self.collect:
-            raise CalibrationError(f"--collect takes covariance and/or sensitivity, got {', '.join(self.collect)}")
+        if self.collect is not None:
+            self.collect = tuple(self.collect)
+            unknown = set(self.collect) - {"covariance", "sensitivity"}
+            if unknown or not self.collect:
+                raise CalibrationError(f"--collect takes covariance and/or sensitivity, got {', '.join(self.collect)}")
+        check_count("--seed", self.seed, 0, SEED_MAX)
         if self.offload not in ("cpu", "disk"):
             raise CalibrationError(f"--offload must be cpu or disk, got {self.offload!r}")
         if self.sensitivity_path not in ("sequential", "whole"):
             raise CalibrationError(f"--sensitivity-path must be sequential or whole, got {self.sensitivity_path!r}")
         if self.tokens not in ("all", "response"):
             raise CalibrationError(f"--tokens must be all or response, got {self.tokens!r}")
-        if self.offload == "disk" and "sensitivity" in self.collect and self.sensitivity_path == "whole":
+        if self.offload == "disk" and "sensitivity" in (self.collect or ()) and self.sensitivity_path == "whole":
             raise CalibrationError("--sensitivity-path whole needs the whole model in memory; use --offload cpu")
         if self.dtype not in ("fp32", "fp64"):
             raise CalibrationError(f"--dtype must be fp32 or fp64, got {self.dtype!r}")
@@ -168,10 +176,13 @@ def _calibrate(model: str, folder: Path, data: DataSpec, cfg: CalibrateConfig, r
     else:
         loaded = load_model(model, task=default_task(folder))
     loaded.model.requires_grad_(False)
+    causal = default_task(loaded.folder) == "causal"
+    if cfg.collect is None:  # the stage's statistics: both where an LM loss exists to take sensitivities of
+        cfg = replace(cfg, collect=("covariance", "sensitivity") if causal else ("covariance",))
     limit = getattr(loaded.model.config, "max_position_embeddings", None)
     if limit and cfg.seq_len > limit:
         raise CalibrationError(f"--seq-len {cfg.seq_len} is longer than the model allows ({limit})")
-    if "sensitivity" in cfg.collect and default_task(loaded.folder) != "causal":
+    if "sensitivity" in cfg.collect and not causal:
         raise CalibrationError("--collect sensitivity needs a causal language model (the loss is its LM loss)")
     if cfg.tokens == "response" and not data.prompt_template:
         raise CalibrationError("--tokens response needs prompt/response data (--prompt-template, --response-template)")
@@ -181,6 +192,9 @@ def _calibrate(model: str, folder: Path, data: DataSpec, cfg: CalibrateConfig, r
             f"the data gives {len(examples)} examples of {cfg.seq_len} tokens; --samples {cfg.samples} were asked for"
         )
     rows = examples.rows[: cfg.samples]
+    if cfg.shuffle:  # a seeded draw, as TLoRA's released code shuffles its calibration data
+        order = torch.randperm(len(examples.rows), generator=torch.Generator().manual_seed(cfg.seed))
+        rows = [examples.rows[i] for i in order[: cfg.samples].tolist()]
     pad = loaded.tokenizer.pad_token_id
     batches = [collate(rows[i : i + cfg.batch_size], pad, "causal") for i in range(0, len(rows), cfg.batch_size)]
     for batch in batches:
@@ -193,7 +207,7 @@ def _calibrate(model: str, folder: Path, data: DataSpec, cfg: CalibrateConfig, r
         config={**asdict(cfg), "collect": list(cfg.collect), "data": asdict(data)},
         model=model_record(loaded),
         data={"fingerprint": examples.fingerprint, "samples": len(rows), "path": data.path},
-        extra={"blocks": blocks, "completed": 0, "tokens": 0, "modules": {}},
+        extra={"blocks": blocks, "completed": 0, "tokens": 0, "modules": {}, "sequence_sums": True},
     )
     run.pin({"model": manifest.model["fingerprint"], "data": examples.fingerprint, "config": manifest.config})
     work = run.folder
@@ -243,7 +257,8 @@ def _forward(runner, batches, targets, cfg, run, covariance_from, forward_to, ke
             runner.release(index)
             if collector:
                 collector.close()
-                write_block(run.folder, index, collector.finish(), collector.share, collector.tokens)
+                sums = collector.finish()
+                write_block(run.folder, index, sums, collector.share, collector.tokens, collector.sequences())
                 run.keep()
         if forward_to < keep_to:
             kept.append([h for h, _, _ in hidden])

@@ -1,7 +1,9 @@
 """The stats artifact's files (written block by block by `lrsurgery calibrate`): writing, reading, merging.
 
 Layout: `manifest.json` (`extra.modules[name]` = {covariance owner, file, tokens}; `extra.sensitivity`
-= {file, samples, path}), `block_NNNN.safetensors` holding `cov.{owner}` = Σ xᵀx per block, and
+= {file, samples, path}; `extra.sequence_sums` true when the blocks hold per-sequence sums),
+`block_NNNN.safetensors` holding `cov.{owner}` = Σ xᵀx (d_in, d_in), `seqsum.{owner}` = each sequence's
+Σ_t x_t (sequences, d_in) and `seq_tokens` = each sequence's token count (sequences,), and
 `sensitivity.safetensors` holding `sens.{name}` (1,), `sens_rows.{name}` (d_out), `sens_cols.{name}` (d_in)."""
 
 from __future__ import annotations
@@ -20,10 +22,22 @@ from lrsurgery.io.outputs import check_output, output_folder
 from lrsurgery.linalg.basics import all_finite
 
 
-def write_block(work: Path, index: int, sums: dict[str, torch.Tensor], share: dict[str, str], tokens: int) -> None:
-    """Write block `index`'s covariance sums (`sums`: owner → (d_in, d_in) Σ xᵀx) atomically, then record
-    each module (`share`: module → the owner whose input it shares) in the manifest: the resume point."""
-    save_tensors(work / f"block_{index:04d}.safetensors", {f"cov.{name}": s for name, s in sums.items()})
+def write_block(
+    work: Path,
+    index: int,
+    sums: dict[str, torch.Tensor],
+    share: dict[str, str],
+    tokens: int,
+    sequences: tuple[dict[str, torch.Tensor], torch.Tensor],
+) -> None:
+    """Write block `index`'s covariance sums (`sums`: owner → (d_in, d_in) Σ xᵀx) and per-sequence sums
+    (`sequences`: owner → (sequences, d_in) Σ_t x_t, and the (sequences,) token counts) atomically, then
+    record each module (`share`: module → the owner whose input it shares) in the manifest: the resume point."""
+    sequence_sums, sequence_tokens = sequences
+    tensors = {f"cov.{name}": s for name, s in sums.items()}
+    tensors.update({f"seqsum.{name}": s for name, s in sequence_sums.items()})
+    tensors["seq_tokens"] = sequence_tokens
+    save_tensors(work / f"block_{index:04d}.safetensors", tensors)
     manifest = read_manifest(work)
     for name, owner in share.items():
         file = f"block_{index:04d}.safetensors"
@@ -91,7 +105,7 @@ class CovarianceReader:
 
     def shape(self, module: str) -> tuple[int, ...]:
         """The stored shape of `module`'s covariance, read from the file's header only."""
-        return tuple(self._open(module, lambda handle, key: handle.get_slice(key).get_shape()))
+        return tuple(self._open(module, lambda handle, owner: handle.get_slice(f"cov.{owner}").get_shape()))
 
     def owner(self, module: str) -> str:
         """The module whose covariance `module` shares (itself, or e.g. q_proj for k_proj and v_proj)."""
@@ -107,23 +121,45 @@ class CovarianceReader:
         return info
 
     def _open(self, module: str, read: Any) -> Any:
-        """`read(handle, key)` on the file and tensor holding `module`'s covariance sums."""
+        """`read(handle, owner)` on the file holding `module`'s statistics (`owner`: the module they are
+        stored under, see `owner`)."""
         from safetensors import safe_open
 
         info = self._entry(module)
         path = self.stats / info["file"]
         try:
             with safe_open(str(path), "pt") as handle:
-                return read(handle, f"cov.{info['covariance']}")
+                return read(handle, info["covariance"])
         except Exception as exc:  # missing, truncated or damaged file
             raise ArtifactError(f"{path} is missing, corrupt or lacks the covariance of {module}: {exc}") from exc
 
     def sums(self, module: str) -> tuple[torch.Tensor, int]:
         """XᵀX (d_in, d_in) for `module` in the stored dtype, and n, the number of tokens: C = XᵀX / n."""
-        sums = self._open(module, lambda handle, key: handle.get_tensor(key))
+        sums = self._open(module, lambda handle, owner: handle.get_tensor(f"cov.{owner}"))
         if sums.ndim != 2 or sums.shape[0] != sums.shape[1] or negative_diagonal(sums):
             raise ArtifactError(f"{self.stats} holds a covariance of {module} that is not a Gram matrix XᵀX: damaged")
         return sums, self.modules[module]["tokens"]
+
+    @property
+    def has_sequence_sums(self) -> bool:
+        """Whether the artifact stores per-sequence sums (so a centred covariance can be formed)."""
+        return bool(read_manifest(self.stats, "stats").extra.get("sequence_sums"))
+
+    def centered_sums(self, module: str) -> tuple[torch.Tensor, int]:
+        """Σ_s Σ_t (x_t − x̄_s)(x_t − x̄_s)ᵀ = XᵀX − Σ_s S_s S_sᵀ / n_s, (d_in, d_in) fp64, for `module`
+        (each sequence centred on its own mean), and n, the number of tokens."""
+        sums, tokens = self.sums(module)
+        per_sequence, counts = self._open(
+            module, lambda handle, owner: (handle.get_tensor(f"seqsum.{owner}"), handle.get_tensor("seq_tokens"))
+        )
+        d = sums.shape[0]
+        if per_sequence.ndim != 2 or per_sequence.shape[1] != d or counts.shape != (per_sequence.shape[0],):
+            raise ArtifactError(f"{self.stats} holds per-sequence sums of {module} of the wrong shape: damaged")
+        if not all_finite(per_sequence) or int(counts.sum()) != tokens or bool((counts < 0).any()):
+            raise ArtifactError(f"{self.stats} holds per-sequence sums of {module} that do not add up: damaged")
+        used = counts > 0  # a sequence without a counted token adds nothing
+        means = per_sequence[used].double() / counts[used, None].double()
+        return sums.double() - means.T @ per_sequence[used].double(), tokens
 
 
 def load_covariance(stats: Path, module: str) -> torch.Tensor:
@@ -134,9 +170,9 @@ def load_covariance(stats: Path, module: str) -> torch.Tensor:
 def merge_stats(inputs: list[Path], out: Path, force: bool = False, overwrite: bool = False) -> Path:
     """Add the statistics of stats artifacts from one model into `out`.
 
-    Covariance sums and token counts add; sensitivities (means over samples) are averaged weighted by
-    their sample counts. The result equals one calibration over the union of the sequences (up to
-    summation order).
+    Covariance sums and token counts add; per-sequence sums are concatenated; sensitivities (means over
+    samples) are averaged weighted by their sample counts. The result equals one calibration over the
+    union of the sequences (up to summation order).
     """
     if len(inputs) < 2:
         raise CalibrationError("merging needs at least two stats artifacts")
@@ -167,10 +203,16 @@ def merge_stats(inputs: list[Path], out: Path, force: bool = False, overwrite: b
     )
     with output_folder(out, "stats", inputs, overwrite) as work:
         tmp = work.folder
+        # per-sequence sums are kept only if every input has them (older artifacts do not)
+        extra["sequence_sums"] = all(m.extra.get("sequence_sums") for m in manifests)
         for name in files:  # the files the manifest names, in every input
             parts = [load_tensors(Path(p) / name) for p in inputs]
+            parts = [
+                {k: v for k, v in part.items() if extra["sequence_sums"] or not _per_sequence(k)} for part in parts
+            ]
             _check_same_tensors(parts, [Path(p) / name for p in inputs])
-            save_tensors(tmp / name, {k: sum(part[k] for part in parts) for k in parts[0]})
+            merged = {k: (torch.cat if _per_sequence(k) else sum)([part[k] for part in parts]) for k in parts[0]}
+            save_tensors(tmp / name, merged)
         if "sensitivity" in first.extra:
             counts = [
                 m.extra["sensitivity"].get("samples") if isinstance(m.extra["sensitivity"], dict) else None
@@ -203,12 +245,21 @@ def merge_stats(inputs: list[Path], out: Path, force: bool = False, overwrite: b
     return Path(out)
 
 
+def _per_sequence(key: str) -> bool:
+    """Whether a block file's tensor `key` has one row per calibration sequence (merged by concatenation)."""
+    return key.startswith("seqsum.") or key == "seq_tokens"
+
+
 def _check_same_tensors(parts: list[dict[str, torch.Tensor]], files: list[Path]) -> None:
     """Refuse to add statistics files whose tensors differ in names or shapes (another architecture:
-    --force skips only the model-fingerprint check)."""
-    first = {k: tuple(v.shape) for k, v in parts[0].items()}
+    --force skips only the model-fingerprint check); per-sequence tensors may differ in their row count."""
+
+    def shapes(part: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape[1:] if _per_sequence(k) else v.shape) for k, v in part.items()}
+
+    first = shapes(parts[0])
     for part, file in zip(parts, files, strict=True):
-        if {k: tuple(v.shape) for k, v in part.items()} != first:
+        if shapes(part) != first:
             raise ArtifactError(
                 f"{file} holds other statistics or shapes than {files[0]}: one of them is damaged, or they were "
                 "calibrated on different architectures; they cannot be merged"
