@@ -9,7 +9,7 @@ import torch
 from helpers import FP32_UNIT, PROMPT, RESPONSE, assert_adapted_equals_base, cli, max_abs, outputs, sum_tolerance
 
 from lrsurgery.calibration.runner import CalibrateConfig, run_calibrate
-from lrsurgery.calibration.stats_file import load_covariance, load_sensitivity
+from lrsurgery.calibration.stats_file import CovarianceReader, load_covariance, load_sensitivity
 from lrsurgery.data.examples import DataSpec
 from lrsurgery.errors import ArtifactError
 from lrsurgery.hf.load import load_model
@@ -43,6 +43,11 @@ def test_rank_allocation_matches_a_hand_computed_table():
     # Eq. 7: α_i = r_i · (α·5 / r_init) · S_i / ΣS with α = 16, r_init = 2
     alphas = allocate_alphas(scores, {"a": 5, "b": 2, "c": 1, "d": 1, "e": 1}, alpha=16, rank=2)
     assert alphas == pytest.approx({"a": 100.0, "b": 20.0, "c": 5.0, "d": 2.5, "e": 2.5})
+    # released code: scale max(α, round(α_total·p_i)) / r_init = max(16, (40, 20, 10, 5, 5)) / 2
+    # = 20, 10, 8, 8, 8; α_i = r_i · scale: no module's scale falls below α / r_init = 8
+    ranks = {"a": 5, "b": 2, "c": 1, "d": 1, "e": 1}
+    released = allocate_alphas(scores, ranks, alpha=16, rank=2, rule="released")
+    assert released == pytest.approx({"a": 100.0, "b": 20.0, "c": 8.0, "d": 8.0, "e": 8.0})
 
 
 def test_rank_allocation_refuses_impossible_budgets():
@@ -87,11 +92,25 @@ def test_tlora_init_allocates_freezes_a_and_records_ranks(tiny_llama, tiny_stats
     assert ranks == extra["method"]["ranks"]
     sens = load_sensitivity(tiny_stats)
     assert max(ranks, key=ranks.get) == max(sens, key=sens.get)
-    expected_alphas = allocate_alphas(sens, ranks, alpha=8, rank=4)
+    share = {n: s / sum(sens.values()) for n, s in sens.items()}
+    assert extra["method"]["alpha_rule"] == "released" and extra["method"]["a"]["covariance"] == "centered"
     for name, info in extra["modules"].items():
-        assert info["alpha"] == pytest.approx(expected_alphas[name])
-        assert info["scale"] == pytest.approx(expected_alphas[name] / ranks[name])
+        scale = max(8, round(8 * 14 * share[name])) / 4  # the released code's max(α, round(α_total·p_i)) / r_init
+        assert info["scale"] == pytest.approx(scale) and info["alpha"] == pytest.approx(scale * ranks[name])
         assert info["frozen"] == ["A"]
+    paper = _modules(
+        run_init(
+            str(tiny_llama),
+            "tlora",
+            tmp_path / "p",
+            {"rank": 4, "alpha": 8, "stats": str(tiny_stats), "alpha_rule": "paper"},
+        )
+    )
+    for name, info in paper["modules"].items():  # Eq. 7: α_i / r_i = α_total · p_i / r_init
+        assert info["scale"] == pytest.approx(8 * 14 * share[name] / 4) and info["rank"] == ranks[name]
+    assert (
+        min(m["scale"] for m in paper["modules"].values()) < 8 / 4 <= min(m["scale"] for m in extra["modules"].values())
+    )
     assert extra["trainable_parameters"] == sum(ranks[n] * m["shape"][0] for n, m in extra["modules"].items())
     _, adapters, _ = read_adapters(init)
     for adapter in adapters.values():
@@ -182,10 +201,53 @@ def test_ablation_switches(tiny_llama, tiny_stats, tmp_path):
         )
 
 
-def test_w_and_theory_variants_match_their_definitions(tiny_llama, tiny_stats, tmp_path):
+def test_raw_and_centered_covariances_give_their_own_wc_subspaces(tiny_llama, tiny_stats, tmp_path):
+    """--covariance raw takes the SVD of W·XᵀX/n, centered (default) of W·C with each sequence centred on
+    its mean; both from the one stats artifact, and they select different subspaces."""
     name = "layers.1.mlp.down_proj"
     weight = backbone(load_model(tiny_llama).model).get_submodule(name).weight.detach().double()
     fixed = {"rank": 3, "rank_adapt": False, "alpha_adapt": False, "stats": str(tiny_stats)}
+    reader = CovarianceReader(tiny_stats)
+    raw_sums, tokens = reader.sums(name)
+    centered_sums, _ = reader.centered_sums(name)
+    got = {}
+    for covariance, sums in (("raw", raw_sums.double()), ("centered", centered_sums)):
+        init = run_init(str(tiny_llama), "tlora", tmp_path / covariance, {**fixed, "covariance": covariance})
+        got[covariance] = read_adapters(init)[1][name].A
+        assert _modules(init)["method"]["a"]["covariance"] == covariance
+        vh = torch.linalg.svd(weight @ (sums / tokens))[2][:3]
+        assert subspace_distance(got[covariance], vh) < 1e-5, covariance  # fp64 maths stored in fp32
+    assert subspace_distance(got["raw"], got["centered"]) > 1e-2
+    # an artifact without per-sequence sums (an older calibration) cannot give the centred C
+    old = tmp_path / "old"
+    import shutil
+
+    shutil.copytree(tiny_stats, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["extra"]["sequence_sums"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(MethodError, match="no per-sequence sums .* pass --covariance raw"):
+        run_init(str(tiny_llama), "tlora", tmp_path / "o", {**fixed, "stats": str(old)})
+    run_init(str(tiny_llama), "tlora", tmp_path / "o", {**fixed, "stats": str(old), "covariance": "raw"})
+
+
+def test_random_a_is_loras_kaiming_uniform_draw(tiny_llama, tmp_path):
+    """Table 12's "random" row is standard LoRA's A: uniform on ±1/√d_in, as `--method lora` draws it."""
+    bare = {"rank": 4, "rank_adapt": False, "alpha_adapt": False, "a_init": "random"}
+    adapters = read_adapters(run_init(str(tiny_llama), "tlora", tmp_path / "t", bare))[1]
+    lora = read_adapters(run_init(str(tiny_llama), "lora", tmp_path / "l", {"rank": 4}))[1]
+    for name, adapter in adapters.items():
+        bound = adapter.A.shape[1] ** -0.5
+        assert float(adapter.A.abs().max()) <= bound and float(lora[name].A.abs().max()) <= bound
+        # a Gaussian of std 1/√d_in would put a third of its entries beyond the bound; the uniform draw's
+        # std is bound/√3 (the sample std of ≥ 4·32 entries is within 25 % of it with overwhelming odds)
+        assert abs(float(adapter.A.std()) / (bound / 3**0.5) - 1) < 0.25, name
+
+
+def test_w_and_theory_variants_match_their_definitions(tiny_llama, tiny_stats, tmp_path):
+    name = "layers.1.mlp.down_proj"
+    weight = backbone(load_model(tiny_llama).model).get_submodule(name).weight.detach().double()
+    fixed = {"rank": 3, "rank_adapt": False, "alpha_adapt": False, "stats": str(tiny_stats), "covariance": "raw"}
     _, w_init, _ = read_adapters(run_init(str(tiny_llama), "tlora", tmp_path / "w", {**fixed, "a_init": "w"}))
     # an fp64 subspace stored in fp32: rounding of 6e-8 per entry moves it by ~1e-7
     assert subspace_distance(w_init[name].A, torch.linalg.svd(weight)[2][:3]) < 1e-6
@@ -209,9 +271,11 @@ def test_a_spans_the_top_subspace_of_wc_and_output_is_unchanged_smollm2(smollm2,
     root = backbone(load_model(smollm2).model)
     # layer 11: its down_proj has the worst-conditioned W·C of the model on BBC News statistics
     names = [n for n in adapters if n.startswith(("layers.0.", "layers.11.", "layers.14.", "layers.29."))]
+    reader = CovarianceReader(stats)
     for name in names:
         weight = root.get_submodule(name).weight.detach().double()
-        product = weight @ load_covariance(stats, name).double()
+        centered, tokens = reader.centered_sums(name)  # the default C (checked against hooks in test_calibrate)
+        product = weight @ (centered / tokens)
         vh = torch.linalg.svd(product, full_matrices=False)[2][: adapters[name].rank]  # exact fp64 reference
         # fp64 Gram of W·C: its error is set by W·C's conditioning, not the kernels (worst 1.5e-6 seen, on
         # layers.11.mlp.down_proj, σ1/σ8 ≈ 3e5); another machine changes the digits, not the size
@@ -261,7 +325,10 @@ def test_clear_errors(tiny_llama, tiny_llama_other, tiny_stats, bbc_small, tmp_p
     with pytest.raises(MethodError, match="needs --stats"):
         run_init(str(tiny_llama), "tlora", tmp_path / "b", {"rank": 4})
     covariance_only = run_calibrate(
-        str(tiny_llama), DataSpec(path=str(bbc_small)), CalibrateConfig(samples=2, seq_len=32), tmp_path / "cov"
+        str(tiny_llama),
+        DataSpec(path=str(bbc_small)),
+        CalibrateConfig(samples=2, seq_len=32, collect=("covariance",)),
+        tmp_path / "cov",
     )
     with pytest.raises(MethodError, match="no sensitivities"):
         run_init(str(tiny_llama), "tlora", tmp_path / "c", {"rank": 4, "stats": str(covariance_only)})

@@ -60,8 +60,21 @@ def allocate_ranks(scores: dict[str, float], budget: int, caps: dict[str, int], 
     return ranks
 
 
-def allocate_alphas(scores: dict[str, float], ranks: dict[str, int], alpha: float, rank: int) -> dict[str, float]:
-    """TLoRA Eq. 7: α_i = r_i · (α_total / r_init) · S_i / ΣS with α_total = α × (number of modules)."""
+ALPHA_RULES = ("paper", "released")
+
+
+def allocate_alphas(
+    scores: dict[str, float], ranks: dict[str, int], alpha: float, rank: int, rule: str = "paper"
+) -> dict[str, float]:
+    """Each module's LoRA alpha α_i, whose scale is α_i / r_i, with p_i = S_i / ΣS and α_total = α × modules:
+
+    - `paper` (Eq. 7): α_i = r_i · (α_total / r_init) · p_i, so the scale is α_total · p_i / r_init: a module
+      of average importance gets α / r_init, a below-average one less.
+    - `released` (the authors' code): α'_i = max(α, round(α_total · p_i)) divided by the *configured*
+      r_init, i.e. scale α'_i / r_init (the code sets PEFT's scaling from r before r_i replaces it): no
+      module's scale falls below α / r_init. Returned as α_i = r_i · α'_i / r_init, so α_i / r_i is that scale."""
     total = sum(scores.values())
     alpha_total = alpha * len(scores)
-    return {n: ranks[n] * (alpha_total / rank) * scores[n] / total for n in scores}
+    if rule == "paper":
+        return {n: ranks[n] * (alpha_total / rank) * scores[n] / total for n in scores}
+    return {n: ranks[n] * max(alpha, round(alpha_total * scores[n] / total)) / rank for n in scores}

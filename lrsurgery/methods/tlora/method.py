@@ -1,22 +1,30 @@
 """TLoRA (Lin et al., 2026): task-aware frozen A from calibration statistics, ranks and alphas by sensitivity.
 
-Init (Alg. 1, Eq. 4): A = the top-r_i right singular vectors of W·C, with C = XᵀX / n the input
-covariance from a stats artifact; B = 0, so the model's output is unchanged. A is **frozen**: it gets no
-gradient and no optimizer state; only B trains, and the update stays in A's row space (Eq. 2).
+Init (Alg. 1, Eq. 4): A = the top-r_i right singular vectors of W·C, with C the input covariance from a
+stats artifact; B = 0, so the model's output is unchanged. A is **frozen**: it gets no gradient and no
+optimizer state; only B trains, and the update stays in A's row space (Eq. 2).
+
+Where the paper and the authors' released code differ, both are offered; the defaults follow the code,
+which is what produced the paper's published numbers:
+- `covariance`: Alg. 1 line 9 writes C = XᵀX / n (`raw`); Appendix A speaks of Cov[X], and the released
+  code subtracts each calibration sequence's mean before forming XᵀX (`centered`, default):
+  C = Σ_s Σ_t (x_t − x̄_s)(x_t − x̄_s)ᵀ / n, formed from the same stats artifact (its per-sequence sums).
+  LLM activations have large means, so the two can select different W·C subspaces.
+- `alpha_rule`: Eq. 7 (`paper`) or the released code's max(α, round(α_total·p_i)) / r_init (`released`,
+  default); see `allocate_alphas`.
 
 Choices where the paper leaves room, all recorded in the init manifest:
 - `variant="theory"` is Eq. 3: A = V_rᵀ C^{-1/2} with V from the SVD of W·C^{1/2}. C's eigenvalues are
   damped first, λ → λ + damping · mean(λ) (default 0.01, as GPTQ damps its Hessian), which keeps
   C^{-1/2} finite; its rows are not orthonormal, so its updates are larger in low-variance directions.
 - `a_init` reproduces the paper's Table 12 rows with A frozen in all three: `wc` (W·C SVD, default),
-  `w` (top right singular vectors of W alone) and `random` (Gaussian, std 1/√d_in, so each row has
-  unit expected norm like the orthonormal rows of the other two).
+  `w` (top right singular vectors of W alone) and `random` ("the standard LoRA configuration": the
+  same Kaiming-uniform draw as `--method lora`, `lrsurgery.methods.lora.random_a`).
 - Ranks (Eq. 6): R_total = rank × (number of target modules) shared out in proportion to the module
   sensitivity S(W) of the stats artifact, each r_i ≥ min_rank and ≤ min(d_in, d_out), the sum exact
   (water-filling + largest remainder, see tlora/allocation.py). `min_rank=0` lets a module drop out.
-- Alphas (Eq. 7): α_i = r_i · (α × modules / rank) · S_i / ΣS, scale α_i / r_i. With
-  `alpha_adapt=False` every module keeps α (scale α / r_i, standard LoRA); with `rank_adapt=False`
-  every module keeps `rank`."""
+- Alphas (Eq. 7, or the released rule above), scale α_i / r_i. With `alpha_adapt=False` every module
+  keeps α (scale α / r_i, standard LoRA); with `rank_adapt=False` every module keeps `rank`."""
 
 from __future__ import annotations
 
@@ -28,14 +36,15 @@ from typing import Any, ClassVar
 import torch
 
 from lrsurgery.config import option
-from lrsurgery.errors import check_count, check_number
+from lrsurgery.errors import check_choice, check_count, check_number
 from lrsurgery.io.artifacts import check_same_model, read_manifest
 from lrsurgery.layers.spec import LowRank, ModuleAdapter
 from lrsurgery.linalg.basics import Workspace, all_finite, stack_fp64
 from lrsurgery.linalg.eigen import psd_power
 from lrsurgery.linalg.svd import top_right_singular_vectors, top_right_singular_vectors_of_product
 from lrsurgery.methods.base import Method, MethodError
-from lrsurgery.methods.tlora.allocation import allocate_alphas, allocate_ranks
+from lrsurgery.methods.lora import random_a
+from lrsurgery.methods.tlora.allocation import ALPHA_RULES, allocate_alphas, allocate_ranks
 
 
 @dataclass
@@ -51,6 +60,10 @@ class TLoRA(Method):
     alpha_adapt: bool = option(True, "Share the alpha budget out by module sensitivity (Eq. 7); else --alpha each.")
     min_rank: int = option(1, "Smallest rank a module gets (0 lets a module drop out).")
     damping: float = option(0.01, "theory variant: C's eigenvalues + damping × their mean.")
+    covariance: str = option(
+        "centered", "C from each sequence centred on its mean (centered, released code) or raw XᵀX/n."
+    )
+    alpha_rule: str = option("released", "Per-module scale: released (max(α, round(α_total·p_i))/r) or paper (Eq. 7).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -62,6 +75,8 @@ class TLoRA(Method):
             raise MethodError(f"--a-init must be wc, w or random, got {self.a_init!r}")
         if self.variant == "theory" and self.a_init != "wc":
             raise MethodError("--variant theory applies to --a-init wc only")
+        check_choice("--covariance", self.covariance, ("centered", "raw"), error=MethodError)
+        check_choice("--alpha-rule", self.alpha_rule, ALPHA_RULES, error=MethodError)
         check_count("--min-rank", self.min_rank, 0, error=MethodError)
         check_number("--damping", self.damping, 0, error=MethodError)
         self._ranks: dict[str, int] = {}
@@ -93,7 +108,7 @@ class TLoRA(Method):
                     raise MethodError(f"rank {self.rank} is larger than module {name} allows ({cap})")
             self._ranks = dict.fromkeys(shapes, self.rank)
         if self.alpha_adapt:
-            self._alphas = allocate_alphas(scores, self._ranks, self.alpha_value, self.rank)
+            self._alphas = allocate_alphas(scores, self._ranks, self.alpha_value, self.rank, self.alpha_rule)
         else:
             self._alphas = dict.fromkeys(shapes, self.alpha_value)
         return {
@@ -103,7 +118,14 @@ class TLoRA(Method):
             "alphas": self._alphas,
             "sensitivity": scores or None,
             "skipped": sorted(n for n, r in self._ranks.items() if r == 0),
-            "a": {"init": self.a_init, "variant": self.variant, "frozen": True, "damping": self.damping},
+            "a": {
+                "init": self.a_init,
+                "variant": self.variant,
+                "covariance": self.covariance if self.needs_covariance else None,
+                "frozen": True,
+                "damping": self.damping,
+            },
+            "alpha_rule": self.alpha_rule if self.alpha_adapt else None,
             "b": "zeros",
             "stats_fingerprint": self.stats_fingerprint,
         }
@@ -132,6 +154,11 @@ class TLoRA(Method):
             if missing:
                 raise MethodError(f"{self.stats} has no covariance for {len(missing)} target(s), e.g. {missing[0]}")
             self._covariance = CovarianceReader(Path(self.stats))
+            if self.covariance == "centered" and not self._covariance.has_sequence_sums:
+                raise MethodError(
+                    f"{self.stats} holds no per-sequence sums (calibrated by an older lrsurgery), so the "
+                    "centred covariance cannot be formed; calibrate again, or pass --covariance raw"
+                )
             for name, (_, d_in) in shapes.items():
                 found = self._covariance.shape(name)
                 if found != (d_in, d_in):
@@ -186,19 +213,18 @@ class TLoRA(Method):
         """Each module's A rows (the first r_i of them are used), fp64."""
         top = max(self._ranks[n] for n in names)
         if self.a_init == "random":
-            d_in = stack.shape[2]
-            draw = [torch.randn(self._ranks[n], d_in, generator=generator, dtype=torch.float64) for n in names]
-            return [a / d_in**0.5 for a in draw]
+            return [random_a(self._ranks[n], stack.shape[2], generator) for n in names]
         work = self._workspace
         if self.a_init == "w":
             return list(top_right_singular_vectors(stack, top, work))
         b, d_out, d_in = stack.shape
         covariances = work.get("covariances", (b, d_in, d_in), stack.device)
         for slot, name in zip(covariances, names, strict=True):
-            sums, tokens = self._covariance.sums(name)
+            read = self._covariance.centered_sums if self.covariance == "centered" else self._covariance.sums
+            sums, tokens = read(name)
             if not all_finite(sums):
                 raise MethodError(f"{self.stats} has non-finite covariance values for {name}")
-            torch.div(sums.to(slot.device), tokens, out=slot)  # C = XᵀX / n, made fp64 in the same pass
+            torch.div(sums.to(slot.device), tokens, out=slot)  # C = (centred) XᵀX / n, made fp64 in the same pass
         if self.variant == "wc":
             return list(top_right_singular_vectors_of_product(stack, covariances, top, work))  # Eq. 4
         roots = torch.stack([psd_power(c, 0.5, self.damping) for c in covariances])
