@@ -8,7 +8,7 @@ from pathlib import Path
 import lrsurgery
 
 LAYERS = [
-    {"errors", "config", "progress"},
+    {"errors", "config", "progress", "presets"},
     {"io"},
     {"hf"},
     {"linalg"},

@@ -1,8 +1,10 @@
-"""What every `lrsurgery` command shares: the Typer app, `--config FILE` defaults, and user errors
-turned into one red line.
+"""What every `lrsurgery` command shares: the Typer app, `--config FILE` and `--preset NAME` defaults,
+and user errors turned into one red line.
 
 Every command takes `--config FILE` (YAML or TOML); its keys are option names (dashes or
-underscores) and act as defaults that flags on the command line override."""
+underscores) and act as defaults that flags on the command line override. `calibrate`, `init` and
+`train` also take `--preset NAME`, a shipped file of a paper's settings (lrsurgery/presets/), whose
+section for the command acts as defaults under those of `--config`."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import yaml
 from typer.core import TyperGroup
 
 from lrsurgery.errors import UserError
+from lrsurgery.presets import STAGES, preset_names, preset_text
 
 # click's exception classes, wherever this typer takes click from (recent versions carry their own copy)
 CLICK_ERRORS = sys.modules[typer.BadParameter.__module__]
@@ -67,15 +70,79 @@ app = typer.Typer(
 
 
 def load_config(ctx: typer.Context, value: Path | None) -> Path | None:
-    """Read `--config FILE` into the command's defaults. Its keys are the option names as on the command
-    line (`format` or `--format` for `--format`, `max_steps` or `max-steps` for `--max-steps`, `model`
-    for an argument); an unknown key, or a value the option cannot take, is refused naming the file."""
+    """Read `--config FILE` into the command's defaults; return `value`. Its keys are the option names as on
+    the command line (`format` or `--format` for `--format`, `max_steps` or `max-steps` for `--max-steps`,
+    `model` for an argument); an unknown key, or a value the option cannot take, is refused naming the file."""
     if value is None:
         return value
-    data = read_config(value)
+    _set_defaults(ctx, "config", option_defaults(ctx, read_config(value), f"--config {value}"))
+    return value
+
+
+def load_preset(ctx: typer.Context, value: str | None) -> str | None:
+    """Read this command's section of `--preset NAME` (lrsurgery/presets/NAME.yaml) into its defaults, under
+    those of `--config` whatever their order on the command line; return `value`. Its keys are checked as
+    a `--config` file's are."""
+    if value is None:
+        return value
+    text = preset_text(value)
+    if text is None:
+        fail(f"unknown preset {value!r}; the presets are {', '.join(preset_names())} (`lrsurgery presets` lists them)")
+    data = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    stage = ctx.command.name
+    section = data.get(stage)
+    if not section:
+        sets = [s for s in STAGES if data.get(s)]
+        fail(
+            f"preset {value} sets nothing for `lrsurgery {stage}`; run it without --preset "
+            f"(the preset is for {', '.join(f'`lrsurgery {s}`' for s in sets)})"
+        )
+    defaults = option_defaults(ctx, section, f"--preset {value}")
+    ctx.meta[_PRESET] = value
+    _set_defaults(ctx, "preset", defaults)
+    return value
+
+
+def check_preset_method(ctx: typer.Context, value: str | None) -> str | None:
+    """`--method` checked against the one `--preset` sets (its options are for that method); return `value`."""
+    name = ctx.meta.get(_PRESET)
+    wanted = ctx.meta.get(_LAYERS, {}).get("preset", {}).get("method")
+    if name is None or wanted is None or value == wanted:
+        return value
+    source = ctx.get_parameter_source("method")
+    given = (
+        f"--method {value}" if source is not None and source.name == "COMMANDLINE" else f"method: {value} in --config"
+    )
+    fail(f"--preset {name} is for --method {wanted}; drop {given}, or choose another preset (`lrsurgery presets`)")
+
+
+def from_preset(ctx: typer.Context, name: str) -> bool:
+    """Whether the value of parameter `name` came from `--preset` (neither the command line nor `--config`)."""
+    layers = ctx.meta.get(_LAYERS, {})
+    source = ctx.get_parameter_source(name)
+    given = source is not None and source.name != "DEFAULT_MAP"
+    return not given and name in layers.get("preset", {}) and name not in layers.get("config", {})
+
+
+_PRESET = "lrsurgery.preset"  # ctx.meta: the --preset name
+_LAYERS = "lrsurgery.defaults"  # ctx.meta: the defaults each of --preset and --config set
+
+
+def _set_defaults(ctx: typer.Context, layer: str, defaults: dict[str, Any]) -> None:
+    """Put `defaults` (from "preset" or "config") into the command's default map, `--config`'s over
+    `--preset`'s, whichever of the two callbacks runs first."""
+    layers = ctx.meta.setdefault(_LAYERS, {"base": dict(ctx.default_map or {})})
+    layers[layer] = defaults
+    ctx.default_map = {**layers["base"], **layers.get("preset", {}), **layers.get("config", {})}
+
+
+def option_defaults(ctx: typer.Context, data: dict[Any, Any], origin: str) -> dict[str, Any]:
+    """The {parameter name: value} defaults that the mapping `data` of option names (as on the command line,
+    dashes or underscores, `model` for an argument) sets for the command of `ctx`. An unknown key, or a value
+    its option cannot take, fails naming `origin` (`--config FILE`, `--preset NAME`)."""
     names: dict[str, Any] = {}  # every spelling a key may use → the parameter
     for param in ctx.command.params:
-        if param.name and param.name != "config":
+        if param.name and param.name not in ("config", "preset"):
             names[param.name] = param
             for flag in getattr(param, "opts", []):
                 if flag.startswith("--"):
@@ -86,20 +153,19 @@ def load_config(ctx: typer.Context, value: Path | None) -> Path | None:
         if param is None:
             close = difflib.get_close_matches(str(key).lstrip("-").replace("-", "_"), list(names), n=1)
             hint = f"; did you mean {_spelling(names[close[0]])}?" if close else ""
-            fail(f"--config {value}: unknown option {key!r}{hint}")
-        defaults[param.name] = _config_value(value, key, setting, param, ctx)
-    ctx.default_map = {**(ctx.default_map or {}), **defaults}
-    return value
+            fail(f"{origin}: unknown option {key!r}{hint}")
+        defaults[param.name] = _config_value(origin, key, setting, param, ctx)
+    return defaults
 
 
-def _config_value(path: Path, key: Any, setting: Any, param: Any, ctx: typer.Context) -> Any:
-    """`setting` checked against what the option takes (one value or a list, its type); fail naming the file."""
+def _config_value(origin: str, key: Any, setting: Any, param: Any, ctx: typer.Context) -> Any:
+    """`setting` checked against what the option takes (one value or a list, its type); fail naming `origin`."""
     single = not getattr(param, "multiple", False) and param.nargs == 1
     if isinstance(setting, dict) or (single and isinstance(setting, list)):
-        fail(f"--config {path}: {key!r} must be a single value, got {setting!r}")
+        fail(f"{origin}: {key!r} must be a single value, got {setting!r}")
     flag_like = getattr(param, "is_flag", False)
     if isinstance(setting, bool) and not flag_like:
-        fail(f"--config {path}: {key!r} takes a value, not {str(setting).lower()}")
+        fail(f"{origin}: {key!r} takes a value, not {str(setting).lower()}")
     if setting is None:
         return None
     try:
@@ -109,7 +175,7 @@ def _config_value(path: Path, key: Any, setting: Any, param: Any, ctx: typer.Con
             else:
                 param.type.convert(item, param, ctx)
     except ClickException as exc:
-        fail(f"--config {path}: {key!r}: {exc.format_message()}")
+        fail(f"{origin}: {key!r}: {exc.format_message()}")
     return setting
 
 
@@ -177,6 +243,13 @@ ConfigOption = typer.Option(
     callback=load_config,
     is_eager=True,
     exists=False,
+)
+PresetOption = typer.Option(
+    None,
+    "--preset",
+    help="A paper's published settings for this command (`lrsurgery presets` lists them); --config and flags win.",
+    callback=load_preset,
+    is_eager=True,
 )
 
 

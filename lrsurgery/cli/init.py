@@ -12,7 +12,9 @@ from lrsurgery.cli.common import (
     ForceOption,
     ModelArgument,
     OverwriteOption,
+    PresetOption,
     app,
+    check_preset_method,
     out_option,
     timed,
     user_errors,
@@ -26,7 +28,12 @@ from lrsurgery.methods import method_names
 @with_options(options=method_options("init"))
 def init(
     model: str = ModelArgument,
-    method: str = typer.Option("lora", "--method", help=f"Initialisation method: {', '.join(method_names())}."),
+    method: str = typer.Option(
+        "lora",
+        "--method",
+        help=f"Initialisation method: {', '.join(method_names())}.",
+        callback=check_preset_method,
+    ),
     targets: str = typer.Option(
         None, "--targets", help="Regex over module names to adapt (default: every nn.Linear in the blocks)."
     ),
@@ -38,6 +45,7 @@ def init(
     out: Path = out_option("init artifact folder"),
     overwrite: bool = OverwriteOption,
     config: Path = ConfigOption,
+    preset: str = PresetOption,
     *,
     options: dict[str, Any],
 ) -> None:
@@ -46,5 +54,14 @@ def init(
 
     with timed(out):
         run_init(
-            model, method, out, options, targets=targets, seed=seed, overwrite=overwrite, force=force, device=device
+            model,
+            method,
+            out,
+            options,
+            targets=targets,
+            seed=seed,
+            overwrite=overwrite,
+            force=force,
+            device=device,
+            preset=preset,
         )

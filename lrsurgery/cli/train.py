@@ -12,8 +12,10 @@ from lrsurgery.cli.common import (
     ConfigOption,
     ForceOption,
     OverwriteOption,
+    PresetOption,
     ResumeOption,
     app,
+    from_preset,
     out_option,
     timed,
     user_errors,
@@ -31,6 +33,7 @@ from lrsurgery.training.schedule import TrainConfig
     options=method_options("train"),
 )
 def train(
+    ctx: typer.Context,
     init_dir: Path = typer.Argument(..., help="Init artifact folder (from `lrsurgery init`)."),
     eval_data: str = typer.Option(
         None, "--eval-data", help="Held-out data (same columns and templates): its loss is logged and recorded."
@@ -41,6 +44,7 @@ def train(
     overwrite: bool = OverwriteOption,
     force: bool = ForceOption,
     config: Path = ConfigOption,
+    preset: str = PresetOption,
     *,
     data: dict[str, Any],
     train: dict[str, Any],
@@ -50,6 +54,7 @@ def train(
     from lrsurgery.training.trainer import run_train
 
     spec = DataSpec(**data)
+    _one_length(ctx, train)
     held_out = replace(spec, path=eval_data, split=eval_split, limit=None) if eval_data else None
     with timed(out):
         run_train(
@@ -62,4 +67,14 @@ def train(
             force=force,
             eval_data=held_out,
             method_options=options,
+            preset=preset,
         )
+
+
+def _one_length(ctx: typer.Context, train: dict[str, Any]) -> None:
+    """A run's length is --max-steps or --epochs: the one given on the command line or in --config replaces
+    the other when `--preset` set that other (a preset's `epochs: 1` gives way to `--max-steps 20`)."""
+    for mine, other in (("epochs", "max_steps"), ("max_steps", "epochs")):
+        if train.get(mine) is not None and train.get(other) is not None:
+            if from_preset(ctx, mine) and not from_preset(ctx, other):
+                train[mine] = None

@@ -30,8 +30,10 @@ def run_init(
     overwrite: bool = False,
     force: bool = False,
     device: str = "cpu",
+    preset: str | None = None,
 ) -> Path:
     """Cut adapters out of `model` with `method` and write an init artifact to `out`; return `out`.
+    `preset`, the `--preset` name the settings came from, is recorded in the manifest's config.
 
     The model is never built: its module tree comes from an empty (meta-device) instance and each
     target's weight is read from the safetensors files when its group is initialised, so the memory
@@ -76,6 +78,7 @@ def run_init(
             "seed": seed,
             "device": str(compute),
             "stats_fingerprint": planned.pop("stats_fingerprint", None),  # the calibration a data-driven init read
+            **({"preset": preset} if preset else {}),
         },
         model=record,
         extra={"modules": meta, "trainable_parameters": trainable_count(meta), "method": planned},

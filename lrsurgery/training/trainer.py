@@ -51,8 +51,10 @@ def run_train(
     hooks: list[TrainHooks] | None = None,
     eval_data: DataSpec | None = None,
     method_options: dict[str, Any] | None = None,
+    preset: str | None = None,
 ) -> Path:
     """Train the adapters of `init_dir` on `data` and write a train artifact to `out`; return `out`.
+    `preset`, the `--preset` name the settings came from, is recorded in the manifest's config.
 
     With `eval_data`, the held-out loss (training/heldout.py) is logged as `eval_loss` every
     `cfg.eval_every` steps and after the last one, and recorded in the artifact's manifest.
@@ -67,6 +69,7 @@ def run_train(
         check_output(out, inputs, overwrite, "train")
     with output_folder(out, "train", inputs, overwrite, resume=resume, active=main) as run:
         trainer = Trainer(Path(init_dir), data, cfg, run, eval_data, method_options or {}, hooks or [])
+        trainer.preset = preset
         trainer.setup(resume, force)
         for step in range(trainer.start, trainer.total):
             trainer.step(step)
@@ -92,6 +95,7 @@ class Trainer:
         self.init_dir, self.data, self.cfg, self.run = init_dir, data, cfg, run
         self.work = run.folder
         self.eval_data, self.method_options, self.extra_hooks = eval_data, dict(method_options), hooks
+        self.preset: str | None = None
         self.evaluated: dict[str, Any] = {}
         self.start = 0
 
@@ -288,6 +292,7 @@ class Trainer:
             self.total,
             self.method_options,
             summary,
+            self.preset,
         )
         for h in self.hooks:
             for name, text in h.files().items():
@@ -347,6 +352,7 @@ def _write_run(
     steps: int,
     method_options: dict[str, Any],
     summary: dict[str, Any],
+    preset: str | None,
 ) -> None:
     adapters = {n: layer.export() for n, layer in adapted_layers(model).items()}
     tensors, meta = to_tensors(adapters)
@@ -362,6 +368,7 @@ def _write_run(
             **init_manifest.config,
             "train": asdict(cfg),
             "method_train_options": method_options,
+            **({"train_preset": preset} if preset else {}),
             "data": asdict(data),
             "steps": steps,
         },
