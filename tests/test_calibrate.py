@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -375,3 +376,30 @@ def test_non_finite_activations_name_the_layer(tiny_llama, lm_data, tmp_path, co
     with pytest.raises(CalibrationError, match=where):
         run_calibrate(str(tmp_path / "nan"), DataSpec(path=str(lm_data)), cfg, tmp_path / "s")
     assert not (tmp_path / "s").exists()
+
+
+def test_reuse_keeps_a_calibration_of_the_same_model_data_and_settings(tiny_llama, tiny_llama_other, lm_data, tmp_path):
+    """--reuse: the fingerprints decide, not the paths: the same rows under another file name are reused;
+    another seed, other rows or another model are refused, and the artifact is left as it was."""
+    import shutil
+
+    cfg = CalibrateConfig(samples=3, seq_len=24, collect=("covariance",))
+    stats = run_calibrate(str(tiny_llama), DataSpec(path=str(lm_data)), cfg, tmp_path / "stats")
+    before = {f.name: f.stat().st_mtime_ns for f in stats.iterdir()}
+    copy = tmp_path / "copy.jsonl"
+    shutil.copy(lm_data, copy)
+    run_calibrate(str(tiny_llama), DataSpec(path=str(copy)), cfg, stats, reuse=True)
+    assert {f.name: f.stat().st_mtime_ns for f in stats.iterdir()} == before
+    other_rows = write_jsonl(tmp_path / "other.jsonl", [json.loads(x) for x in lm_data.read_text().splitlines()[5:]])
+    cases = [
+        (tiny_llama, copy, {"seed": 1}, "other settings \\(seed\\)"),
+        (tiny_llama, other_rows, {}, "on other data"),
+        (tiny_llama_other, copy, {}, "on another model"),
+    ]
+    for model, data, changes, message in cases:
+        changed = replace(cfg, **changes)
+        with pytest.raises(CalibrationError, match=message):
+            run_calibrate(str(model), DataSpec(path=str(data)), changed, stats, reuse=True)
+    assert {f.name: f.stat().st_mtime_ns for f in stats.iterdir()} == before
+    fresh = run_calibrate(str(tiny_llama), DataSpec(path=str(copy)), cfg, tmp_path / "new", reuse=True)
+    assert (fresh / "manifest.json").is_file()  # nothing there yet: it calibrates

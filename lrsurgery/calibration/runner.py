@@ -17,6 +17,7 @@ run continues with `--resume` from the last finished block."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -156,15 +157,53 @@ class BlockRunner:
         return _block_output(result)
 
 
+# the settings that change what a calibration measures (not where or in what batches it runs)
+MEASURED = ("samples", "seq_len", "dtype", "targets", "collect", "tokens", "shuffle", "seed")
+
+
 def run_calibrate(
-    model: str, data: DataSpec, cfg: CalibrateConfig, out: Path, resume: bool = False, overwrite: bool = False
+    model: str,
+    data: DataSpec,
+    cfg: CalibrateConfig,
+    out: Path,
+    resume: bool = False,
+    overwrite: bool = False,
+    reuse: bool = False,
 ) -> Path:
-    """Collect per-module statistics (see module doc) into a stats artifact at `out`; return `out`."""
+    """Collect per-module statistics (see module doc) into a stats artifact at `out`; return `out`.
+    With `reuse`, a stats artifact already at `out` is kept when it measured the same thing: the same
+    model and data (their fingerprints, whatever the paths) and the same `MEASURED` settings."""
     device = compute_device(cfg.device)
     folder = resolve_model(model)
+    if reuse and (Path(out) / MANIFEST).is_file() and not overwrite:
+        _check_reusable(Path(out), folder, data, cfg)
+        return Path(out)
     with output_folder(out, "stats", [folder, data.path], overwrite, resume=resume) as run:
         _calibrate(model, folder, data, cfg, run, device)
     return Path(out)
+
+
+def _check_reusable(out: Path, folder: Path, data: DataSpec, cfg: CalibrateConfig) -> None:
+    """Return if the stats artifact `out` measured what `cfg` on `data` would, else refuse naming the difference."""
+    from lrsurgery.hf.load import load_tokenizer
+    from lrsurgery.hf.resolve import model_fingerprint
+
+    found = read_manifest(out, "stats")
+    if found.config.get("merged_from"):
+        raise CalibrationError(f"{out} merges several calibrations; --reuse takes one made by `lrsurgery calibrate`")
+    if found.model.get("fingerprint") != model_fingerprint(folder):
+        raise CalibrationError(f"{out} was calibrated on another model; choose another -o, or --overwrite")
+    examples = build_examples(DataSpec(**{**asdict(data), "seq_len": cfg.seq_len}), load_tokenizer(folder))
+    if found.data.get("fingerprint") != examples.fingerprint:
+        raise CalibrationError(f"{out} was calibrated on other data; choose another -o, or --overwrite")
+    collect = cfg.collect or tuple(found.config.get("collect", ()))  # the default resolves by model kind
+    wanted = {**{k: getattr(cfg, k) for k in MEASURED}, "collect": list(collect)}
+    changed = [k for k in MEASURED if json.loads(json.dumps(wanted[k])) != found.config.get(k)]
+    if changed:
+        raise CalibrationError(
+            f"{out} was calibrated with other settings ({', '.join(changed)}); choose another -o, or --overwrite"
+        )
+    print(f"{out} already holds this calibration (same model, data and settings): reused")
 
 
 def _calibrate(model: str, folder: Path, data: DataSpec, cfg: CalibrateConfig, run: Work, device: torch.device):

@@ -34,6 +34,12 @@ def calibrate(
     resume: bool = ResumeOption,
     out: Path = out_option("statistics folder"),
     overwrite: bool = OverwriteOption,
+    reuse: bool = typer.Option(
+        False,
+        "--reuse",
+        help="Keep the stats artifact already at -o when it measured the same model, data and settings "
+        "(fingerprints decide); refuse it otherwise.",
+    ),
     config: Path = ConfigOption,
     preset: str = PresetOption,
     *,
@@ -44,7 +50,8 @@ def calibrate(
     from lrsurgery.calibration.runner import run_calibrate
 
     with timed(out):
-        run_calibrate(model, DataSpec(**data), CalibrateConfig(**calibration), out, resume=resume, overwrite=overwrite)
+        spec, cfg = DataSpec(**data), CalibrateConfig(**calibration)
+        run_calibrate(model, spec, cfg, out, resume=resume, overwrite=overwrite, reuse=reuse)
 
 
 @app.command("merge-stats")
