@@ -82,6 +82,12 @@ class Method:
     def hooks(self) -> TrainHooks:
         return TrainHooks()
 
+    @classmethod
+    def budget_options(cls, rank: int, shapes: dict[str, tuple[int, int]]) -> dict[str, Any]:
+        """The init options that give this method about the trainable parameters of a LoRA of rank `rank`
+        on the modules of `shapes` (name → (d_out, d_in)): Σ rank·(d_in + d_out). Default: the same rank."""
+        return {"rank": rank}
+
 
 _REGISTRY: dict[str, type[Method]] = {}
 

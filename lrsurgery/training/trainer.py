@@ -280,6 +280,7 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return
         summary = {k: v for h in self.hooks for k, v in h.summary().items()}
+        summary["peak_memory_mb"] = peak_memory_mb(self.accelerator.device)
         _write_run(
             self.work,
             self.ctx.model,
@@ -338,6 +339,16 @@ def _truncate_log(path: Path, step: int) -> None:
         if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
             kept.append(line)
     write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    """This process's peak resident memory so far (`rss`, MiB) and, on CUDA, the peak allocated on `device`."""
+    import resource
+
+    peak = {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux reports KiB
+    if device.type == "cuda":
+        peak["cuda"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return peak
 
 
 def _write_run(

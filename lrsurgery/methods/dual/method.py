@@ -123,6 +123,12 @@ class Dual(PiSSA):
         check_number("--orth-weight", self.orth_weight, 0, 1e3, error=MethodError)  # the paper uses 0.1-0.3
         check_choice("--masking", self.masking, MASKINGS, error=MethodError)
 
+    @classmethod
+    def budget_options(cls, rank: int, shapes: dict[str, tuple[int, int]]) -> dict[str, Any]:
+        """r_share + r_expert = rank, split in half (Table 1's commonsense column splits 8 as 4 + 4); the
+        gates add r_expert parameters per module, under 0.1 % of the factors'."""
+        return {"r_share": max(1, rank // 2), "r_expert": max(1, rank - rank // 2)}
+
     @property
     def shared_init(self) -> bool:
         return ABLATIONS[self.ablation][0]

@@ -85,6 +85,14 @@ class TLoRA(Method):
         self.stats_fingerprint: str | None = None  # of the stats artifact read by `prepare`
         self._workspace = Workspace()  # the fp64 stacks of one shape group, reused by the next
 
+    @classmethod
+    def budget_options(cls, rank: int, shapes: dict[str, tuple[int, int]]) -> dict[str, Any]:
+        """A is frozen, so only B (r_i·d_out) trains: the rank budget is LoRA's rank times
+        Σ(d_in + d_out) / Σ d_out, rounded (the allocation then moves ranks between modules, so the
+        trainable count is close to, not exactly, LoRA's)."""
+        total = sum(d_in + d_out for d_out, d_in in shapes.values())
+        return {"rank": max(1, round(rank * total / sum(d_out for d_out, _ in shapes.values())))}
+
     @property
     def needs_covariance(self) -> bool:
         return self.a_init == "wc"
