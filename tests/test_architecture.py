@@ -19,6 +19,7 @@ LAYERS = [
     {"stages"},
     {"training"},
     {"evaluation"},
+    {"comparison"},
     {"cli", "__main__"},
 ]
 LEVEL = {name: level for level, names in enumerate(LAYERS) for name in names}

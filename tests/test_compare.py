@@ -1,0 +1,175 @@
+"""`lrsurgery compare`: every method on one setting, the results folder's structure, every reported number
+traced back to the runs' own artifacts, resuming without retraining, and refusals."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import PROMPT, RESPONSE, cli
+
+from lrsurgery.comparison.config import CompareError, read_comparison
+from lrsurgery.comparison.runner import target_shapes
+from lrsurgery.methods.base import registered
+
+METHODS = ("lora", "pissa", "tlora", "dual", "srlora")
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _config(tmp_path: Path, model: Path, bbc: Path, bbc_small: Path, **changes) -> Path:
+    setting = {
+        "name": "tiny-bbc",
+        "model": str(model),
+        "data": {
+            "train": str(bbc_small),
+            "test": str(bbc / "test.jsonl"),
+            "prompt_template": PROMPT,
+            "response_template": RESPONSE,
+            "seq_len": 48,
+        },
+        "calibrate": {"samples": 4, "seq_len": 32},
+        "train": {"max_steps": 4, "batch_size": 2, "lr": 5e-3, "eval_every": 2, "save_every": 4},
+        "score": {"task": str(EXAMPLES / "tasks" / "bbc_topic.yaml"), "env": {"BBC_DATA": str(bbc)}, "metric": "acc"},
+        "budget": {"rank": 4},
+        "methods": {
+            "lora": {},
+            "pissa": {},
+            "tlora": {},
+            "dual": {"train": {"t1": 0.25, "t2": 0.5, "delta_t": 1}},
+            "srlora": {"init": {"r_target": 8}},
+        },
+        "seeds": [0],
+        **changes,
+    }
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(setting, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def compared(tiny_llama, bbc, bbc_small, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("compare")
+    config = _config(folder, tiny_llama, bbc, bbc_small)
+    code, output = cli("compare", config, "-o", folder / "results")
+    assert code == 0, output
+    return config, folder / "results", output
+
+
+@pytest.mark.slow
+def test_results_folder_holds_every_run_and_the_report(compared):
+    _, out, output = compared
+    for name in ("lrsurgery_compare.json", "results.json", "table.md", "table.csv", "report.md", "base_score.json"):
+        assert (out / name).is_file(), name
+    assert (out / "stats" / "manifest.json").is_file()
+    for method in METHODS:
+        run = out / "runs" / method / "seed0"
+        for part in ("init/manifest.json", "train/manifest.json", "train/metrics.jsonl", "score.json", "timing.json"):
+            assert (run / part).is_file(), f"{method}: {part}"
+        init = yaml.safe_load((run / "init.yaml").read_text())
+        assert init["method"] == method and init["seed"] == 0
+        assert yaml.safe_load((run / "train.yaml").read_text())["seed"] == 0
+    assert "| lora |" in output and "| srlora |" in output  # the table is printed
+    report = (out / "report.md").read_text()
+    assert (out / "table.md").read_text().split("\n\n")[0] in report
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "pip install 'lrsurgery[plot]'" in report
+    else:
+        for figure in ("loss.png", "tlora_ranks.png", "srlora_intervals.png", "dual_experts.png"):
+            assert (out / figure).read_bytes().startswith(b"\x89PNG") and f"]({figure})" in report
+
+
+@pytest.mark.slow
+def test_every_number_in_the_table_comes_from_the_runs_artifacts(compared):
+    """Recompute each cell from the files the stages wrote, independently of comparison/report.py."""
+    _, out, _ = compared
+    with (out / "table.csv").open() as handle:
+        header, *rows = list(csv.reader(handle))
+    assert [r[0] for r in rows] == list(METHODS)
+    for row in rows:
+        cells = dict(zip(header, row, strict=True))
+        run = out / "runs" / row[0] / "seed0"
+        manifest = json.loads((run / "train" / "manifest.json").read_text())
+        assert int(cells["trainable parameters"]) == manifest["extra"]["trainable_parameters"]
+        lines = [json.loads(x) for x in (run / "train" / "metrics.jsonl").read_text().splitlines()]
+        for record in lines:
+            if "eval_loss" in record:
+                assert float(cells[f"held-out loss @ {record['step']}"]) == pytest.approx(record["eval_loss"], abs=5e-5)
+        assert {f"held-out loss @ {s}" for s in (2, 4)} <= set(cells)
+        (results,) = json.loads((run / "score.json").read_text())["results"].values()
+        acc = results["bbc_topic"]
+        value, stderr = (float(x) for x in cells[next(h for h in header if h.startswith("acc"))].split(" ± "))
+        assert value == pytest.approx(acc["acc"], abs=5e-5) and stderr == pytest.approx(acc["acc_stderr"], abs=5e-5)
+        steps = [r["step_time"] for r in lines[1:]]
+        assert float(cells["train step s"]) == pytest.approx(statistics.median(steps), abs=5e-3)
+        timing = json.loads((run / "timing.json").read_text())
+        assert float(cells["init s"]) == pytest.approx(timing["init_seconds"], abs=0.05)
+        assert float(cells["peak RSS MiB"]) == pytest.approx(manifest["extra"]["peak_memory_mb"]["rss"], abs=0.5)
+
+
+@pytest.mark.slow
+def test_equal_budget(compared, tiny_llama):
+    """Every method near LoRA rank 4's trainable count: TLoRA's rank budget grows as only B trains."""
+    _, out, _ = compared
+    shapes = target_shapes(str(tiny_llama))
+    lora = sum(4 * (d_in + d_out) for d_out, d_in in shapes.values())
+    counts = {}
+    for method in METHODS:
+        manifest = json.loads((out / "runs" / method / "seed0" / "train" / "manifest.json").read_text())
+        counts[method] = manifest["extra"]["trainable_parameters"]
+    assert counts["lora"] == counts["pissa"] == counts["srlora"] == lora
+    assert counts["dual"] == lora + 2 * len(shapes)  # + the gates E (r_expert = 2 per module)
+    assert registered()["tlora"].budget_options(4, shapes)["rank"] > 4
+    assert abs(counts["tlora"] - lora) / lora < 0.25  # the allocation moves ranks between module shapes
+
+
+@pytest.mark.slow
+def test_running_again_trains_nothing_and_a_new_seed_runs_only_itself(compared, tiny_llama, bbc, bbc_small):
+    config, out, _ = compared
+    adapter = "train/adapter.safetensors"
+    adapters = {m: (out / "runs" / m / "seed0" / adapter).stat().st_mtime_ns for m in METHODS}
+    stats = (out / "stats" / "manifest.json").stat().st_mtime_ns
+    code, output = cli("compare", config, "-o", out, "--seeds", "0,1")
+    assert code == 0, output
+    for method in METHODS:
+        assert (out / "runs" / method / "seed0" / "train" / "adapter.safetensors").stat().st_mtime_ns == adapters[
+            method
+        ]
+        assert (out / "runs" / method / "seed1" / "score.json").is_file()
+    assert (out / "stats" / "manifest.json").stat().st_mtime_ns == stats
+    results = json.loads((out / "results.json").read_text())
+    assert sorted({(r["method"], r["seed"]) for r in results["runs"]}) == sorted(
+        (m, s) for m in METHODS for s in (0, 1)
+    )
+    assert "mean ± std over seeds" in (out / "table.md").read_text()
+
+
+@pytest.mark.slow
+def test_refusals(compared, tiny_llama, bbc, bbc_small, tmp_path):
+    config, out, _ = compared
+    other = _config(tmp_path, tiny_llama, bbc, bbc_small, train={"max_steps": 5, "batch_size": 2})
+    code, output = cli("compare", other, "-o", out)
+    assert code == 1 and "other settings (train)" in output
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    code, output = cli("compare", config, "-o", user)
+    assert code == 1 and "not an lrsurgery comparison" in output and (user / "notes.txt").read_text() == "keep me"
+    code, output = cli("compare", config, "-o", tmp_path / "x", "--seeds", "0,a")
+    assert code == 1 and "--seeds takes comma-separated whole numbers" in output
+    bad = _config(tmp_path, tiny_llama, bbc, bbc_small, methods={"nope": {}})
+    with pytest.raises(CompareError, match="unknown method 'nope'"):
+        read_comparison(bad)
+
+
+@pytest.mark.parametrize("name", ["smollm2-bbc-topics", "minilm-bbc-topics", "smollm2-shakespeare"])
+def test_shipped_comparisons_read_in_both_sizes(name):
+    full = read_comparison(EXAMPLES / "compare" / f"{name}.yaml")
+    quick = read_comparison(EXAMPLES / "compare" / f"{name}.yaml", quick=True)
+    assert set(full.methods) == set(METHODS) and len(full.seeds) == 3 and quick.seeds == [0]
+    assert quick.train["max_steps"] < full.train["max_steps"] and Path(full.score["task"]).is_file()
