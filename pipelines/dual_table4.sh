@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Dual (DMC-LoRA) ablation on SmolLM2-135M + BBC News (paper Table 4 rows, plus LoRA at equal total rank):
 #   init (one per row) → train (same steps, data and schedule) → held-out loss on the BBC test split.
-# Usage: pipelines/dual.sh [WORK_DIR]   (default: runs/dual); STEPS, R_SHARE, R_EXPERT, LR, SEQ_LEN, BATCH,
+# Usage: pipelines/dual_table4.sh [WORK_DIR]   (default: runs/dual_table4); STEPS, R_SHARE, R_EXPERT, LR, SEQ_LEN, BATCH,
 # DELTA_T, CHARS (article characters in the prompt) override.
 set -euo pipefail
-WORK=${1:-runs/dual}
+WORK=${1:-runs/dual_table4}
 MODEL=${MODEL:-smollm2-135m}
 STEPS=${STEPS:-30}
 R_SHARE=${R_SHARE:-4}

@@ -2,10 +2,10 @@
 # SRLoRA against LoRA and PiSSA at equal rank, same steps, schedule and data order (one seed):
 #   SmolLM2-135M learning BBC News topics (SFT) and the MiniLM encoder classifying them; SRLoRA twice, its
 #   refilled pairs' AdamW moments reset and kept. Training-loss curves → loss table + PNG per model.
-# Usage: pipelines/srlora.sh [WORK_DIR]   (default: runs/srlora); STEPS, MINILM_STEPS, RANK, R_TARGET, LR,
+# Usage: pipelines/srlora_curves.sh [WORK_DIR]   (default: runs/srlora_curves); STEPS, MINILM_STEPS, RANK, R_TARGET, LR,
 # MINILM_LR, BATCH, SEQ_LEN override.
 set -euo pipefail
-WORK=${1:-runs/srlora}
+WORK=${1:-runs/srlora_curves}
 STEPS=${STEPS:-150}
 MINILM_STEPS=${MINILM_STEPS:-300}
 RANK=${RANK:-8}

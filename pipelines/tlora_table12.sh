@@ -2,9 +2,9 @@
 # TLoRA on BBC News topics, with the paper's Table 12 ablation of the frozen A:
 #   calibrate (covariance + sensitivity on the task data) → init --method tlora with A from W·C, W or
 #   random (A frozen in all three, the same rank and alpha budget) → train the same steps → held-out loss.
-# Usage: pipelines/tlora.sh [WORK_DIR]   (default: runs/tlora)
+# Usage: pipelines/tlora_table12.sh [WORK_DIR]   (default: runs/tlora_table12)
 set -euo pipefail
-WORK=${1:-runs/tlora}
+WORK=${1:-runs/tlora_table12}
 MODEL=${MODEL:-smollm2-135m}
 STEPS=${STEPS:-40}
 RANK=${RANK:-8}
@@ -15,10 +15,9 @@ TEMPLATES=(--prompt-template $'Article: {text:.400}\nTopic:' --response-template
 start=$(date +%s)
 
 lrsurgery assets bbc-news -o "$DATA" --overwrite
-if [ ! -d "$WORK/stats" ]; then  # calibration is reused across runs
-  lrsurgery calibrate "$MODEL" --data "$DATA/train.jsonl" "${TEMPLATES[@]}" --samples 32 --seq-len 256 \
-    --collect covariance,sensitivity -o "$WORK/stats"
-fi
+# reused when it already holds this model's, data's and settings' calibration (fingerprints decide)
+lrsurgery calibrate "$MODEL" --data "$DATA/train.jsonl" "${TEMPLATES[@]}" --samples 32 --seq-len 256 \
+  --reuse -o "$WORK/stats"
 lrsurgery inspect "$WORK/stats" --top 5 | tail -7
 for a in wc w random; do
   lrsurgery init "$MODEL" --method tlora --stats "$WORK/stats" --rank "$RANK" --alpha $((2 * RANK)) \
