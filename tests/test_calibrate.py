@@ -403,3 +403,12 @@ def test_reuse_keeps_a_calibration_of_the_same_model_data_and_settings(tiny_llam
     assert {f.name: f.stat().st_mtime_ns for f in stats.iterdir()} == before
     fresh = run_calibrate(str(tiny_llama), DataSpec(path=str(copy)), cfg, tmp_path / "new", reuse=True)
     assert (fresh / "manifest.json").is_file()  # nothing there yet: it calibrates
+    from helpers import cli
+
+    for samples in (3, 2):
+        args = ["--data", copy, "--samples", samples, "--seq-len", 24, "--collect", "covariance", "--reuse"]
+        code, out = cli("calibrate", tiny_llama, *args, "-o", stats)
+        if samples == 3:
+            assert code == 0 and "already holds this calibration" in out and "wrote" not in out
+        else:
+            assert code == 1 and out.count("\n") == 1 and "other settings (samples)" in out

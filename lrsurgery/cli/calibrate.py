@@ -49,8 +49,11 @@ def calibrate(
     """Collect input-activation covariances and/or sensitivities of every target linear, block by block."""
     from lrsurgery.calibration.runner import run_calibrate
 
+    spec, cfg = DataSpec(**data), CalibrateConfig(**calibration)
+    if reuse and (out / "manifest.json").is_file() and not overwrite:  # kept as it is, or refused
+        run_calibrate(model, spec, cfg, out, reuse=True)
+        return
     with timed(out):
-        spec, cfg = DataSpec(**data), CalibrateConfig(**calibration)
         run_calibrate(model, spec, cfg, out, resume=resume, overwrite=overwrite, reuse=reuse)
 
 
