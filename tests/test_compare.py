@@ -129,23 +129,23 @@ def test_equal_budget(compared, tiny_llama):
 
 
 @pytest.mark.slow
-def test_running_again_trains_nothing_and_a_new_seed_runs_only_itself(compared, tiny_llama, bbc, bbc_small):
-    config, out, _ = compared
+def test_running_again_trains_nothing_and_a_new_seed_runs_only_itself(compared, tiny_llama, bbc, bbc_small, tmp_path):
+    """The same setting with two of its methods and a second seed: the finished seed-0 runs and the
+    calibration are kept as they are, only the two new runs are made, and the report covers those methods."""
+    _, out, _ = compared
     adapter = "train/adapter.safetensors"
-    adapters = {m: (out / "runs" / m / "seed0" / adapter).stat().st_mtime_ns for m in METHODS}
+    before = {m: (out / "runs" / m / "seed0" / adapter).stat().st_mtime_ns for m in METHODS}
     stats = (out / "stats" / "manifest.json").stat().st_mtime_ns
-    code, output = cli("compare", config, "-o", out, "--seeds", "0,1")
+    full = yaml.safe_load(_config(tmp_path, tiny_llama, bbc, bbc_small).read_text())
+    two = _config(tmp_path, tiny_llama, bbc, bbc_small, methods={m: full["methods"][m] for m in ("lora", "tlora")})
+    code, output = cli("compare", two, "-o", out, "--seeds", "0,1")
     assert code == 0, output
-    for method in METHODS:
-        assert (out / "runs" / method / "seed0" / "train" / "adapter.safetensors").stat().st_mtime_ns == adapters[
-            method
-        ]
-        assert (out / "runs" / method / "seed1" / "score.json").is_file()
+    assert all((out / "runs" / m / "seed0" / adapter).stat().st_mtime_ns == before[m] for m in METHODS)
     assert (out / "stats" / "manifest.json").stat().st_mtime_ns == stats
+    made = sorted(p.parent.name for p in (out / "runs").glob("*/seed1"))
+    assert made == ["lora", "tlora"] and all((out / "runs" / m / "seed1" / "score.json").is_file() for m in made)
     results = json.loads((out / "results.json").read_text())
-    assert sorted({(r["method"], r["seed"]) for r in results["runs"]}) == sorted(
-        (m, s) for m in METHODS for s in (0, 1)
-    )
+    assert sorted((r["method"], r["seed"]) for r in results["runs"]) == [(m, s) for m in made for s in (0, 1)]
     assert "mean ± std over seeds" in (out / "table.md").read_text()
 
 
