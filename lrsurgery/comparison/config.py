@@ -54,10 +54,15 @@ class Comparison:
 
     @property
     def needs_stats(self) -> bool:
-        """Whether a calibration runs: some method takes a stats artifact (TLoRA's `--stats`)."""
-        from lrsurgery.methods.base import registered
+        """Whether a calibration runs: some method takes a stats artifact."""
+        return any(takes_stats(name) for name in self.methods)
 
-        return any("stats" in registered()[name].__dataclass_fields__ for name in self.methods)
+
+def takes_stats(method: str) -> bool:
+    """Whether the registered `method` reads a stats artifact (has a `stats` option, as TLoRA's `--stats`)."""
+    from lrsurgery.methods.base import registered
+
+    return "stats" in registered()[method].__dataclass_fields__
 
 
 def read_comparison(path: Path, quick: bool = False, seeds: list[int] | None = None) -> Comparison:

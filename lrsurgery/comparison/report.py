@@ -17,6 +17,8 @@ from typing import Any
 
 from lrsurgery.calibration.inspect import PNG_SOFTWARE, png_kind
 from lrsurgery.comparison.config import Comparison
+from lrsurgery.evaluation.runner import stderr_key
+from lrsurgery.io.artifacts import read_manifest
 from lrsurgery.io.outputs import output_file, write_text_atomic
 
 FIGURES = {
@@ -36,7 +38,7 @@ def _score(results: Path, metric: str) -> tuple[float, float | None]:
     report = json.loads(results.read_text())["results"]
     (tasks,) = report.values()
     (values,) = tasks.values()
-    stderr = values.get(f"{metric}_stderr")
+    stderr = values.get(stderr_key(metric))
     return float(values[metric]), None if stderr is None else float(stderr)
 
 
@@ -51,7 +53,7 @@ def collect(comparison: Comparison, out: Path) -> dict[str, Any]:
         for seed in comparison.seeds:
             folder = run_folder(out, method, seed)
             train = folder / "train"
-            manifest = json.loads((train / "manifest.json").read_text())
+            extra = read_manifest(train, "train").extra
             rows = _metrics(train)
             value, stderr = _score(folder / "score.json", metric)
             times = [r["step_time"] for r in rows[1:]] or [rows[0]["step_time"]]
@@ -59,15 +61,15 @@ def collect(comparison: Comparison, out: Path) -> dict[str, Any]:
                 {
                     "method": method,
                     "seed": seed,
-                    "trainable_parameters": manifest["extra"]["trainable_parameters"],
+                    "trainable_parameters": extra["trainable_parameters"],
                     "init_seconds": json.loads((folder / "timing.json").read_text()).get("init_seconds"),
                     "step_seconds": statistics.median(times),
-                    "peak_memory_mb": manifest["extra"].get("peak_memory_mb", {}),
+                    "peak_memory_mb": extra.get("peak_memory_mb", {}),
                     "train_loss": [r["loss"] for r in rows],
                     "eval_loss": {str(r["step"]): r["eval_loss"] for r in rows if "eval_loss" in r},
                     "expert_active": [r["expert_active"] for r in rows if "expert_active" in r],
                     metric: value,
-                    f"{metric}_stderr": stderr,
+                    stderr_key(metric): stderr,
                 }
             )
     base, base_stderr = _score(out / "base_score.json", metric)
@@ -78,7 +80,7 @@ def collect(comparison: Comparison, out: Path) -> dict[str, Any]:
         "metric": metric,
         "budget_rank": comparison.budget,
         "seeds": comparison.seeds,
-        "base": {metric: base, f"{metric}_stderr": base_stderr},
+        "base": {metric: base, stderr_key(metric): base_stderr},
         "runs": runs,
     }
     write_text_atomic(out / "results.json", json.dumps(results, indent=2))
@@ -116,7 +118,7 @@ def table_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 method,
                 str(mine[0]["trainable_parameters"]),
                 *losses,
-                _spread([r[metric] for r in mine], mine[0][f"{metric}_stderr"]),
+                _spread([r[metric] for r in mine], mine[0][stderr_key(metric)]),
                 f"{statistics.mean(r['init_seconds'] or 0 for r in mine):.1f}",
                 f"{statistics.mean(r['step_seconds'] for r in mine):.2f}",
                 f"{max(r['peak_memory_mb'].get('rss', 0) for r in mine):.0f}",
@@ -133,7 +135,7 @@ def write_report(comparison: Comparison, out: Path, results: dict[str, Any]) -> 
     base = results["base"]
     markdown = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
     markdown += "".join("| " + " | ".join(row) + " |\n" for row in rows)
-    base_line = f"Base model before training: {metric} {_spread([base[metric]], base[f'{metric}_stderr'])}.\n"
+    base_line = f"Base model before training: {metric} {_spread([base[metric]], base[stderr_key(metric)])}.\n"
     write_text_atomic(out / "table.md", markdown + "\n" + base_line)
     buffer = io.StringIO()
     csv.writer(buffer).writerows([header, *rows])
@@ -199,8 +201,7 @@ def draw_figures(out: Path, results: dict[str, Any]) -> list[str]:
     drawn.append("loss.png")
     seed = results["seeds"][0]
     if "tlora" in methods:
-        ranks = json.loads((run_folder(out, "tlora", seed) / "init" / "manifest.json").read_text())
-        ranks = ranks["extra"]["method"]["ranks"]
+        ranks = read_manifest(run_folder(out, "tlora", seed) / "init", "init").extra["method"]["ranks"]
         layers = sorted({int(p) for n in ranks for p in n.split(".") if p.isdigit()})
         kinds = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in ranks))
         grid = [[0] * len(kinds) for _ in layers]

@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from lrsurgery import __version__
-from lrsurgery.comparison.config import CompareError, Comparison
+from lrsurgery.comparison.config import CompareError, Comparison, takes_stats
 from lrsurgery.io.outputs import OutputError, check_output, lock_for, write_text_atomic
 
 MARKER = "lrsurgery_compare.json"
@@ -162,7 +162,7 @@ def _run_one(comparison, out, method, seed, data, stats, shapes) -> None:
     timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
     cls = registered()[method]
     options = {**cls.budget_options(comparison.budget, shapes), **comparison.methods[method]["init"]}
-    if "stats" in cls.__dataclass_fields__ and stats is not None:
+    if takes_stats(method) and stats is not None:
         options.setdefault("stats", str(stats))
     if not (folder / "init" / "manifest.json").is_file():
         config = _write_yaml(folder / "init.yaml", {"method": method, "seed": seed, **options})
