@@ -393,6 +393,8 @@ def test_reuse_keeps_a_calibration_of_the_same_model_data_and_settings(tiny_llam
     other_rows = write_jsonl(tmp_path / "other.jsonl", [json.loads(x) for x in lm_data.read_text().splitlines()[5:]])
     cases = [
         (tiny_llama, copy, {"seed": 1}, "other settings \\(seed\\)"),
+        # the default --collect of a causal LM is both statistics: a covariance-only artifact is not that
+        (tiny_llama, copy, {"collect": None}, "other settings \\(collect\\)"),
         (tiny_llama, other_rows, {}, "on other data"),
         (tiny_llama_other, copy, {}, "on another model"),
     ]

@@ -175,12 +175,23 @@ def run_calibrate(
     model and data (their fingerprints, whatever the paths) and the same `MEASURED` settings."""
     device = compute_device(cfg.device)
     folder = resolve_model(model)
-    if reuse and (Path(out) / MANIFEST).is_file() and not overwrite:
+    if keeps_existing(out, reuse, overwrite):
         _check_reusable(Path(out), folder, data, cfg)
         return Path(out)
     with output_folder(out, "stats", [folder, data.path], overwrite, resume=resume) as run:
         _calibrate(model, folder, data, cfg, run, device)
     return Path(out)
+
+
+def keeps_existing(out: Path, reuse: bool, overwrite: bool) -> bool:
+    """Whether `run_calibrate` with these flags keeps (or refuses) a stats artifact at `out` without calibrating."""
+    return reuse and not overwrite and (Path(out) / MANIFEST).is_file()
+
+
+def default_collect(folder: Path) -> tuple[str, ...]:
+    """The statistics `--collect` means when not given: both for a causal LM (sensitivities need its LM
+    loss), covariances for any other model."""
+    return ("covariance", "sensitivity") if default_task(folder) == "causal" else ("covariance",)
 
 
 def _check_reusable(out: Path, folder: Path, data: DataSpec, cfg: CalibrateConfig) -> None:
@@ -196,8 +207,7 @@ def _check_reusable(out: Path, folder: Path, data: DataSpec, cfg: CalibrateConfi
     examples = build_examples(DataSpec(**{**asdict(data), "seq_len": cfg.seq_len}), load_tokenizer(folder))
     if found.data.get("fingerprint") != examples.fingerprint:
         raise CalibrationError(f"{out} was calibrated on other data; choose another -o, or --overwrite")
-    collect = cfg.collect or tuple(found.config.get("collect", ()))  # the default resolves by model kind
-    wanted = {**{k: getattr(cfg, k) for k in MEASURED}, "collect": list(collect)}
+    wanted = {**{k: getattr(cfg, k) for k in MEASURED}, "collect": list(cfg.collect or default_collect(folder))}
     changed = [k for k in MEASURED if json.loads(json.dumps(wanted[k])) != found.config.get(k)]
     if changed:
         raise CalibrationError(
@@ -216,8 +226,8 @@ def _calibrate(model: str, folder: Path, data: DataSpec, cfg: CalibrateConfig, r
         loaded = load_model(model, task=default_task(folder))
     loaded.model.requires_grad_(False)
     causal = default_task(loaded.folder) == "causal"
-    if cfg.collect is None:  # the stage's statistics: both where an LM loss exists to take sensitivities of
-        cfg = replace(cfg, collect=("covariance", "sensitivity") if causal else ("covariance",))
+    if cfg.collect is None:
+        cfg = replace(cfg, collect=default_collect(loaded.folder))
     limit = getattr(loaded.model.config, "max_position_embeddings", None)
     if limit and cfg.seq_len > limit:
         raise CalibrationError(f"--seq-len {cfg.seq_len} is longer than the model allows ({limit})")

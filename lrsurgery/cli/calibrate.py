@@ -47,10 +47,10 @@ def calibrate(
     calibration: dict[str, Any],
 ) -> None:
     """Collect input-activation covariances and/or sensitivities of every target linear, block by block."""
-    from lrsurgery.calibration.runner import run_calibrate
+    from lrsurgery.calibration.runner import keeps_existing, run_calibrate
 
     spec, cfg = DataSpec(**data), CalibrateConfig(**calibration)
-    if reuse and (out / "manifest.json").is_file() and not overwrite:  # kept as it is, or refused
+    if keeps_existing(out, reuse, overwrite):  # kept as it is, or refused: nothing is written
         run_calibrate(model, spec, cfg, out, reuse=True)
         return
     with timed(out):
