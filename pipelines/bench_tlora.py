@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="where both inits compute: cpu or cuda")
+    parser.add_argument("--no-train-step", action="store_true", help="time the inits only")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -133,6 +134,8 @@ def main() -> None:
             f"  lrsurgery init --method tlora        {tlora_best:7.2f} s   ({tlora_best / peft_best:.2f}x PEFT PiSSA; "
             f"runs: {_runs(tlora_s)})"
         )
+        if args.no_train_step:
+            return
         print("train step, TLoRA vs LoRA at the same average rank:", flush=True)
         step = [sys.executable, str(HERE / "bench_train_step.py"), "--model", args.model, "--rank", str(args.rank)]
         step += ["--variants", "frozen,lora,tlora", "--baseline", "lora", "--stats", str(stats)]
