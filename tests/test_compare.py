@@ -152,6 +152,33 @@ def test_running_again_trains_nothing_and_a_new_seed_runs_only_itself(compared, 
 
 
 @pytest.mark.slow
+def test_a_file_that_extends_the_setting_adds_a_variant_and_runs_only_it(compared, tmp_path):
+    """An ablation file `extends` the comparison's file and adds `tlora-w` (TLoRA with A from W): run into
+    the same folder, only the variant's run is made, from TLoRA with its own option, and the table and the
+    results hold it beside the methods already there."""
+    config, out, _ = compared
+    adapter = "train/adapter.safetensors"
+    before = {m: (out / "runs" / m / "seed0" / adapter).stat().st_mtime_ns for m in METHODS}
+    (tmp_path / "ablations").mkdir()
+    ablation = tmp_path / "ablations" / "variant.yaml"
+    ablation.write_text(
+        f"extends: {Path('..') / config.relative_to(config.parent.parent)}\n"
+        "methods:\n  tlora-w: {method: tlora, init: {a_init: w}}\nseeds: [0]\n"
+    )
+    assert Path(read_comparison(ablation).source) == ablation.resolve()
+    code, output = cli("compare", ablation, "-o", out)
+    assert code == 0, output
+    assert all((out / "runs" / m / "seed0" / adapter).stat().st_mtime_ns == before[m] for m in METHODS)
+    init = yaml.safe_load((out / "runs" / "tlora-w" / "seed0" / "init.yaml").read_text())
+    assert init["method"] == "tlora" and init["a_init"] == "w"
+    manifest = json.loads((out / "runs" / "tlora-w" / "seed0" / "init" / "manifest.json").read_text())
+    assert manifest["config"]["method"] == "tlora" and manifest["config"]["options"]["a_init"] == "w"
+    results = json.loads((out / "results.json").read_text())
+    assert {(r["method"], r["kind"]) for r in results["runs"]} == {(m, m) for m in METHODS} | {("tlora-w", "tlora")}
+    assert "| tlora-w |" in (out / "table.md").read_text()
+
+
+@pytest.mark.slow
 def test_refusals(compared, tiny_llama, bbc, bbc_small, tmp_path):
     config, out, _ = compared
     other = _config(tmp_path, tiny_llama, bbc, bbc_small, train={"max_steps": 5, "batch_size": 2})
@@ -167,11 +194,35 @@ def test_refusals(compared, tiny_llama, bbc, bbc_small, tmp_path):
     bad = _config(tmp_path, tiny_llama, bbc, bbc_small, methods={"nope": {}})
     with pytest.raises(CompareError, match="unknown method 'nope'"):
         read_comparison(bad)
+    bad = _config(tmp_path, tiny_llama, bbc, bbc_small, methods={"x": {"method": "nope"}})
+    with pytest.raises(CompareError, match="methods.x: unknown method 'nope'"):
+        read_comparison(bad)
+    bad = _config(tmp_path, tiny_llama, bbc, bbc_small, methods={"../x": {"method": "lora"}})
+    with pytest.raises(CompareError, match="it names a folder"):
+        read_comparison(bad)
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("extends: loop.yaml\n")
+    with pytest.raises(CompareError, match="'extends' makes a loop"):
+        read_comparison(loop)
 
 
-@pytest.mark.parametrize("name", ["smollm2-bbc-topics", "minilm-bbc-topics", "smollm2-shakespeare"])
+@pytest.mark.parametrize(
+    "name", ["smollm2-bbc-topics", "minilm-bbc-topics", "smollm2-shakespeare", "smollm2-bbc-ablations"]
+)
 def test_shipped_comparisons_read_in_both_sizes(name):
     full = read_comparison(EXAMPLES / "compare" / f"{name}.yaml")
     quick = read_comparison(EXAMPLES / "compare" / f"{name}.yaml", quick=True)
-    assert set(full.methods) == set(METHODS) and len(full.seeds) == 3 and quick.seeds == [0]
+    assert set(full.methods) >= set(METHODS) and len(full.seeds) == 3 and quick.seeds == [0]
+    assert {full.method_of(label) for label in full.methods} == set(METHODS)
     assert quick.train["max_steps"] < full.train["max_steps"] and Path(full.score["task"]).is_file()
+
+
+def test_the_ablation_file_shares_setting_1_and_adds_the_papers_variants():
+    base = read_comparison(EXAMPLES / "compare" / "smollm2-bbc-topics.yaml")
+    ablations = read_comparison(EXAMPLES / "compare" / "smollm2-bbc-ablations.yaml")
+    for key in ("name", "model", "data", "calibrate", "train", "score", "budget", "seeds"):
+        assert getattr(ablations, key) == getattr(base, key), key
+    assert {label: ablations.methods[label] for label in base.methods} == base.methods
+    variants = {label: (ablations.method_of(label), entry["init"]) for label, entry in ablations.methods.items()}
+    assert variants["tlora-w"] == ("tlora", {"a_init": "w"}) and variants["tlora-random"][1] == {"a_init": "random"}
+    assert variants["dual-shared-only"] == ("dual", {"ablation": "shared-only"})

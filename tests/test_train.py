@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import PROMPT, RESPONSE, assert_same_tensors, sum_tolerance
+from helpers import PROMPT, RESPONSE, assert_same_tensors, cli, sum_tolerance
 
 from lrsurgery.data.examples import DataSpec, collate
 from lrsurgery.errors import ArtifactError
@@ -182,6 +182,24 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_llama, tmp_path
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5), key
     assert any(not torch.equal(a[k], load_tensors(init / ADAPTER_FILE)[k]) for k in a if k.endswith("lora_B"))
+
+
+def test_eval_limit_takes_the_first_rows_of_the_held_out_data(tiny_llama, bbc, bbc_small, tmp_path):
+    from lrsurgery.data.examples import build_examples
+    from lrsurgery.hf.load import load_tokenizer
+
+    init = run_init(str(tiny_llama), "lora", tmp_path / "init", {"rank": 2})
+    flags = ["--data", bbc_small, "--prompt-template", PROMPT, "--response-template", RESPONSE, "--seq-len", "64"]
+    flags += ["--max-steps", "1", "--batch-size", "2", "--eval-data", bbc / "test.jsonl"]
+    code, out = cli("train", init, *flags, "--eval-limit", "0", "-o", tmp_path / "bad")
+    assert code == 1 and "--eval-limit must be at least 1" in out and not (tmp_path / "bad").exists()
+    code, out = cli("train", init, *flags, "--eval-limit", "3", "-o", tmp_path / "run")
+    assert code == 0, out
+    recorded = json.loads((tmp_path / "run" / "manifest.json").read_text())["extra"]["eval"]
+    held = DataSpec(path=str(bbc / "test.jsonl"), prompt_template=PROMPT, response_template=RESPONSE, seq_len=64)
+    rows = build_examples(held, load_tokenizer(tiny_llama)).rows[:3]
+    assert recorded["data"]["limit"] == 3
+    assert recorded["count"] == sum(sum(1 for t in row["labels"][1:] if t != -100) for row in rows)
 
 
 def test_held_out_loss_is_logged_and_recorded(tiny_llama, bbc, bbc_small, tmp_path):

@@ -22,6 +22,7 @@ from lrsurgery.cli.common import (
 )
 from lrsurgery.cli.options import config_options, method_options, with_options
 from lrsurgery.data.examples import DataSpec
+from lrsurgery.errors import check_count
 from lrsurgery.training.schedule import TrainConfig
 
 
@@ -39,6 +40,7 @@ def train(
         None, "--eval-data", help="Held-out data (same columns and templates): its loss is logged and recorded."
     ),
     eval_split: str = typer.Option("train", "--eval-split", help="Split of --eval-data."),
+    eval_limit: int = typer.Option(None, "--eval-limit", help="Use only the first N rows of --eval-data."),
     resume: bool = ResumeOption,
     out: Path = out_option("train artifact folder"),
     overwrite: bool = OverwriteOption,
@@ -55,7 +57,8 @@ def train(
 
     spec = DataSpec(**data)
     _one_length(ctx, train)
-    held_out = replace(spec, path=eval_data, split=eval_split, limit=None) if eval_data else None
+    check_count("--eval-limit", eval_limit)
+    held_out = replace(spec, path=eval_data, split=eval_split, limit=eval_limit) if eval_data else None
     with timed(out):
         run_train(
             init_dir,

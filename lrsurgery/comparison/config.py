@@ -14,11 +14,19 @@ on it, read from YAML and checked before anything runs.
 
 Paths in the file (data files, the task file) are relative to the file; `score.env` values are relative
 to the results folder (where `data.assets` writes its files). Every method runs with the same data
-order, steps, schedule and seed; a method's `init` / `train` entries are its own options on top."""
+order, steps, schedule and seed; a method's `init` / `train` entries are its own options on top.
+
+A method entry is keyed by a label, which is the method's name unless the entry names its `method`, so
+one method can run as several variants (`tlora-w: {method: tlora, init: {a_init: w}}`). A file may
+`extends: OTHER.yaml`: it starts from that file's settings and merges its own over them, section by
+section (its methods are added to the other file's), so an ablation file run into the same results
+folder adds its variants to the comparison's table without repeating the finished runs."""
 
 from __future__ import annotations
 
 import copy
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +36,22 @@ import yaml
 from lrsurgery.errors import UserError, check_count
 
 SECTIONS = frozenset(
-    ("name", "description", "model", "data", "calibrate", "train", "score", "budget", "methods", "seeds", "quick")
+    (
+        "name",
+        "description",
+        "extends",
+        "model",
+        "data",
+        "calibrate",
+        "train",
+        "score",
+        "budget",
+        "methods",
+        "seeds",
+        "quick",
+    )
 )
+LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a method's label names its runs' folder
 
 
 class CompareError(UserError, ValueError):
@@ -52,10 +74,14 @@ class Comparison:
     description: str = ""
     source: Path = Path(".")
 
+    def method_of(self, label: str) -> str:
+        """The registered method the entry `label` runs."""
+        return self.methods[label].get("method", label)
+
     @property
     def needs_stats(self) -> bool:
         """Whether a calibration runs: some method takes a stats artifact."""
-        return any(takes_stats(name) for name in self.methods)
+        return any(takes_stats(self.method_of(label)) for label in self.methods)
 
 
 def takes_stats(method: str) -> bool:
@@ -70,36 +96,31 @@ def read_comparison(path: Path, quick: bool = False, seeds: list[int] | None = N
     the file's seeds), checked: CompareError naming the file and key for anything it cannot run."""
     from lrsurgery.methods import method_names
 
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise CompareError(f"{path} cannot be read as a YAML comparison file: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise CompareError(f"{path} must hold a mapping (name, model, data, train, score, budget, methods)")
-    unknown = sorted(set(raw) - SECTIONS)
-    if unknown:
-        raise CompareError(f"{path}: unknown key {unknown[0]!r}; the keys are {', '.join(sorted(SECTIONS))}")
+    raw = _read_raw(Path(path), [])
     missing = [k for k in ("name", "model", "data", "train", "score", "budget", "methods") if k not in raw]
     if missing:
         raise CompareError(f"{path} lacks {missing[0]!r}")
     settings = copy.deepcopy({k: v for k, v in raw.items() if k != "quick"})
     if quick:
-        for key, value in (raw.get("quick") or {}).items():
-            if isinstance(value, dict) and isinstance(settings.get(key), dict):
-                settings[key] = {**settings[key], **value}
-            else:
-                settings[key] = value
+        settings = _merged(settings, raw.get("quick") or {})
     for key in ("data", "train", "score", "budget", "methods", "calibrate"):
         if not isinstance(settings.get(key, {}), dict):
             raise CompareError(f"{path}: {key!r} must be a mapping")
     methods = {}
-    for name, entry in settings["methods"].items():
-        if name not in method_names():
-            raise CompareError(f"{path}: unknown method {name!r}; available: {', '.join(method_names())}")
+    for label, entry in settings["methods"].items():
         entry = entry or {}
-        if not isinstance(entry, dict) or set(entry) - {"init", "train"}:
-            raise CompareError(f"{path}: methods.{name} takes only 'init' and 'train' option mappings")
-        methods[name] = {"init": dict(entry.get("init") or {}), "train": dict(entry.get("train") or {})}
+        if not isinstance(entry, dict) or set(entry) - {"method", "init", "train"}:
+            raise CompareError(f"{path}: methods.{label} takes only 'method', 'init' and 'train'")
+        method = str(entry.get("method", label))
+        if method not in method_names():
+            raise CompareError(f"{path}: methods.{label}: unknown method {method!r}; use {', '.join(method_names())}")
+        if not LABEL.fullmatch(str(label)):
+            raise CompareError(
+                f"{path}: methods.{label}: a label is letters, digits, '.', '-', '_' (it names a folder)"
+            )
+        methods[str(label)] = {"init": dict(entry.get("init") or {}), "train": dict(entry.get("train") or {})}
+        if method != label:
+            methods[str(label)]["method"] = method
     if not methods:
         raise CompareError(f"{path}: 'methods' is empty")
     budget = settings["budget"].get("rank")
@@ -136,3 +157,39 @@ def read_comparison(path: Path, quick: bool = False, seeds: list[int] | None = N
         seeds=chosen,
         source=Path(path).resolve(),
     )
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `over` merged in, section by section (a mapping's keys are merged, anything else replaced)."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **copy.deepcopy(value)}
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read_raw(path: Path, seen: list[Path]) -> dict[str, Any]:
+    """The file's mapping, with the file it `extends` merged under it (paths made relative to `path`)."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise CompareError(f"{path} cannot be read as a YAML comparison file: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise CompareError(f"{path} must hold a mapping (name, model, data, train, score, budget, methods)")
+    unknown = sorted(set(raw) - SECTIONS)
+    if unknown:
+        raise CompareError(f"{path}: unknown key {unknown[0]!r}; the keys are {', '.join(sorted(SECTIONS))}")
+    if "extends" not in raw:
+        return raw
+    parent = (path.resolve().parent / str(raw.pop("extends"))).resolve()
+    if parent in seen or parent == path.resolve():
+        raise CompareError(f"{path}: 'extends' makes a loop through {parent}")
+    base = _read_raw(parent, [*seen, path.resolve()])
+    moved = Path(os.path.relpath(parent.parent, path.resolve().parent))
+    for section, key in (("score", "task"), ("data", "train"), ("data", "test")):
+        if isinstance(base.get(section), dict) and key in base[section]:
+            base[section][key] = str(moved / base[section][key])
+    quick = _merged(base.pop("quick", None) or {}, raw.pop("quick", None) or {})
+    return {**_merged(base, raw), **({"quick": quick} if quick else {})}

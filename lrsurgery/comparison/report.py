@@ -49,9 +49,9 @@ def collect(comparison: Comparison, out: Path) -> dict[str, Any]:
 
     metric = comparison.score["metric"]
     runs = []
-    for method in comparison.methods:
+    for label in comparison.methods:
         for seed in comparison.seeds:
-            folder = run_folder(out, method, seed)
+            folder = run_folder(out, label, seed)
             train = folder / "train"
             extra = read_manifest(train, "train").extra
             rows = _metrics(train)
@@ -59,7 +59,8 @@ def collect(comparison: Comparison, out: Path) -> dict[str, Any]:
             times = [r["step_time"] for r in rows[1:]] or [rows[0]["step_time"]]
             runs.append(
                 {
-                    "method": method,
+                    "method": label,
+                    "kind": comparison.method_of(label),
                     "seed": seed,
                     "trainable_parameters": extra["trainable_parameters"],
                     "init_seconds": json.loads((folder / "timing.json").read_text()).get("init_seconds"),
@@ -170,6 +171,12 @@ def _save(fig: Any, png: Path) -> None:
     plt.close(fig)
 
 
+def _shown(runs: list[dict[str, Any]], kind: str) -> str | None:
+    """The entry whose method-specific figure is drawn: the one labelled `kind`, else the first of that kind."""
+    labels = list(dict.fromkeys(r["method"] for r in runs if r.get("kind", r["method"]) == kind))
+    return kind if kind in labels else (labels[0] if labels else None)
+
+
 def draw_figures(out: Path, results: dict[str, Any]) -> list[str]:
     """Draw the figures the comparison's methods have (ImportError without matplotlib); return their names."""
     import matplotlib
@@ -200,8 +207,9 @@ def draw_figures(out: Path, results: dict[str, Any]) -> list[str]:
     _save(fig, out / "loss.png")
     drawn.append("loss.png")
     seed = results["seeds"][0]
-    if "tlora" in methods:
-        ranks = read_manifest(run_folder(out, "tlora", seed) / "init", "init").extra["method"]["ranks"]
+    tlora, srlora, dual = (_shown(runs, kind) for kind in ("tlora", "srlora", "dual"))
+    if tlora:
+        ranks = read_manifest(run_folder(out, tlora, seed) / "init", "init").extra["method"]["ranks"]
         layers = sorted({int(p) for n in ranks for p in n.split(".") if p.isdigit()})
         kinds = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in ranks))
         grid = [[0] * len(kinds) for _ in layers]
@@ -213,20 +221,20 @@ def draw_figures(out: Path, results: dict[str, Any]) -> list[str]:
         ax.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right")
         ax.set_ylabel("layer")
         fig.colorbar(image, ax=ax, label="rank r_i")
-        ax.set_title("TLoRA rank allocation")
+        ax.set_title(f"TLoRA rank allocation ({tlora})")
         fig.tight_layout()
         _save(fig, out / "tlora_ranks.png")
         drawn.append("tlora_ranks.png")
-    if "srlora" in methods:
+    if srlora:
         from lrsurgery.training.report import save_intervals_plot
 
-        save_intervals_plot(run_folder(out, "srlora", seed) / "train", out / "srlora_intervals.png", overwrite=True)
+        save_intervals_plot(run_folder(out, srlora, seed) / "train", out / "srlora_intervals.png", overwrite=True)
         drawn.append("srlora_intervals.png")
-    dual = [r["expert_active"] for r in runs if r["method"] == "dual" and r["expert_active"]]
-    if dual:
+    screened = [r for r in runs if r["method"] == dual and r["expert_active"]]
+    if screened:
         fig, ax = plt.subplots(figsize=(7, 3.5))
-        for curve, r in zip(dual, [r for r in runs if r["method"] == "dual" and r["expert_active"]], strict=True):
-            ax.plot(range(1, len(curve) + 1), curve, label=f"seed {r['seed']}")
+        for r in screened:
+            ax.plot(range(1, len(r["expert_active"]) + 1), r["expert_active"], label=f"{dual}, seed {r['seed']}")
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("active experts (all modules)")
         ax.set_title("Dual: experts kept by the screening")

@@ -51,9 +51,9 @@ def run_compare(comparison: Comparison, out: Path, overwrite: bool = False) -> d
         shapes = target_shapes(comparison.model)
         if not (out / "base_score.json").is_file():  # the model before any training, on the same task
             _score(comparison, out, comparison.model, out / "base_score.json")
-        for method in comparison.methods:
+        for label in comparison.methods:
             for seed in comparison.seeds:
-                _run_one(comparison, out, method, seed, data, stats, shapes)
+                _run_one(comparison, out, label, seed, data, stats, shapes)
         results = collect(comparison, out)
         write_report(comparison, out, results)
     return results
@@ -147,21 +147,22 @@ def target_shapes(model: str) -> dict[str, tuple[int, int]]:
     return {n: tuple(root.get_submodule(n).weight.shape) for n in find_targets(empty)}
 
 
-def run_folder(out: Path, method: str, seed: int) -> Path:
-    """Where the run of `method` with `seed` lives in the results folder `out`."""
-    return out / "runs" / method / f"seed{seed}"
+def run_folder(out: Path, label: str, seed: int) -> Path:
+    """Where the run of the method entry `label` with `seed` lives in the results folder `out`."""
+    return out / "runs" / label / f"seed{seed}"
 
 
-def _run_one(comparison, out, method, seed, data, stats, shapes) -> None:
-    """init → train (held-out loss along the way) → score of one method and seed, each skipped when done."""
+def _run_one(comparison, out, label, seed, data, stats, shapes) -> None:
+    """init → train (held-out loss along the way) → score of one method entry and seed, each skipped when
+    done."""
     from lrsurgery.methods.base import registered
 
-    folder = run_folder(out, method, seed)
+    folder = run_folder(out, label, seed)
     folder.mkdir(parents=True, exist_ok=True)
     timing_file = folder / "timing.json"
     timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
-    cls = registered()[method]
-    options = {**cls.budget_options(comparison.budget, shapes), **comparison.methods[method]["init"]}
+    method = comparison.method_of(label)
+    options = {**registered()[method].budget_options(comparison.budget, shapes), **comparison.methods[label]["init"]}
     if takes_stats(method) and stats is not None:
         options.setdefault("stats", str(stats))
     if not (folder / "init" / "manifest.json").is_file():
@@ -175,7 +176,7 @@ def _run_one(comparison, out, method, seed, data, stats, shapes) -> None:
             "data": data["train"],
             "eval_data": data["test"],
             **comparison.train,
-            **comparison.methods[method]["train"],
+            **comparison.methods[label]["train"],
             "seed": seed,
         }
         config = _write_yaml(folder / "train.yaml", settings)
