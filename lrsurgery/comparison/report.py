@@ -195,12 +195,16 @@ def draw_figures(out: Path, results: dict[str, Any]) -> list[str]:
         mean = [statistics.mean(c[t] for c in curves) for t in range(steps)]
         window = max(1, steps // 20)
         smooth = [statistics.mean(mean[max(0, t - window + 1) : t + 1]) for t in range(steps)]
-        ax.plot(range(1, steps + 1), smooth, color=f"C{i}", label=method)
+        variant = any(r.get("kind", method) != method for r in runs if r["method"] == method)
+        ax.plot(range(1, steps + 1), smooth, "--" if variant else "-", color=f"C{i}", label=method)
         held = [r["eval_loss"] for r in runs if r["method"] == method]
         points = sorted({int(s) for h in held for s in h})
         ax.plot(points, [statistics.mean(h[str(s)] for h in held if str(s) in h) for s in points], "o", color=f"C{i}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
+    low, high = ax.get_ylim()
+    if low > 0 and high / low > 5:  # a run that falls from the base's loss to a small one: see the end too
+        ax.set_yscale("log")
     ax.set_title(f"{results['setting']}: training (line) and held-out (dots) loss")
     ax.legend()
     fig.tight_layout()
