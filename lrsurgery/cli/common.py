@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import errno
+import os
 import signal
 import sys
 import threading
@@ -255,9 +256,11 @@ PresetOption = typer.Option(
 
 @contextlib.contextmanager
 def timed(out: Path) -> Iterator[None]:
+    """Print the stage's output and wall time when it finishes (once: only the main process of several)."""
     began = time.perf_counter()
     yield
-    typer.echo(f"wrote {out} in {time.perf_counter() - began:.1f}s")
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(f"wrote {out} in {time.perf_counter() - began:.1f}s")
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 import torch
@@ -20,5 +22,11 @@ def new_accelerator(precision: str) -> Any:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    if os.environ.get("ACCELERATE_USE_CPU") == "True" and "WORLD_SIZE" not in os.environ:
+        print(
+            "note: `accelerate launch --cpu` starts one process; for several CPU processes use "
+            "`accelerate launch --multi_gpu --num_processes N` (gloo on a machine without CUDA) or torchrun",
+            file=sys.stderr,
+        )
     AcceleratorState._reset_state()
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if precision == "bf16" else "no")

@@ -7,6 +7,7 @@ function of (seed, step) alone, and the optimizer state and RNG state are checkp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -33,6 +34,7 @@ from lrsurgery.training.checkpoint import checkpoint_step, load_checkpoint, load
 from lrsurgery.training.edit_log import EditFiles
 from lrsurgery.training.flat import FlatParameters
 from lrsurgery.training.heldout import heldout_loss
+from lrsurgery.training.processes import check_same_frozen_weights
 from lrsurgery.training.schedule import TrainConfig, adamw, batch_indices, lr_at, total_steps
 
 
@@ -137,6 +139,7 @@ class Trainer:
         self.ctx = HookContext(unwrapped, self.flat, self.optimizer, accelerator, self.total, artifact=self.init_dir)
         self.layers = self.ctx.layers()
         self.init_edits = {name: len(layer.edits) for name, layer in self.layers.items()}
+        self.edit_counts = dict(self.init_edits)
         # the main process moves each edit to disk; the others keep their (identical) edits in memory
         self.edit_files = EditFiles(self.work, self.layers, write=accelerator.is_main_process)
         self.ctx.on_edit = self.edit_files.spill
@@ -166,14 +169,17 @@ class Trainer:
 
     def _settings(self) -> dict[str, Any]:
         """What a resumed run must share with the run it continues."""
+        # the global batch, not its split into processes × micro-batches: a run may resume with another
+        # number of processes when the batch per process makes up the same global batch
+        train = {k: v for k, v in asdict(self.cfg).items() if k not in ("batch_size", "grad_accum")}
         return {
             "init": str(self.init_dir.resolve()),
             "init_fingerprint": file_digest(self.init_dir / ADAPTER_FILE),
-            "train": asdict(self.cfg),
+            "train": train,
+            "global_batch": self.cfg.batch_size * self.cfg.grad_accum * self.accelerator.num_processes,
             "data": asdict(self.data),
             "data_fingerprint": self.examples.fingerprint,
             "eval_data": asdict(self.eval_data) if self.eval_data else None,
-            "processes": self.accelerator.num_processes,
             "method_options": self.method_options,
         }
 
@@ -203,6 +209,8 @@ class Trainer:
         self.flat.zero_grad()
         for h in self.hooks:
             logged.update(h.after_step(ctx))
+        if accelerator.num_processes > 1:
+            self._check_same_frozen_weights(step)
         due = step + 1 == self.total or (cfg.eval_every > 0 and (step + 1) % cfg.eval_every == 0)
         if self.held_out and accelerator.is_main_process and due:
             self.evaluated = heldout_loss(
@@ -219,6 +227,13 @@ class Trainer:
         if accelerator.is_main_process and (step + 1) % cfg.save_every == 0 and step + 1 < self.total:
             self.save(step + 1)
 
+    def _check_same_frozen_weights(self, step: int) -> None:
+        """With several processes: the layers a hook edited this step hold the same weights on every process."""
+        edited = [n for n, layer in self.layers.items() if len(layer.edits) != self.edit_counts.get(n)]
+        self.edit_counts = {n: len(layer.edits) for n, layer in self.layers.items()}
+        if edited:
+            check_same_frozen_weights(self.accelerator, {n: self.layers[n] for n in edited}, step)
+
     def _backward(self, step: int) -> tuple[float, dict[str, float]]:
         """Accumulate the gradients of the step's micro-batches; the task loss and the extra loss terms."""
         cfg, accelerator = self.cfg, self.accelerator
@@ -228,13 +243,16 @@ class Trainer:
             idx = batch_indices(step, micro, len(self.examples), cfg, world, rank)
             rows = collate([self.examples.rows[i] for i in idx], pad, self.data.task)
             batch = {k: v.to(accelerator.device) for k, v in rows.items()}
-            with accelerator.autocast():
-                loss = self.model(**batch).loss
-                extras = {k: v for h in self.hooks for k, v in h.extra_loss(self.ctx).items()}
-                total_loss = loss + sum(extras.values()) if extras else loss
-            if not torch.isfinite(total_loss):
-                raise _diverged("the loss", float(total_loss.detach()), step, self.start, self.run.out, self.work)
-            accelerator.backward(total_loss / cfg.grad_accum)
+            # processes all-reduce the gradients on the step's last micro-batch only (DDP's no_sync)
+            last = micro == cfg.grad_accum - 1
+            with contextlib.nullcontext() if last else accelerator.no_sync(self.model):
+                with accelerator.autocast():
+                    loss = self.model(**batch).loss
+                    extras = {k: v for h in self.hooks for k, v in h.extra_loss(self.ctx).items()}
+                    total_loss = loss + sum(extras.values()) if extras else loss
+                if not torch.isfinite(total_loss):
+                    raise _diverged("the loss", float(total_loss.detach()), step, self.start, self.run.out, self.work)
+                accelerator.backward(total_loss / cfg.grad_accum)
             task_loss += loss.item() / cfg.grad_accum
             for k, v in extras.items():
                 logged[k] = logged.get(k, 0.0) + v.item() / cfg.grad_accum
