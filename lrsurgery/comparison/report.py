@@ -202,8 +202,8 @@ def draw_figures(out: Path, results: dict[str, Any]) -> list[str]:
         ax.plot(points, [statistics.mean(h[str(s)] for h in held if str(s) in h) for s in points], "o", color=f"C{i}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
-    low, high = ax.get_ylim()
-    if low > 0 and high / low > 5:  # a run that falls from the base's loss to a small one: see the end too
+    plotted = [y for line in ax.get_lines() for y in line.get_ydata()]
+    if min(plotted) > 0 and max(plotted) / min(plotted) > 5:  # a fall from the base's loss: see the end too
         ax.set_yscale("log")
     ax.set_title(f"{results['setting']}: training (line) and held-out (dots) loss")
     ax.legend()
