@@ -73,7 +73,7 @@ def collect(comparison: Comparison, out: Path) -> dict[str, Any]:
                     stderr_key(metric): stderr,
                 }
             )
-    base, base_stderr = _score(out / "base_score.json", metric)
+    base, base_stderr = _score(out / "base_score.json", metric) if (out / "base_score.json").is_file() else (None, None)
     results = {
         "setting": comparison.name,
         "description": comparison.description,
@@ -136,7 +136,10 @@ def write_report(comparison: Comparison, out: Path, results: dict[str, Any]) -> 
     base = results["base"]
     markdown = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
     markdown += "".join("| " + " | ".join(row) + " |\n" for row in rows)
-    base_line = f"Base model before training: {metric} {_spread([base[metric]], base[stderr_key(metric)])}.\n"
+    if base[metric] is None:
+        base_line = "The base model is not scored: its classification head is the one each run trains.\n"
+    else:
+        base_line = f"Base model before training: {metric} {_spread([base[metric]], base[stderr_key(metric)])}.\n"
     write_text_atomic(out / "table.md", markdown + "\n" + base_line)
     buffer = io.StringIO()
     csv.writer(buffer).writerows([header, *rows])

@@ -49,7 +49,9 @@ def run_compare(comparison: Comparison, out: Path, overwrite: bool = False) -> d
         data = _prepare_data(comparison, out)
         stats = _calibrate(comparison, out, data) if comparison.needs_stats else None
         shapes = target_shapes(comparison.model)
-        if not (out / "base_score.json").is_file():  # the model before any training, on the same task
+        # the model before any training, on the same task; a classifier's head is trained by every run, so
+        # the base model has none to score
+        if comparison.data.get("task") != "classification" and not (out / "base_score.json").is_file():
             _score(comparison, out, comparison.model, out / "base_score.json")
         for label in comparison.methods:
             for seed in comparison.seeds:
