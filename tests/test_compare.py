@@ -179,6 +179,32 @@ def test_a_file_that_extends_the_setting_adds_a_variant_and_runs_only_it(compare
 
 
 @pytest.mark.slow
+def test_a_classification_setting_scores_the_trained_heads_and_no_base_model(tiny_bert, bbc, tmp_path):
+    setting = {
+        "name": "tiny-classify",
+        "model": str(tiny_bert),
+        "data": {"train": str(bbc / "train.jsonl"), "test": str(bbc / "test.jsonl"), "task": "classification"},
+        "train": {"max_steps": 2, "batch_size": 2, "lr": 1e-3, "seq_len": 32},
+        "score": {"task": str(EXAMPLES / "tasks" / "bbc_topic_classify.yaml"), "env": {"BBC_DATA": str(bbc)}},
+        "budget": {"rank": 2},
+        "methods": {"lora": {}},
+        "seeds": [0],
+    }
+    setting["score"]["metric"] = "acc"
+    config = tmp_path / "classify.yaml"
+    config.write_text(yaml.safe_dump(setting))
+    code, output = cli("compare", config, "-o", tmp_path / "out")
+    assert code == 0, output
+    out = tmp_path / "out"
+    assert not (out / "base_score.json").exists()
+    assert "The base model is not scored" in (out / "table.md").read_text()
+    results = json.loads((out / "results.json").read_text())
+    scored = json.loads((out / "runs" / "lora" / "seed0" / "score.json").read_text())["results"]
+    assert results["base"]["acc"] is None
+    assert results["runs"][0]["acc"] == next(iter(next(iter(scored.values())).values()))["acc"]
+
+
+@pytest.mark.slow
 def test_refusals(compared, tiny_llama, bbc, bbc_small, tmp_path):
     config, out, _ = compared
     other = _config(tmp_path, tiny_llama, bbc, bbc_small, train={"max_steps": 5, "batch_size": 2})

@@ -104,6 +104,28 @@ def test_two_processes_equal_one_with_the_same_global_batch(method, tiny_llama, 
         assert extra["dual"]["k_schedule"]
 
 
+def test_accelerate_launch_starts_the_processes_torchrun_does(tiny_llama, text, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on a machine without CUDA: two CPU processes over
+    gloo, the same run as torchrun's; `--cpu` starts one process, and says so."""
+    init = run_init(str(tiny_llama), "lora", tmp_path / "init", {"rank": 2})
+    train = ["train", init, "--data", text, *COMMON, "--max-steps", "2", "--batch-size", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no"]
+    launch += ["--dynamo_backend", "no"]
+    for flags, out in ((["--multi_gpu", "--num_processes", "2"], "accelerate"), (["--cpu"], "single")):
+        command = [*launch, *flags, "-m", "lrsurgery", *map(str, train), "-o", str(tmp_path / out)]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert ("starts one process" in done.stderr) == (out == "single")
+    _torchrun("-m", "lrsurgery", *train, "-o", tmp_path / "torchrun")
+    code, out = cli(*train[:-1], "4", "-o", tmp_path / "one")
+    assert code == 0, out
+    one = load_tensors(tmp_path / "one" / ADAPTER_FILE)
+    assert _relative_error(one, load_tensors(tmp_path / "accelerate" / ADAPTER_FILE)) <= 1e-5
+    assert _relative_error(one, load_tensors(tmp_path / "torchrun" / ADAPTER_FILE)) <= 1e-5
+    assert _relative_error(one, load_tensors(tmp_path / "single" / ADAPTER_FILE)) > 1e-3  # batch 2, not 4
+
+
 def test_gradient_accumulation_over_two_processes(tiny_llama, text, tmp_path):
     """2 processes × 2 micro-batches of 1 row make the same global batch as 1 process × batch 4."""
     init = run_init(str(tiny_llama), "lora", tmp_path / "init", {"rank": 2})
