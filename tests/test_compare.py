@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -162,7 +163,7 @@ def test_a_file_that_extends_the_setting_adds_a_variant_and_runs_only_it(compare
     (tmp_path / "ablations").mkdir()
     ablation = tmp_path / "ablations" / "variant.yaml"
     ablation.write_text(
-        f"extends: {Path('..') / config.relative_to(config.parent.parent)}\n"
+        f"extends: {os.path.relpath(config, ablation.parent)}\n"
         "methods:\n  tlora-w: {method: tlora, init: {a_init: w}}\nseeds: [0]\n"
     )
     assert Path(read_comparison(ablation).source) == ablation.resolve()
