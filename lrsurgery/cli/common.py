@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import errno
-import os
 import signal
 import sys
 import threading
@@ -257,9 +256,11 @@ PresetOption = typer.Option(
 @contextlib.contextmanager
 def timed(out: Path) -> Iterator[None]:
     """Print the stage's output and wall time when it finishes (once: only the main process of several)."""
+    from lrsurgery.training.accelerator import is_main_process
+
     began = time.perf_counter()
     yield
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         typer.echo(f"wrote {out} in {time.perf_counter() - began:.1f}s")
 
 

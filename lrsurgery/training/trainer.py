@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict
@@ -29,7 +28,7 @@ from lrsurgery.layers.adapter_file import ADAPTED_KINDS, ADAPTER_FILE, to_tensor
 from lrsurgery.methods import HookContext, Method, MethodError, TrainHooks, get_method
 from lrsurgery.progress import bar
 from lrsurgery.stages.adapted import load_adapted
-from lrsurgery.training.accelerator import new_accelerator
+from lrsurgery.training.accelerator import is_main_process, new_accelerator
 from lrsurgery.training.checkpoint import checkpoint_step, load_checkpoint, load_checkpoint_extra, save_checkpoint
 from lrsurgery.training.edit_log import EditFiles
 from lrsurgery.training.flat import FlatParameters
@@ -65,7 +64,7 @@ def run_train(
     `hooks` run after the method's own.
     """
     out = Path(out)
-    main = int(os.environ.get("RANK", "0")) == 0  # torchrun and accelerate set RANK; only rank 0 writes
+    main = is_main_process()  # only the main process writes
     inputs = [init_dir, data.path, eval_data.path if eval_data else None]
     if not main:  # the main process checks, locks and writes the output; the others only refuse the same
         check_output(out, inputs, overwrite, "train")
