@@ -6,6 +6,8 @@
 #        or $LOG).  MODEL: a SmolLM2-shaped folder or name (default smollm2-135m).  DEVICE: default cuda.
 #        BUDGET: seconds for the whole run (default 540): each step's limit is cut to what is left, and
 #        steps are skipped once it is spent, so the log always holds every step that ran.
+#        PARTS: which sections to run, of tests,methods,bench (default all three), so that the CPU-heavy
+#        tests can run beside the method runs while the timed benchmarks run alone.
 set -uo pipefail
 WORK=${1:-runs/gpu-check}
 MODEL=${MODEL:-smollm2-135m}
@@ -13,6 +15,7 @@ DEVICE=${DEVICE:-cuda}
 STEPS=${STEPS:-30}
 LOG=${LOG:-$WORK/gpu_check.log}
 BUDGET=${BUDGET:-540}
+PARTS=${PARTS:-tests,methods,bench}
 BIG_SHAPE=${BIG_SHAPE:---shape llama7b --layers 2}  # the large model of the last benchmark
 HERE=$(dirname "$0")
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 LRSURGERY_NO_PROGRESS=1
@@ -35,26 +38,29 @@ step() {  # step NAME SECONDS COMMAND...: run it under a time limit, log it, go 
   [ "$rc" = 0 ] || failed=$((failed + 1))
 }
 
+part() { [[ ",$PARTS," == *",$1,"* ]]; }
+
 step env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; python -c '
 import torch, transformers, peft, datasets
 print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"transformers\", transformers.__version__,
       \"peft\", peft.__version__, \"datasets\", datasets.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else \"no GPU\")'"
 FOLDER=$(python -c "from lrsurgery.hf.resolve import resolve_model; print(resolve_model('$MODEL'))") || exit 1
 DATA=$WORK/data
-step data 60 lrsurgery assets bbc-news -o "$DATA" --overwrite
+part methods && step data 60 lrsurgery assets bbc-news -o "$DATA" --overwrite
 
 # 1. the GPU tests (they compare every GPU path with the CPU on the same inputs)
-step tests 170 env LRSURGERY_TEST_SMOLLM2="$FOLDER" python -m pytest -q -m "" -p no:cacheprovider tests/test_device.py
+part tests && step tests 170 env LRSURGERY_TEST_SMOLLM2="$FOLDER" python -m pytest -q -m "" -p no:cacheprovider tests/test_device.py
 
 # 2. every method trained on the GPU (bf16 autocast), from a GPU calibration and GPU SVDs
 TRAIN=(--data "$DATA/train.jsonl" --eval-data "$DATA/test.jsonl" --prompt-template $'Article: {text:.400}\nTopic:'
   --response-template ' {label}' --seq-len 128 --batch-size 8 --max-steps "$STEPS" --lr 3e-4 --precision bf16)
-step calibrate 60 lrsurgery calibrate "$FOLDER" --data "$DATA/train.jsonl" --samples 32 --seq-len 256 \
+part methods && step calibrate 60 lrsurgery calibrate "$FOLDER" --data "$DATA/train.jsonl" --samples 32 --seq-len 256 \
   --device "$DEVICE" -o "$WORK/stats" --overwrite
 declare -A INIT=([lora]="--rank 8" [pissa]="--rank 8 --device $DEVICE" [tlora]="--rank 8 --stats $WORK/stats --device $DEVICE"
   [dual]="--r-share 4 --r-expert 4 --device $DEVICE" [srlora]="--rank 8 --r-target 32 --device $DEVICE")
 declare -A EXTRA=([dual]="--t1 0.2 --t2 0.6 --delta-t 3" [srlora]="--fusion-ratio 0.5")
-for method in lora pissa tlora dual srlora; do
+for method in ${METHODS:-tlora dual srlora lora pissa}; do
+  part methods || break
   # shellcheck disable=SC2086
   step "$method" 90 bash -c "set -e
     lrsurgery init '$FOLDER' --method $method ${INIT[$method]} -o '$WORK/$method/init' --overwrite
@@ -65,15 +71,17 @@ done
 
 # 3. benchmarks
 BENCH=(--model "$FOLDER" --device "$DEVICE" --batch-size "${BENCH_BATCH:-8}" --seq-len "${BENCH_SEQ:-512}" --variants frozen,peft-lora,lora,pissa
-  --repeats 1 --rounds 10)
-step train-step-fp32 90 python "$HERE/bench_train_step.py" "${BENCH[@]}" --dtype fp32
+  --repeats 1 --rounds "${BENCH_ROUNDS:-10}")
+if part bench; then
 step train-step-bf16 90 python "$HERE/bench_train_step.py" "${BENCH[@]}" --dtype bf16
-step tlora-init 120 python "$HERE/bench_tlora.py" --model "$FOLDER" --device "$DEVICE" --repeats 1 --no-train-step
+step train-step-fp32 90 python "$HERE/bench_train_step.py" "${BENCH[@]}" --dtype fp32
 # shellcheck disable=SC2086
 step llama7b-shape 60 python "$HERE/synthetic_llama.py" "$WORK/llama7b-2l" $BIG_SHAPE \
   --tokenizer "$FOLDER" --overwrite
 step tlora-init-7b-shape 240 python "$HERE/bench_tlora.py" --model "$WORK/llama7b-2l" --device "$DEVICE" \
   --repeats 1 --no-train-step --samples 16 --seq-len 256
+step tlora-init 120 python "$HERE/bench_tlora.py" --model "$FOLDER" --device "$DEVICE" --repeats 1 --no-train-step
+fi
 
 echo "gpu_check: $failed step(s) failed; log in $LOG" | tee -a "$LOG"
 exit "$((failed > 0))"

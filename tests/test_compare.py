@@ -180,6 +180,25 @@ def test_a_file_that_extends_the_setting_adds_a_variant_and_runs_only_it(compare
 
 
 @pytest.mark.slow
+def test_the_task_file_is_pinned_by_its_content_not_its_path(compared, tiny_llama, bbc, bbc_small, tmp_path):
+    """A checkout moved elsewhere takes up its comparisons: the same task file at another path runs (and
+    trains nothing), while an edited one is refused as another setting."""
+    _, out, _ = compared
+    adapter = out / "runs" / "lora" / "seed0" / "train" / "adapter.safetensors"
+    before = adapter.stat().st_mtime_ns
+    moved = tmp_path / "moved" / "bbc_topic.yaml"
+    moved.parent.mkdir()
+    moved.write_bytes((EXAMPLES / "tasks" / "bbc_topic.yaml").read_bytes())
+    score = {"task": str(moved), "env": {"BBC_DATA": str(bbc)}, "metric": "acc"}
+    code, output = cli("compare", _config(tmp_path, tiny_llama, bbc, bbc_small, score=score), "-o", out)
+    assert code == 0, output
+    assert adapter.stat().st_mtime_ns == before
+    moved.write_text(moved.read_text() + "\n# edited\n")
+    code, output = cli("compare", _config(tmp_path, tiny_llama, bbc, bbc_small, score=score), "-o", out)
+    assert code == 1 and "other settings (score)" in output
+
+
+@pytest.mark.slow
 def test_a_classification_setting_scores_the_trained_heads_and_no_base_model(tiny_bert, bbc, tmp_path):
     setting = {
         "name": "tiny-classify",

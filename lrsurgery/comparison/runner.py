@@ -32,6 +32,7 @@ import yaml
 
 from lrsurgery import __version__
 from lrsurgery.comparison.config import CompareError, Comparison, takes_stats
+from lrsurgery.io.artifacts import file_digest
 from lrsurgery.io.outputs import OutputError, check_output, lock_for, write_text_atomic
 
 MARKER = "lrsurgery_compare.json"
@@ -63,7 +64,18 @@ def run_compare(comparison: Comparison, out: Path, overwrite: bool = False) -> d
 
 def _record(comparison: Comparison) -> dict[str, Any]:
     setting = {k: v for k, v in asdict(comparison).items() if k in PINNED}
+    setting["score"] = _pinned_score(setting["score"])
     return json.loads(json.dumps({"name": comparison.name, "setting": setting, "methods": comparison.methods}))
+
+
+def _pinned_score(score: dict[str, Any]) -> dict[str, Any]:
+    """The score section as the marker pins it: the task file by its name and content, not its absolute path,
+    so a checkout moved elsewhere takes up its comparisons. A marker that recorded a path (an earlier
+    version) is read the same way while that file exists."""
+    task = str(score.get("task", ""))
+    if task.startswith("/") and Path(task).is_file():
+        task = f"{Path(task).name} sha256:{file_digest(Path(task))[:16]}"
+    return {**score, "task": task}
 
 
 def _open_results(comparison: Comparison, out: Path, overwrite: bool) -> None:
@@ -79,6 +91,8 @@ def _open_results(comparison: Comparison, out: Path, overwrite: bool) -> None:
     current = _record(comparison)
     if marker.is_file():
         before = json.loads(marker.read_text())
+        if "score" in before.get("setting", {}):
+            before["setting"]["score"] = _pinned_score(before["setting"]["score"])
         changed = [k for k in current["setting"] if before.get("setting", {}).get(k) != current["setting"][k]]
         earlier = before.get("methods", {})
         changed += [f"methods.{m}" for m, opts in current["methods"].items() if m in earlier and earlier[m] != opts]

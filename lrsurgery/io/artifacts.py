@@ -154,8 +154,17 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write tensors to a safetensors file atomically (contiguous CPU copies).
 
-    The bytes are written by Python's file I/O, so a full disk is an OSError (ENOSPC) like any other."""
-    data = serialize({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata=metadata)
+    The bytes are written by Python's file I/O, so a full disk is an OSError (ENOSPC) like any other. Tensors
+    that share memory (an adapter's A that is also its first edit's A) are written as copies, as safetensors
+    stores no shared memory."""
+    seen: set[int] = set()
+    prepared = {}
+    for name, value in tensors.items():
+        value = value.detach().to("cpu").contiguous()
+        key = value.untyped_storage().data_ptr()
+        prepared[name] = value.clone() if key in seen and value.numel() else value
+        seen.add(key)
+    data = serialize(prepared, metadata=metadata)
     write_bytes_atomic(path, data)
 
 

@@ -28,6 +28,7 @@ from lrsurgery.io.outputs import check_output, output_folder, write_text_atomic
 from lrsurgery.io.shards import LazyWeights
 from lrsurgery.layers.adapter_file import read_adapters
 from lrsurgery.layers.spec import ModuleAdapter
+from lrsurgery.linalg.svd import thin_svd
 from lrsurgery.stages.fuse import DTYPES, FuseConfig, base_folder, cast, check_fits, output_model
 
 PEFT = "PEFT adapter"  # the kind of output folder the export writes (outputs.FOLDER_MARKERS)
@@ -69,7 +70,7 @@ def compress(b: torch.Tensor, a: torch.Tensor, max_rank: int | None) -> Compress
     """Best rank-`max_rank` factors of B·A (Eckart–Young), from QR of both factors and an SVD of the core."""
     qb, rb = torch.linalg.qr(b)
     qa, ra = torch.linalg.qr(a.T)
-    u, s, vh = torch.linalg.svd(rb @ ra.T)
+    u, s, vh = thin_svd(rb @ ra.T)
     total = float((s**2).sum())
     if max_rank is None or max_rank >= b.shape[1]:
         return Compressed(b, a, 0.0, total)
