@@ -236,3 +236,36 @@ def test_an_interrupted_two_process_run_resumes_to_the_uninterrupted_result(tiny
     assert code == 0, out
     # the same global batches from the checkpoint on, summed in another order: close, not bitwise
     assert _relative_error(whole, load_tensors(tmp_path / "single" / ADAPTER_FILE)) <= 1e-3
+
+
+def test_calibrate_over_two_processes_equals_one(tiny_llama, text, tmp_path):
+    """Three micro-batches over two processes (two on one, one on the other): every covariance sum,
+    per-sequence sum and sensitivity equals the one-process calibration's. Both run with one thread, so each
+    micro-batch's activations and gradients are computed by the same kernels; only the order in which the
+    micro-batches' fp64 sums are added differs, so each stored tensor agrees to a few units of its own
+    dtype's roundoff."""
+    args = ["calibrate", tiny_llama, "--data", text, "--samples", "6", "--batch-size", "2", "--seq-len", "32"]
+    args += ["--dtype", "fp64"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "lrsurgery", *map(str, args), "-o", str(one)], env=env, text=True)
+    assert done.returncode == 0
+    _torchrun("-m", "lrsurgery", *args, "-o", two)
+    files = sorted(p.name for p in one.glob("*.safetensors"))
+    assert files == sorted(p.name for p in two.glob("*.safetensors")) and "sensitivity.safetensors" in files
+    for name in files:
+        a, b = load_tensors(one / name), load_tensors(two / name)
+        assert a.keys() == b.keys(), name
+        for key in a:
+            if not a[key].is_floating_point():
+                assert torch.equal(a[key], b[key]), (name, key)
+                continue
+            error = float((a[key] - b[key]).double().norm() / a[key].double().norm().clamp_min(1e-300))
+            assert error <= 4 * torch.finfo(a[key].dtype).eps, (name, key, error)
+    first, second = (json.loads((p / "manifest.json").read_text())["extra"] for p in (one, two))
+    assert first["tokens"] == second["tokens"] and first["sensitivity"] == second["sensitivity"]
+    assert (first["processes"], second["processes"]) == (1, 2)
+    too_many = [*args[:5], "2", *args[6:], "-o", tmp_path / "three"]  # one micro-batch for two processes
+    done = subprocess.run([*TORCHRUN, "-m", "lrsurgery", *map(str, too_many)], env=env, capture_output=True, text=True)
+    assert done.returncode != 0 and "1 micro-batch(es) for 2 processes" in done.stderr
+    assert not (tmp_path / "three").exists()

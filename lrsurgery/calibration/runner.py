@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from lrsurgery.calibration.covariance import CalibrationError, CovarianceCollector
+from lrsurgery.calibration.processes import Shard, current_shard, local_device
 from lrsurgery.calibration.sensitivity import SensitivityCollector, per_sample_loss, whole_model
 from lrsurgery.calibration.stats_file import write_block, write_sensitivity
 from lrsurgery.config import option
@@ -38,6 +39,7 @@ from lrsurgery.io.artifacts import MANIFEST, Manifest, load_tensors, read_manife
 from lrsurgery.io.outputs import Work, output_folder
 from lrsurgery.linalg.basics import all_finite
 from lrsurgery.progress import progress
+from lrsurgery.training.accelerator import is_main_process
 
 __all__ = ["CalibrateConfig", "CalibrationError", "capture_block_inputs", "run_calibrate"]
 
@@ -178,7 +180,8 @@ def run_calibrate(
     if keeps_existing(out, reuse, overwrite):
         _check_reusable(Path(out), folder, data, cfg)
         return Path(out)
-    with output_folder(out, "stats", [folder, data.path], overwrite, resume=resume) as run:
+    main = is_main_process()
+    with output_folder(out, "stats", [folder, data.path], overwrite, resume=resume, active=main) as run:
         _calibrate(model, folder, data, cfg, run, device)
     return Path(out)
 
@@ -248,8 +251,11 @@ def _calibrate(model: str, folder: Path, data: DataSpec, cfg: CalibrateConfig, r
     batches = [collate(rows[i : i + cfg.batch_size], pad, "causal") for i in range(0, len(rows), cfg.batch_size)]
     for batch in batches:
         batch["count"] = batch["attention_mask"] if cfg.tokens == "all" else batch["labels"] != IGNORE
+    shard = current_shard(len(batches))
+    if shard.world > 1 and "sensitivity" in cfg.collect and cfg.sensitivity_path == "whole":
+        raise CalibrationError("--sensitivity-path whole runs in one process; use the sequential path (the default)")
     targets = find_targets(loaded.model, cfg.targets)
-    runner = BlockRunner(loaded.model, device, loader)
+    runner = BlockRunner(loaded.model, local_device(device), loader)
     blocks = len(runner.blocks)
     manifest = Manifest(
         kind="stats",
@@ -258,27 +264,38 @@ def _calibrate(model: str, folder: Path, data: DataSpec, cfg: CalibrateConfig, r
         data={"fingerprint": examples.fingerprint, "samples": len(rows), "path": data.path},
         extra={"blocks": blocks, "completed": 0, "tokens": 0, "modules": {}, "sequence_sums": True},
     )
-    run.pin({"model": manifest.model["fingerprint"], "data": examples.fingerprint, "config": manifest.config})
+    manifest.extra["processes"] = shard.world
     work = run.folder
-    if not (work / MANIFEST).exists():
-        write_manifest(work, manifest)
-    state = read_manifest(work).extra
+    if shard.main:
+        run.pin({"model": manifest.model["fingerprint"], "data": examples.fingerprint, "config": manifest.config})
+        if not (work / MANIFEST).exists():
+            write_manifest(work, manifest)
+    state = read_manifest(work).extra if shard.main else manifest.extra
+    if run.resumed and max(shard.world, state.get("processes", 1)) > 1:
+        raise CalibrationError(
+            f"{work} was started over {state.get('processes', 1)} process(es) and this run has {shard.world}: a "
+            "calibration resumes in one process only; run it again with --overwrite"
+        )
     covariance_from = state["completed"] if "covariance" in cfg.collect else blocks
     wants_sensitivity = "sensitivity" in cfg.collect and "sensitivity" not in state
     if wants_sensitivity and cfg.sensitivity_path == "whole":
-        _save_sensitivity(work, whole_model(loaded.model, batches, targets), batches, "whole")
+        _save_sensitivity(work, whole_model(loaded.model, batches, targets), samples_of(batches), "whole")
         run.keep()
         wants_sensitivity = False
     backward_from = state.get("sensitivity_next", blocks) if wants_sensitivity else 0
     forward_to = blocks if covariance_from < blocks or backward_from == blocks else backward_from - 1
-    kept, hidden = _forward(runner, batches, targets, cfg, run, covariance_from, forward_to, backward_from)
+    mine = shard.mine(batches)
+    kept, hidden = _forward(runner, mine, targets, cfg, run, covariance_from, forward_to, backward_from, shard)
     if wants_sensitivity:
-        _backward(loaded.model, runner, batches, targets, run, kept, hidden, backward_from)
-    _check_complete(work)
+        samples = samples_of(batches)
+        _backward(loaded.model, runner, mine, targets, run, kept, hidden, backward_from, shard, samples)
+    if shard.main:
+        _check_complete(work)
 
 
-def _forward(runner, batches, targets, cfg, run, covariance_from, forward_to, keep_to):
-    """Run blocks [0, forward_to), collecting covariances from block `covariance_from` on, and keep
+def _forward(runner, batches, targets, cfg, run, covariance_from, forward_to, keep_to, shard: Shard):
+    """Run blocks [0, forward_to) on this process's micro-batches `batches`, collecting covariances from
+    block `covariance_from` on (added over the processes of `shard`, written by the main one), and keep
     the inputs of blocks [0, keep_to) for the backward pass.
 
     Returns (kept[block][batch] hidden states, [(hidden, kwargs, args)] per batch after the last block run).
@@ -306,12 +323,24 @@ def _forward(runner, batches, targets, cfg, run, covariance_from, forward_to, ke
             runner.release(index)
             if collector:
                 collector.close()
-                sums = collector.finish()
-                write_block(run.folder, index, sums, collector.share, collector.tokens, collector.sequences())
-                run.keep()
+                sums, tokens, sequences = _added(collector, shard)
+                if shard.main:
+                    write_block(run.folder, index, sums, collector.share, tokens, sequences)
+                    run.keep()
         if forward_to < keep_to:
             kept.append([h for h, _, _ in hidden])
     return kept, hidden
+
+
+def _added(collector: CovarianceCollector, shard: Shard) -> tuple[dict, int, tuple[dict, torch.Tensor]]:
+    """A block's covariance sums, token count and per-sequence sums, added (or, for the per-sequence sums,
+    gathered in calibration order) over the processes of `shard`."""
+    sums = shard.add(collector.finish())
+    per_batch = {name: shard.interleave(parts) for name, parts in sorted(collector.sequence_sums.items())}
+    tokens = shard.interleave(collector.sequence_tokens)
+    sequence_sums = {name: torch.cat(parts) for name, parts in per_batch.items()}
+    counts = torch.cat(tokens) if tokens else torch.zeros(0, dtype=torch.int64)
+    return sums, shard.add_count(collector.tokens), (sequence_sums, counts)
 
 
 class _Replay(nn.Module):
@@ -344,8 +373,10 @@ def _head_gradients(model: nn.Module, runner: BlockRunner, batches: list[dict], 
     return grads
 
 
-def _backward(model, runner, batches, targets, run, kept, hidden, backward_from) -> None:
-    """Sequential sensitivity: carry the loss gradient down blocks [0, backward_from) in reverse."""
+def _backward(model, runner, batches, targets, run, kept, hidden, backward_from, shard: Shard, samples: int) -> None:
+    """Sequential sensitivity: carry the loss gradient down blocks [0, backward_from) in reverse, over this
+    process's micro-batches `batches`; each block's sums are added over the processes of `shard`, and the
+    main one writes them (`samples`: the samples of all the processes' micro-batches)."""
     work = run.folder
     if backward_from == len(runner.blocks):
         grads = _head_gradients(model, runner, batches, hidden)
@@ -363,9 +394,14 @@ def _backward(model, runner, batches, targets, run, kept, hidden, backward_from)
             collector.samples += per_sample_count(batch["labels"])
         runner.release(index)
         grads = below
-        _write_sensitivity_block(work, index, collector.close(), grads)
-        run.keep()
-    _save_sensitivity(work, _gather_sensitivity(work), batches, "sequential")
+        collector.rows, collector.cols = shard.add(collector.rows), shard.add(collector.cols)
+        collector.samples = shard.add_count(collector.samples)
+        tensors = collector.close()
+        if shard.main:
+            _write_sensitivity_block(work, index, tensors, grads)
+            run.keep()
+    if shard.main:
+        _save_sensitivity(work, _gather_sensitivity(work), samples, "sequential")
 
 
 def per_sample_count(labels: torch.Tensor) -> int:
@@ -390,9 +426,14 @@ def _gather_sensitivity(work: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _save_sensitivity(work: Path, tensors: dict, batches: list[dict], path: str) -> None:
-    """Write the sensitivity file and drop the sequential pass's per-block work files."""
-    write_sensitivity(work, tensors, sum(per_sample_count(b["labels"]) for b in batches), path)
+def samples_of(batches: list[dict]) -> int:
+    """Samples with at least one predicted token in all of `batches`."""
+    return sum(per_sample_count(b["labels"]) for b in batches)
+
+
+def _save_sensitivity(work: Path, tensors: dict, samples: int, path: str) -> None:
+    """Write the sensitivity file (means over `samples`) and drop the sequential pass's per-block work files."""
+    write_sensitivity(work, tensors, samples, path)
     for file in [*work.glob("sens_*.safetensors"), *work.glob("grad_*.safetensors")]:
         file.unlink()
 
