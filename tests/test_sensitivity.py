@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import PROMPT, RESPONSE, assert_same_tensors, sum_tolerance
 
-from lrsurgery.calibration import runner as calibration
+from lrsurgery.calibration import backward
 from lrsurgery.calibration.runner import CalibrateConfig, run_calibrate
 from lrsurgery.calibration.sensitivity import whole_model
 from lrsurgery.calibration.stats_file import sensitivity_tensors
@@ -87,17 +87,17 @@ def test_sensitivity_resumes_from_the_last_finished_block(tiny_llama, bbc_small,
     cfg = CalibrateConfig(samples=4, seq_len=32, batch_size=2, collect=BOTH)
     data = DataSpec(path=str(bbc_small))
     whole = run_calibrate(str(tiny_llama), data, cfg, tmp_path / "once")
-    original = calibration._write_sensitivity_block
+    original = backward._write_sensitivity_block
 
     def crash_at_block_zero(work, index, tensors, grads):
         if index == 0:
             raise KeyboardInterrupt
         original(work, index, tensors, grads)
 
-    monkeypatch.setattr(calibration, "_write_sensitivity_block", crash_at_block_zero)
+    monkeypatch.setattr(backward, "_write_sensitivity_block", crash_at_block_zero)
     with pytest.raises(KeyboardInterrupt):
         run_calibrate(str(tiny_llama), data, cfg, tmp_path / "again")
-    monkeypatch.setattr(calibration, "_write_sensitivity_block", original)
+    monkeypatch.setattr(backward, "_write_sensitivity_block", original)
     extra = json.loads((tmp_path / "again.partial" / "manifest.json").read_text())["extra"]
     assert extra["completed"] == 2 and extra["sensitivity_next"] == 1
     again = run_calibrate(str(tiny_llama), data, cfg, tmp_path / "again", resume=True)

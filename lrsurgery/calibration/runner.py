@@ -9,7 +9,9 @@ and is released. Its outputs, kept on CPU, are the next block's inputs.
 Backward (sensitivity, sequential path): the model's own head turns the last block's outputs into the
 per-sample losses, whose gradient is then carried down block by block in reverse: each block is
 recomputed from its stored input with gradients on, back-propagated, and its per-sample |W ⊙ ∇W|
-reduced (calibration/sensitivity.py). One block's weights are resident at a time in both passes.
+reduced (calibration/backward.py, calibration/sensitivity.py). One block's weights are resident at a
+time in both passes. With several processes, each runs a share of the micro-batches and the sums are
+added across them (calibration/processes.py).
 
 Everything is written per block as the block finishes (covariance sums, sensitivity reductions and the
 gradient at the block boundary), with the manifest recording how far each pass got, so an interrupted
@@ -25,17 +27,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from lrsurgery.calibration.backward import backward_pass, samples_of, save_sensitivity
 from lrsurgery.calibration.covariance import CalibrationError, CovarianceCollector
 from lrsurgery.calibration.processes import Shard, current_shard, local_device
-from lrsurgery.calibration.sensitivity import SensitivityCollector, per_sample_loss, whole_model
-from lrsurgery.calibration.stats_file import write_block, write_sensitivity
+from lrsurgery.calibration.sensitivity import whole_model
+from lrsurgery.calibration.stats_file import write_block
 from lrsurgery.config import option
 from lrsurgery.data.examples import IGNORE, DataSpec, build_examples, collate
 from lrsurgery.errors import SEED_MAX, check_count
 from lrsurgery.hf.load import compute_device, default_task, load_model, model_record
 from lrsurgery.hf.resolve import resolve_model
 from lrsurgery.hf.tree import backbone, block_list, find_targets
-from lrsurgery.io.artifacts import MANIFEST, Manifest, load_tensors, read_manifest, save_tensors, write_manifest
+from lrsurgery.io.artifacts import MANIFEST, Manifest, read_manifest, write_manifest
 from lrsurgery.io.outputs import Work, output_folder
 from lrsurgery.linalg.basics import all_finite
 from lrsurgery.progress import progress
@@ -279,7 +282,7 @@ def _calibrate(model: str, folder: Path, data: DataSpec, cfg: CalibrateConfig, r
     covariance_from = state["completed"] if "covariance" in cfg.collect else blocks
     wants_sensitivity = "sensitivity" in cfg.collect and "sensitivity" not in state
     if wants_sensitivity and cfg.sensitivity_path == "whole":
-        _save_sensitivity(work, whole_model(loaded.model, batches, targets), samples_of(batches), "whole")
+        save_sensitivity(work, whole_model(loaded.model, batches, targets), samples_of(batches), "whole")
         run.keep()
         wants_sensitivity = False
     backward_from = state.get("sensitivity_next", blocks) if wants_sensitivity else 0
@@ -288,7 +291,7 @@ def _calibrate(model: str, folder: Path, data: DataSpec, cfg: CalibrateConfig, r
     kept, hidden = _forward(runner, mine, targets, cfg, run, covariance_from, forward_to, backward_from, shard)
     if wants_sensitivity:
         samples = samples_of(batches)
-        _backward(loaded.model, runner, mine, targets, run, kept, hidden, backward_from, shard, samples)
+        backward_pass(loaded.model, runner, mine, targets, run, kept, hidden, backward_from, shard, samples)
     if shard.main:
         _check_complete(work)
 
@@ -341,101 +344,6 @@ def _added(collector: CovarianceCollector, shard: Shard) -> tuple[dict, int, tup
     sequence_sums = {name: torch.cat(parts) for name, parts in per_batch.items()}
     counts = torch.cat(tokens) if tokens else torch.zeros(0, dtype=torch.int64)
     return sums, shard.add_count(collector.tokens), (sequence_sums, counts)
-
-
-class _Replay(nn.Module):
-    """Stands in for the block list's only entry: returns a stored hidden state, ignoring its input."""
-
-    def __init__(self, hidden: torch.Tensor, as_tuple: bool):
-        super().__init__()
-        self.hidden = hidden
-        self.as_tuple = as_tuple
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return (self.hidden,) if self.as_tuple else self.hidden
-
-
-def _head_gradients(model: nn.Module, runner: BlockRunner, batches: list[dict], hidden: list[tuple]) -> list:
-    """∂(Σ per-sample losses)/∂(last block output) per micro-batch, from the model's own head."""
-    parent_name, _, attr = runner.prefix.rpartition(".")
-    parent = runner.root.get_submodule(parent_name) if parent_name else runner.root
-    original = getattr(parent, attr)
-    grads = []
-    try:
-        for batch, (states, _, _) in zip(batches, hidden, strict=True):
-            last = states.clone().requires_grad_(True)
-            setattr(parent, attr, nn.ModuleList([_Replay(last, runner.tuple_output)]))
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-            per_sample_loss(out.logits, batch["labels"])[0].backward()
-            grads.append(last.grad)
-    finally:
-        setattr(parent, attr, original)
-    return grads
-
-
-def _backward(model, runner, batches, targets, run, kept, hidden, backward_from, shard: Shard, samples: int) -> None:
-    """Sequential sensitivity: carry the loss gradient down blocks [0, backward_from) in reverse, over this
-    process's micro-batches `batches`; each block's sums are added over the processes of `shard`, and the
-    main one writes them (`samples`: the samples of all the processes' micro-batches)."""
-    work = run.folder
-    if backward_from == len(runner.blocks):
-        grads = _head_gradients(model, runner, batches, hidden)
-    else:
-        saved = load_tensors(work / f"grad_{backward_from:04d}.safetensors")
-        grads = [saved[f"batch.{b}"] for b in range(len(batches))]
-    for index in progress(reversed(range(backward_from)), desc="calibrate backward", total=backward_from, unit="block"):
-        block = runner.load(index)
-        collector = SensitivityCollector(runner.targets(index, targets))
-        below = []
-        for b, (batch, (_, kwargs, args)) in enumerate(zip(batches, hidden, strict=True)):
-            x = kept[index][b].to(runner.device).requires_grad_(True)
-            runner.run(block, x, kwargs, args).backward(grads[b].to(runner.device))
-            below.append(x.grad.cpu())
-            collector.samples += per_sample_count(batch["labels"])
-        runner.release(index)
-        grads = below
-        collector.rows, collector.cols = shard.add(collector.rows), shard.add(collector.cols)
-        collector.samples = shard.add_count(collector.samples)
-        tensors = collector.close()
-        if shard.main:
-            _write_sensitivity_block(work, index, tensors, grads)
-            run.keep()
-    if shard.main:
-        _save_sensitivity(work, _gather_sensitivity(work), samples, "sequential")
-
-
-def per_sample_count(labels: torch.Tensor) -> int:
-    """Samples in a micro-batch with at least one predicted token (those the sensitivity averages over)."""
-    return int(((labels[:, 1:] != IGNORE).sum(dim=1) > 0).sum())
-
-
-def _write_sensitivity_block(work: Path, index: int, tensors: dict, grads: list[torch.Tensor]) -> None:
-    """Write block `index`'s sensitivities and the gradient entering it, then move the resume point."""
-    save_tensors(work / f"sens_{index:04d}.safetensors", tensors)
-    save_tensors(work / f"grad_{index:04d}.safetensors", {f"batch.{b}": g for b, g in enumerate(grads)})
-    manifest = read_manifest(work)
-    manifest.extra["sensitivity_next"] = index
-    write_manifest(work, manifest)
-    (work / f"grad_{index + 1:04d}.safetensors").unlink(missing_ok=True)
-
-
-def _gather_sensitivity(work: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(work.glob("sens_*.safetensors")):
-        tensors.update(load_tensors(file))
-    return tensors
-
-
-def samples_of(batches: list[dict]) -> int:
-    """Samples with at least one predicted token in all of `batches`."""
-    return sum(per_sample_count(b["labels"]) for b in batches)
-
-
-def _save_sensitivity(work: Path, tensors: dict, samples: int, path: str) -> None:
-    """Write the sensitivity file (means over `samples`) and drop the sequential pass's per-block work files."""
-    write_sensitivity(work, tensors, samples, path)
-    for file in [*work.glob("sens_*.safetensors"), *work.glob("grad_*.safetensors")]:
-        file.unlink()
 
 
 def _check_complete(work: Path) -> None:
