@@ -110,6 +110,40 @@ def test_two_processes_equal_one_with_the_same_global_batch(method, tiny_llama, 
         assert extra["dual"]["k_schedule"]
 
 
+@pytest.mark.parametrize("method", ["lora", "dual", "srlora"])
+def test_sharded_training_equals_one_process(method, tiny_llama, text, tmp_path):
+    """`--shard fsdp` over 2 processes (FSDP2 on gloo: each holds half of every frozen weight's rows) against
+    1 process with the doubled batch, with held-out losses on the way: the same bound as data parallel, a
+    dual screening and an SRLoRA switch included (the switch adds each process's rows of B·A to its shard)."""
+    options, flags = METHODS[method]
+    init = run_init(str(tiny_llama), method, tmp_path / "init", options)
+    train = ["train", init, "--data", text, "--eval-data", text, "--eval-every", "2", *COMMON, "--max-steps", "4"]
+    done = _torchrun("-m", "lrsurgery", *train, *flags, "--batch-size", "2", "--shard", "fsdp", "-o", tmp_path / "two")
+    assert done.stdout.count("wrote") == 1
+    code, out = cli(*train, *flags, "--batch-size", "4", "-o", tmp_path / "one")
+    assert code == 0, out
+    one, two = load_tensors(tmp_path / "one" / ADAPTER_FILE), load_tensors(tmp_path / "two" / ADAPTER_FILE)
+    assert _relative_error(one, two) <= 1e-5
+    first, second = (json.loads((tmp_path / r / "manifest.json").read_text())["extra"] for r in ("one", "two"))
+    assert abs(first["eval"]["loss"] - second["eval"]["loss"]) <= 1e-5 * abs(first["eval"]["loss"])
+    assert (first["processes"], second["processes"]) == ({"count": 1, "shard": "none"}, {"count": 2, "shard": "fsdp"})
+    if method == "lora":  # accelerate's own FSDP switch starts the same sharded run
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision"]
+        launch += ["no", "--dynamo_backend", "no", "--use_fsdp", "--num_processes", "2", "-m", "lrsurgery"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        command = [*launch, *map(str, train), "--batch-size", "2", "-o", str(tmp_path / "accelerate")]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert _relative_error(one, load_tensors(tmp_path / "accelerate" / ADAPTER_FILE)) <= 1e-5
+        manifest = json.loads((tmp_path / "accelerate" / "manifest.json").read_text())
+        assert manifest["extra"]["processes"] == {"count": 2, "shard": "fsdp"}
+    if method == "srlora":
+        assert second["srlora"]["switch_steps"] == first["srlora"]["switch_steps"] != []
+        assert any(".edit." in k for k in two)  # the edits of W are in the adapter, compared above
+    if method == "dual":
+        assert second["dual"]["k_schedule"] == first["dual"]["k_schedule"] != []
+
+
 def test_accelerate_launch_starts_the_processes_torchrun_does(tiny_llama, text, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on a machine without CUDA: two CPU processes over
     gloo, the same run as torchrun's; `--cpu` starts one process, and says so."""
@@ -269,3 +303,12 @@ def test_calibrate_over_two_processes_equals_one(tiny_llama, text, tmp_path):
     done = subprocess.run([*TORCHRUN, "-m", "lrsurgery", *map(str, too_many)], env=env, capture_output=True, text=True)
     assert done.returncode != 0 and "1 micro-batch(es) for 2 processes" in done.stderr
     assert not (tmp_path / "three").exists()
+
+
+def test_deepspeed_is_refused_with_a_pointer_to_fsdp(tiny_llama, text, tmp_path, monkeypatch):
+    init = run_init(str(tiny_llama), "lora", tmp_path / "init", {"rank": 2})
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    code, out = cli("train", init, "--data", text, *COMMON, "--max-steps", "1", "-o", tmp_path / "run")
+    assert code == 1 and "DeepSpeed is not supported" in out and "--shard fsdp" in out
+    assert "Traceback" not in out and not (tmp_path / "run").exists()
+    assert not (tmp_path / "run.partial").exists()

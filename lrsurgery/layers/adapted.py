@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lrsurgery.hf.tree import backbone
 from lrsurgery.layers.branches import BranchPlan, add_branches
@@ -118,8 +119,13 @@ class AdaptedLinear(nn.Module):
         precision), so the weight changes by exactly what is logged: summed in fp64, rounded once to W's dtype."""
         b, a = b.detach().float().cpu().clone(), a.detach().float().cpu().clone()
         weight = self.base.weight
-        merged = weight.double() + b.to(weight.device).double() @ a.to(weight.device).double()
-        weight.copy_(merged.to(weight.dtype))
+        delta = b.to(weight.device).double() @ a.to(weight.device).double()
+        if isinstance(weight, DTensor):
+            # sharded by FSDP (training/sharding.py): row i of W changes by row i of B·A, so each process
+            # adds the rows it holds
+            delta = distribute_tensor(delta, weight.device_mesh, weight.placements).to_local()
+            weight = weight.to_local()
+        weight.copy_((weight.double() + delta).to(weight.dtype))
         self.edits.append((b, a))
 
     def export(self) -> ModuleAdapter:

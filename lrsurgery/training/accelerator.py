@@ -23,7 +23,8 @@ def new_accelerator(precision: str) -> Any:
     accelerate keeps one process-wide state (`AcceleratorState`, a singleton) and refuses an Accelerator
     with other settings than the first one's, so a second run in the same process (tests, a notebook, a
     comparison of methods) would fail or silently keep the first run's settings. accelerate has no public
-    reset; its private `_reset_state` is called here, and nowhere else.
+    reset; its private `_reset_state` is called here, and nowhere else. A launch with `--use_fsdp` gets a
+    plain Accelerator: the trainer shards the frozen weights itself (training/sharding.py).
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -35,4 +36,10 @@ def new_accelerator(precision: str) -> Any:
             file=sys.stderr,
         )
     AcceleratorState._reset_state()
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if precision == "bf16" else "no")
+    # `accelerate launch --use_fsdp` asks for sharding, which the trainer does itself (training/sharding.py,
+    # which reads the request): accelerate's own FSDP wrapper would also shard the adapters, and needs a GPU
+    hidden = {k: os.environ.pop(k) for k in ("ACCELERATE_USE_FSDP",) if k in os.environ}
+    try:
+        return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if precision == "bf16" else "no")
+    finally:
+        os.environ.update(hidden)

@@ -32,12 +32,18 @@ class TrainConfig:
     save_every: int = option(50, "Checkpoint every N steps (what --resume continues from).")
     log_every: int = 1
     eval_every: int = option(0, "With --eval-data: held-out loss every N steps (0: after the last step only).")
+    shard: str = option(
+        "none",
+        "With several processes: none (data parallel, each holds the whole model) or fsdp (the frozen weights "
+        "sharded over the processes, the adapters replicated).",
+    )
 
     def __post_init__(self) -> None:
         if (self.max_steps is None) == (self.epochs is None):
             raise OptionError("give exactly one of --max-steps or --epochs")
         check_choice("--schedule", self.schedule, ("linear", "cosine", "constant"))
         check_choice("--precision", self.precision, ("fp32", "bf16"))
+        check_choice("--shard", self.shard, ("none", "fsdp"))
         check_count("--max-steps", self.max_steps)
         check_number("--epochs", self.epochs, 0, 1e6, low_open=True)
         check_number("--lr", self.lr, 0, low_open=True)

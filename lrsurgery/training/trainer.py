@@ -35,6 +35,7 @@ from lrsurgery.training.flat import FlatParameters
 from lrsurgery.training.heldout import heldout_loss
 from lrsurgery.training.processes import check_same_frozen_weights
 from lrsurgery.training.schedule import TrainConfig, adamw, batch_indices, lr_at, total_steps
+from lrsurgery.training.sharding import average_gradients, is_sharded, shard_frozen, sharding_from
 
 
 class TrainingDiverged(UserError, ValueError):
@@ -126,11 +127,19 @@ class Trainer:
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        shard = sharding_from(cfg.shard)  # before accelerate reads a launcher's DeepSpeed request
         self.accelerator = accelerator = new_accelerator(cfg.precision)
         self.named = {n: p for n, p in model.named_parameters() if p.requires_grad}
         # placing and wrapping the model may give parameters new storage, so they move into their flat
         # buffers (training/flat.py) afterwards; `flat.check()` in `step` makes sure nothing moved them out
-        self.model = accelerator.prepare(model)
+        self.sharded = shard == "fsdp" and accelerator.num_processes > 1
+        if self.sharded:  # FSDP2 over the frozen weights; the trainable ones replicated (training/sharding.py)
+            self.model = model.to(accelerator.device)
+            shard_frozen(self.model, list(self.named.values()))
+            if not all(is_sharded(p) for n, p in model.named_parameters() if n.endswith("base.weight")):
+                raise RuntimeError("FSDP left a frozen weight unsharded")  # a bug, not the user's
+        else:
+            self.model = accelerator.prepare(model)
         self.flat = FlatParameters(list(self.named.values()))
         self.optimizer = accelerator.prepare(adamw(self.flat.flats, lr=cfg.lr, weight_decay=cfg.weight_decay))
         self.total = total_steps(cfg, len(self.examples), accelerator.num_processes)
@@ -170,7 +179,7 @@ class Trainer:
         """What a resumed run must share with the run it continues."""
         # the global batch, not its split into processes × micro-batches: a run may resume with another
         # number of processes when the batch per process makes up the same global batch
-        train = {k: v for k, v in asdict(self.cfg).items() if k not in ("batch_size", "grad_accum")}
+        train = {k: v for k, v in asdict(self.cfg).items() if k not in ("batch_size", "grad_accum", "shard")}
         return {
             "init": str(self.init_dir.resolve()),
             "init_fingerprint": file_digest(self.init_dir / ADAPTER_FILE),
@@ -193,6 +202,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         task_loss, logged = self._backward(step)
+        if self.sharded:
+            average_gradients([flat.grad for flat in self.flat.flats])
         for h in self.hooks:
             added = h.add_gradients(ctx)
             bad = [k for k, v in added.items() if not math.isfinite(v)]
@@ -208,10 +219,10 @@ class Trainer:
         self.flat.zero_grad()
         for h in self.hooks:
             logged.update(h.after_step(ctx))
-        if accelerator.num_processes > 1:
+        if accelerator.num_processes > 1 and not self.sharded:  # sharded: each process holds other rows
             self._check_same_frozen_weights(step)
         due = step + 1 == self.total or (cfg.eval_every > 0 and (step + 1) % cfg.eval_every == 0)
-        if self.held_out and accelerator.is_main_process and due:
+        if self.held_out and (accelerator.is_main_process or self.sharded) and due:  # FSDP: every process runs it
             self.evaluated = heldout_loss(
                 ctx.model, self.held_out, self.tokenizer.pad_token_id, self.data.task, cfg.batch_size
             )
@@ -298,6 +309,7 @@ class Trainer:
             return
         summary = {k: v for h in self.hooks for k, v in h.summary().items()}
         summary["peak_memory_mb"] = peak_memory_mb(self.accelerator.device)
+        summary["processes"] = {"count": self.accelerator.num_processes, "shard": "fsdp" if self.sharded else "none"}
         _write_run(
             self.work,
             self.ctx.model,
