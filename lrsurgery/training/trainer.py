@@ -134,8 +134,8 @@ class Trainer:
         # buffers (training/flat.py) afterwards; `flat.check()` in `step` makes sure nothing moved them out
         self.sharded = shard == "fsdp" and accelerator.num_processes > 1
         if self.sharded:  # FSDP2 over the frozen weights; the trainable ones replicated (training/sharding.py)
-            self.model = model.to(accelerator.device)
-            shard_frozen(self.model, list(self.named.values()))
+            shard_frozen(model, list(self.named.values()))  # sharded where the model was loaded, then moved:
+            self.model = model.to(accelerator.device)  # no device holds the whole model
             if not all(is_sharded(p) for n, p in model.named_parameters() if n.endswith("base.weight")):
                 raise RuntimeError("FSDP left a frozen weight unsharded")  # a bug, not the user's
         else:
