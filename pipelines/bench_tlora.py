@@ -109,7 +109,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         text = bbc_text(work, limit=200)
-        cfg = CalibrateConfig(samples=args.samples, seq_len=args.seq_len, collect=("covariance", "sensitivity"))
+        cfg = CalibrateConfig(
+            samples=args.samples, seq_len=args.seq_len, collect=("covariance", "sensitivity"), device=args.device
+        )
         stats = run_calibrate(args.model, DataSpec(path=str(text)), cfg, work / "stats")
 
         def timed(*child: str) -> float:
