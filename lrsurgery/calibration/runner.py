@@ -39,10 +39,9 @@ from lrsurgery.hf.load import compute_device, default_task, load_model, model_re
 from lrsurgery.hf.resolve import resolve_model
 from lrsurgery.hf.tree import backbone, block_list, find_targets
 from lrsurgery.io.artifacts import MANIFEST, Manifest, read_manifest, write_manifest
-from lrsurgery.io.outputs import Work, output_folder
+from lrsurgery.io.outputs import Work, is_main_process, output_folder
 from lrsurgery.linalg.basics import all_finite
 from lrsurgery.progress import progress
-from lrsurgery.training.accelerator import is_main_process
 
 __all__ = ["CalibrateConfig", "CalibrationError", "capture_block_inputs", "run_calibrate"]
 

@@ -256,7 +256,7 @@ PresetOption = typer.Option(
 @contextlib.contextmanager
 def timed(out: Path) -> Iterator[None]:
     """Print the stage's output and wall time when it finishes (once: only the main process of several)."""
-    from lrsurgery.training.accelerator import is_main_process
+    from lrsurgery.io.outputs import is_main_process
 
     began = time.perf_counter()
     yield

@@ -349,3 +349,9 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` atomically."""
     with atomic_file(path) as tmp:
         tmp.write_bytes(data)
+
+
+def is_main_process() -> bool:
+    """Whether this is the process that writes and reports: rank 0 of several (torchrun and `accelerate
+    launch` set RANK), or the only one. Known before any process group exists."""
+    return int(os.environ.get("RANK", "0")) == 0

@@ -9,12 +9,6 @@ from typing import Any
 import torch
 
 
-def is_main_process() -> bool:
-    """Whether this is the process that writes and reports: rank 0 of several (torchrun and `accelerate
-    launch` set RANK), or the only one. Known before any process group exists."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def new_accelerator(precision: str) -> Any:
     """An `accelerate.Accelerator` for one training run: on the CPU when there is no CUDA device (so
     torchrun and `accelerate launch` can start several CPU processes over gloo), bf16 autocast for

@@ -22,13 +22,13 @@ from torch import nn
 from lrsurgery.data.examples import DataSpec, Examples, build_examples, collate, read_labels
 from lrsurgery.errors import ArtifactError, OptionError, UserError
 from lrsurgery.io.artifacts import Manifest, file_digest, read_manifest, save_tensors, write_manifest
-from lrsurgery.io.outputs import Work, check_output, output_folder, write_text_atomic
+from lrsurgery.io.outputs import Work, check_output, is_main_process, output_folder, write_text_atomic
 from lrsurgery.layers.adapted import HEAD_PREFIX, adapted_layers, head_parameters
 from lrsurgery.layers.adapter_file import ADAPTED_KINDS, ADAPTER_FILE, to_tensors, trainable_count
 from lrsurgery.methods import HookContext, Method, MethodError, TrainHooks, get_method
 from lrsurgery.progress import bar
 from lrsurgery.stages.adapted import load_adapted
-from lrsurgery.training.accelerator import is_main_process, new_accelerator
+from lrsurgery.training.accelerator import new_accelerator
 from lrsurgery.training.checkpoint import checkpoint_step, load_checkpoint, load_checkpoint_extra, save_checkpoint
 from lrsurgery.training.edit_log import EditFiles
 from lrsurgery.training.flat import FlatParameters
