@@ -61,7 +61,7 @@ def _save_tiny(folder: Path, config, tokenizer_source: Path, model_cls, seed: in
     return folder
 
 
-def _tiny_llama(folder: Path, tokenizer_source: Path, seed: int, hidden: int = 32) -> Path:
+def _tiny_llama(folder: Path, tokenizer_source: Path, seed: int, hidden: int = 32, tied: bool = True) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -72,7 +72,7 @@ def _tiny_llama(folder: Path, tokenizer_source: Path, seed: int, hidden: int = 3
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
         pad_token_id=2,
         eos_token_id=2,
     )
@@ -89,6 +89,12 @@ def tiny_llama(tmp_path_factory, smollm2) -> Path:
 def tiny_llama_other(tmp_path_factory, smollm2) -> Path:
     """Same architecture as tiny_llama, different weights."""
     return _tiny_llama(tmp_path_factory.mktemp("tiny_llama_other"), smollm2, seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_untied(tmp_path_factory, smollm2) -> Path:
+    """tiny_llama with an LM head of its own (as Qwen2.5-0.5B has), not the embedding matrix."""
+    return _tiny_llama(tmp_path_factory.mktemp("tiny_llama_untied"), smollm2, seed=4, tied=False)
 
 
 @pytest.fixture(scope="session")

@@ -42,7 +42,9 @@ def _head_gradients(model: nn.Module, runner: Any, batches: list[dict], hidden: 
         for batch, (states, _, _) in zip(batches, hidden, strict=True):
             last = states.clone().requires_grad_(True)
             setattr(parent, attr, nn.ModuleList([_Replay(last, runner.tuple_output)]))
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            # the replayed block ignores its input, so the embedding is skipped (zeros of its shape go in)
+            embeds = torch.zeros(states.shape, dtype=states.dtype)
+            out = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], use_cache=False)
             per_sample_loss(out.logits, batch["labels"])[0].backward()
             grads.append(last.grad)
     finally:
@@ -56,7 +58,8 @@ def backward_pass(model, runner, batches, targets, run, kept, hidden, backward_f
     main one writes them (`samples`: the samples of all the processes' micro-batches)."""
     work = run.folder
     if backward_from == len(runner.blocks):
-        grads = _head_gradients(model, runner, batches, hidden)
+        with runner.head():
+            grads = _head_gradients(model, runner, batches, hidden)
     else:
         saved = load_tensors(work / f"grad_{backward_from:04d}.safetensors")
         grads = [saved[f"batch.{b}"] for b in range(len(batches))]

@@ -20,6 +20,7 @@ run continues with `--resume` from the last finished block."""
 from __future__ import annotations
 
 import json
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,14 @@ class BlockRunner:
         self.device = device
         self.loader = loader
         self.tuple_output = True
+
+    def inputs(self, batches: list[dict]) -> AbstractContextManager[list[dict]]:
+        """Within: `batches` as the model takes them (offloaded: renumbered into the embedding rows they use)."""
+        return self.loader.token_rows(batches) if self.loader else nullcontext(batches)
+
+    def head(self) -> AbstractContextManager[None]:
+        """Within: the LM head is loaded (offloaded, it is read only for this)."""
+        return self.loader.head() if self.loader else nullcontext()
 
     def load(self, index: int) -> nn.Module:
         block = self.loader.load(index, self.device) if self.loader else self.blocks[index].to(self.device)
@@ -307,7 +316,8 @@ def _forward(runner, batches, targets, cfg, run, covariance_from, forward_to, ke
     if max(forward_to, keep_to) <= 0:
         return kept, []
     with torch.no_grad():
-        hidden = capture_block_inputs(runner.model, runner.blocks, batches)
+        with runner.inputs(batches) as feed:
+            hidden = capture_block_inputs(runner.model, runner.blocks, feed)
         if keep_to == 0 and runner.loader:  # no backward to follow: nothing outside the blocks runs again
             runner.loader.release_rest()
         for index in progress(range(forward_to), desc="calibrate forward", unit="block"):

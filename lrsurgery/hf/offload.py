@@ -1,15 +1,20 @@
 """Disk offload: a model whose transformer blocks stay empty until needed, one block read at a time.
 
-Everything outside the block list (embeddings, final norm, head, rotary buffers) is loaded normally;
-the blocks' parameters live on the meta device (no memory) and `BlockLoader.load(i)` reads block i's
-tensors from the safetensors files, `release(i)` empties it again. Peak memory is the non-block part
-plus one block, so a model larger than RAM can be calibrated; `release_rest()` empties the non-block
-part too once nothing outside the blocks runs again (covariance calibration, after the first block's
-inputs are captured)."""
+The blocks' parameters live on the meta device (no memory): `BlockLoader.load(i)` reads block i's
+tensors from the safetensors files, `release(i)` empties it again. Outside the blocks, the small parts
+(final norm, position embeddings, rotary buffers) are loaded normally, but not the two vocabulary-sized
+matrices, which can outweigh several blocks (a 150k-token vocabulary at hidden 896 is 0.5 GB each):
+`token_rows(batches)` gives the input embedding only the rows of the tokens the batches hold, and
+`head()` loads the untied LM head (or, tied, the whole embedding it shares) only while the sensitivity
+pass needs logits. Peak memory is one block plus those, so a model larger than RAM can be calibrated;
+`release_rest()` empties the non-block part too once nothing outside the blocks runs again (covariance
+calibration, after the first block's inputs are captured)."""
 
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -31,16 +36,70 @@ class BlockLoader:
         self.by_block: dict[int, list[tuple[str, str]]] = {}
         self.rest: list[tuple[str, str]] = []
         head = f"{module_prefix(self.model)}{self.block_prefix}."
+        modules = {id(m): n for n, m in self.model.named_modules()}
+        self.embedding = _weight_name(modules, self.model.get_input_embeddings())
+        self.output = _weight_name(modules, self.model.get_output_embeddings())
+        # vocabulary-sized, loaded on demand (see module doc)
+        self.on_demand: dict[str, str] = {}
         for name, key in file_keys(self.model, self.weights).items():
             if name.startswith(head):
                 self.by_block.setdefault(int(name[len(head) :].split(".")[0]), []).append((key, name))
+            elif name in (self.embedding, self.output):
+                self.on_demand[name] = key
             else:
                 self.rest.append((key, name))
 
     def load_rest(self) -> None:
         for key, name in self.rest:
-            set_module_tensor_to_device(self.model, name, "cpu", value=self.weights.get(key, self._dtype(name)))
-        self.model.tie_weights()
+            self._set(name, self.weights.get(key, self._dtype(name)))
+
+    def _set(self, name: str, value: torch.Tensor, device: torch.device | str = "cpu") -> None:
+        set_module_tensor_to_device(self.model, name, device, value=value)
+
+    @property
+    def tied(self) -> bool:
+        """Whether the LM head is the input embedding's matrix (no head of its own in the files)."""
+        return self.output is not None and self.output not in self.on_demand
+
+    @contextmanager
+    def token_rows(self, batches: list[dict]) -> Iterator[list[dict]]:
+        """Within: the input embedding holds only the rows of the tokens in `batches`, and the batches
+        yielded have their input_ids renumbered into those rows (the batches given are not changed). The
+        rows go back to the meta device after."""
+        module = self.model.get_input_embeddings()
+        key = self.on_demand[self.embedding]
+        ids = torch.unique(torch.cat([b["input_ids"].reshape(-1) for b in batches]))  # sorted
+        rows = torch.stack([self.weights.rows(key, i, i + 1)[0] for i in ids.tolist()])
+        padding, empty = getattr(module, "padding_idx", None), module.weight
+        module.padding_idx = None  # a row number of the whole vocabulary (it only stops gradients)
+        module.weight = torch.nn.Parameter(rows.to(self._dtype(self.embedding)), requires_grad=False)
+        try:
+            yield [{**b, "input_ids": torch.searchsorted(ids, b["input_ids"])} for b in batches]
+        finally:
+            module.padding_idx, module.weight = padding, empty
+            return_freed_memory()
+
+    @contextmanager
+    def head(self) -> Iterator[None]:
+        """Within: the LM head's weight is loaded (tied: the embedding matrix, which it is). Emptied after."""
+        name = self.embedding if self.tied else self.output
+        if name is None:
+            raise ValueError("the model has no LM head")  # a bug: only causal LMs reach the sensitivity pass
+        self._set(name, self.weights.get(self.on_demand[name], self._dtype(name)))
+        if self.tied:
+            self.model.tie_weights()
+        try:
+            yield
+        finally:
+            self._empty(name)
+
+    def _empty(self, name: str) -> None:
+        module, _, attr = name.rpartition(".")
+        owner = self.model.get_submodule(module)
+        owner.register_parameter(attr, torch.nn.Parameter(getattr(owner, attr).to("meta"), requires_grad=False))
+        if self.tied:
+            self.model.tie_weights()
+        return_freed_memory()
 
     def load(self, index: int, device: torch.device | str) -> torch.nn.Module:
         for key, name in self.by_block.get(index, []):
@@ -65,6 +124,14 @@ class BlockLoader:
                 if id(param) not in inside and param.device.type != "meta":
                     module.register_parameter(name, torch.nn.Parameter(param.to("meta"), requires_grad=False))
         return_freed_memory()
+
+
+def _weight_name(modules: dict[int, str], module: torch.nn.Module | None) -> str | None:
+    """The state-dict name of `module`'s weight ("model.embed_tokens.weight"), or None without a module."""
+    if module is None or id(module) not in modules:
+        return None
+    prefix = modules[id(module)]
+    return f"{prefix}.weight" if prefix else "weight"
 
 
 def return_freed_memory() -> None:
