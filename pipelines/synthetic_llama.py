@@ -4,10 +4,12 @@ tokenizer of another folder, so benchmarks can run models of any size without a 
 Shapes by name (`--shape`), or any of them overridden by flag:
   smollm2   hidden 576,  MLP 1536,  9 heads / 3 KV heads, 30 layers (SmolLM2-135M)
   llama7b   hidden 4096, MLP 11008, 32 heads / 32 KV heads, 32 layers (Llama-2-7B)
+  qwen05-untied  hidden 896, MLP 4864, 14 heads / 2 KV heads, 24 layers, vocabulary 151,936, untied head
 
   python pipelines/synthetic_llama.py OUT --shape llama7b --layers 2 --tokenizer smollm2-135m
 
-The weights are N(0, 0.02²) (the Llama initialiser's std), norms 1; the vocabulary is the tokenizer's.
+The weights are N(0, 0.02²) (the Llama initialiser's std), norms 1; the vocabulary is the tokenizer's,
+or `--vocab` rows when larger (the extra rows are never produced by the tokenizer).
 Parameters are created one tensor at a time in the storage dtype, so peak memory is about one shard.
 """
 
@@ -24,6 +26,9 @@ from safetensors.torch import save_file
 SHAPES = {
     "smollm2": {"hidden": 576, "mlp": 1536, "heads": 9, "kv_heads": 3, "layers": 30},
     "llama7b": {"hidden": 4096, "mlp": 11008, "heads": 32, "kv_heads": 32, "layers": 32},
+    # Qwen2.5-0.5B's shape with its 151,936-token vocabulary and (unlike it) an LM head of its own: the case
+    # where the two vocabulary matrices outweigh several blocks
+    "qwen05-untied": {"hidden": 896, "mlp": 4864, "heads": 14, "kv_heads": 2, "layers": 24, "vocab": 151936},
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -57,7 +62,7 @@ def write_model(out: Path, tokenizer: Path, shape: dict, dtype: torch.dtype, sha
     from transformers import AutoTokenizer, LlamaConfig
 
     tok = AutoTokenizer.from_pretrained(tokenizer)
-    vocab = len(tok)
+    vocab = max(len(tok), shape.get("vocab") or 0)
     config = LlamaConfig(
         vocab_size=vocab,
         hidden_size=shape["hidden"],
@@ -109,7 +114,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2")
-    for key in ("hidden", "mlp", "heads", "kv_heads", "layers"):
+    for key in ("hidden", "mlp", "heads", "kv_heads", "layers", "vocab"):
         parser.add_argument("--" + key.replace("_", "-"), type=int, default=None)
     parser.add_argument("--untied", action="store_true", help="a separate LM head (SmolLM2 ties it)")
     parser.add_argument("--tokenizer", default="smollm2-135m", help="folder or named model to take it from")
@@ -119,7 +124,8 @@ def main() -> None:
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
     shape = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in SHAPES[args.shape].items()}
-    shape["tied"] = args.shape == "smollm2" and not args.untied
+    shape["vocab"] = args.vocab or shape.get("vocab")
+    shape["tied"] = args.shape == "smollm2" and not args.untied  # Llama-2 and the qwen05-untied shape: untied
     if args.out.exists():
         if not args.overwrite:
             raise SystemExit(f"{args.out} exists; pass --overwrite to replace it")

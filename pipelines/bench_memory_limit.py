@@ -1,0 +1,130 @@
+"""Memory under a hard limit: each stage runs inside a cgroup (v1 memory controller; needs root) limited to a
+fraction of the model's fp32 size, and must finish; prints each stage's exit status, peak RSS and wall time.
+
+"Only one block is resident" is a promise users plan hardware by; this checks it the way the kernel enforces
+it (a stage over the limit is killed, exit 137). Default model: `synthetic_llama.py --shape qwen05-untied`
+in fp32 (2.5 GB, of which 1.1 GB are the embedding and an untied head), in a limit of half of that.
+Calibration runs one sequence per micro-batch: the loss-gradient step holds a micro-batch's logits over
+the whole vocabulary (4 × 128 × 151,936 fp32 values would be 0.3 GB, and their gradient as much again).
+
+  python pipelines/bench_memory_limit.py [--model DIR] [--fraction 0.5] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CGROUP = Path("/sys/fs/cgroup/memory")
+HERE = Path(__file__).resolve().parent
+
+
+def run_limited(command: list[str], limit: int, name: str) -> tuple[int, float, float]:
+    """Run `command` in a new memory cgroup of `limit` bytes; return (exit status, peak RSS MiB, seconds)."""
+    group = CGROUP / f"lrsurgery-{name}-{os.getpid()}"
+    group.mkdir()
+    try:
+        (group / "memory.limit_in_bytes").write_text(str(limit))
+        swap = group / "memory.memsw.limit_in_bytes"
+        if swap.exists():
+            swap.write_text(str(limit))  # no escape into swap
+        began = time.perf_counter()
+        child = subprocess.Popen(
+            command, preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())), env=os.environ
+        )
+        _, status, usage = os.wait4(child.pid, 0)
+        seconds = time.perf_counter() - began
+        code = os.waitstatus_to_exitcode(status)
+        return (128 - code if code < 0 else code), usage.ru_maxrss / 1024, seconds
+    finally:
+        group.rmdir()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--model", type=Path, default=None, help="an HF folder (default: build the qwen05-untied shape)"
+    )
+    parser.add_argument("--fraction", type=float, default=0.5, help="the limit as a fraction of the fp32 size")
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--work", type=Path, default=None)
+    args = parser.parse_args()
+    if not CGROUP.is_dir() or os.geteuid() != 0:
+        sys.exit("needs root and cgroup v1's memory controller at /sys/fs/cgroup/memory")
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_memory_limit_"))
+    py = [sys.executable]
+    model = args.model
+    if model is None:
+        model = work / "model"
+        if not model.exists():
+            build = [*py, str(HERE / "synthetic_llama.py"), str(model), "--shape", "qwen05-untied", "--dtype", "fp32"]
+            subprocess.run(build, check=True)
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    size = index["metadata"]["total_size"]  # stored fp32: the model's fp32 size
+    limit = int(args.fraction * size)
+    lrs = [*py, "-m", "lrsurgery"]
+    subprocess.run([*lrs, "assets", "bbc-news", "-o", str(work / "data"), "--overwrite"], check=True)
+    data = str(work / "data" / "train.jsonl")
+    stages = [
+        (
+            "calibrate",
+            [
+                *lrs,
+                "calibrate",
+                str(model),
+                "--data",
+                data,
+                "--samples",
+                str(args.samples),
+                "--seq-len",
+                str(args.seq_len),
+                "--offload",
+                "disk",
+                "--batch-size",
+                "1",
+                "-o",
+                str(work / "stats"),
+                "--overwrite",
+            ],
+        ),
+        (
+            "init tlora",
+            [
+                *lrs,
+                "init",
+                str(model),
+                "--method",
+                "tlora",
+                "--rank",
+                "8",
+                "--stats",
+                str(work / "stats"),
+                "-o",
+                str(work / "tlora"),
+                "--overwrite",
+            ],
+        ),
+        (
+            "init pissa",
+            [*lrs, "init", str(model), "--method", "pissa", "--rank", "8", "-o", str(work / "pissa"), "--overwrite"],
+        ),
+    ]
+    print(f"{model}: {size / 2**30:.2f} GiB in fp32; limit {limit / 2**30:.2f} GiB ({args.fraction:g} of it)")
+    print(f"{'stage':12} {'exit':>5} {'peak RSS GiB':>13} {'peak/limit':>11} {'seconds':>8}")
+    failed = 0
+    for name, command in stages:
+        code, peak, seconds = run_limited(command, limit, name.replace(" ", "-"))
+        failed += code != 0
+        print(f"{name:12} {code:5d} {peak / 1024:13.2f} {peak * 2**20 / limit:11.2f} {seconds:8.1f}", flush=True)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
