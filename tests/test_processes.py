@@ -229,8 +229,9 @@ def test_different_frozen_weights_on_two_processes_are_caught(tiny_llama, tmp_pa
 
 def test_an_interrupted_two_process_run_resumes_to_the_uninterrupted_result(tiny_llama, text, tmp_path):
     """Killed (SIGKILL, torchrun and its workers) after a checkpoint, a 2-process SRLoRA run resumes
-    with 2 processes to the uninterrupted run's adapter bit for bit; with 1 process at another global batch
-    it is refused, and 1 process at the same global batch continues it."""
+    with 2 processes to the uninterrupted run's adapter bit for bit, and sharded (`--shard fsdp`) to it
+    within the data-parallel bound; with 1 process at another global batch it is refused, and 1 process at
+    the same global batch continues it."""
     init = run_init(str(tiny_llama), "srlora", tmp_path / "init", {"rank": 2, "r_target": 6})
     # long enough that a checkpoint is seen well before the end, whatever the machine's speed
     train = ["train", init, "--data", text, *COMMON, "--max-steps", "120", "--save-every", "4"]
@@ -258,12 +259,16 @@ def test_an_interrupted_two_process_run_resumes_to_the_uninterrupted_result(tiny
     code, out = cli(*train, "-o", tmp_path / "cut", "--resume")
     assert code == 1 and "different settings (global_batch)" in out
     partial = tmp_path / "cut.partial"
-    backup = tmp_path / "backup.partial"
+    backup, sharded = tmp_path / "backup.partial", tmp_path / "sharded.partial"
     subprocess.run(["cp", "-a", str(partial), str(backup)], check=True)
+    subprocess.run(["cp", "-a", str(partial), str(sharded)], check=True)
     _torchrun("-m", "lrsurgery", *train, "-o", tmp_path / "cut", "--resume")
     whole = load_tensors(tmp_path / "whole" / ADAPTER_FILE)
     resumed = load_tensors(tmp_path / "cut" / ADAPTER_FILE)
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+    # resumed sharded: the checkpoint's weight edits replayed into each process's rows of W
+    _torchrun("-m", "lrsurgery", *train, "--shard", "fsdp", "-o", tmp_path / "sharded", "--resume")
+    assert _relative_error(whole, load_tensors(tmp_path / "sharded" / ADAPTER_FILE)) <= 1e-5
     backup.rename(tmp_path / "single.partial")
     single = [*train[: train.index("--batch-size")], "--batch-size", "4"]
     code, out = cli(*single, "-o", tmp_path / "single", "--resume")
