@@ -12,7 +12,7 @@ from lrsurgery.data.examples import DataSpec
 from lrsurgery.errors import ArtifactError
 from lrsurgery.hf.resolve import model_fingerprint
 from lrsurgery.io.artifacts import fingerprint_tensors
-from lrsurgery.io.outputs import output_folder
+from lrsurgery.io.outputs import output_folder, swap_into
 from lrsurgery.layers.adapter_file import ADAPTER_FILE
 from lrsurgery.stages import init as surgery
 from lrsurgery.stages.adapted import load_adapted
@@ -111,3 +111,19 @@ def test_tensor_fingerprint_is_exact():
     b = {"x": torch.tensor([0.0, 0.0, 1e-30])}
     assert fingerprint_tensors(a) != fingerprint_tensors(b)
     assert fingerprint_tensors(a) == fingerprint_tensors({"x": torch.zeros(3)})
+
+
+def test_swap_into_replaces_a_folder_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    """Through the atomic exchange (where the kernel has it) and through the two-rename fallback alike, the
+    destination ends as the new folder and neither the old one nor a temporary name remains."""
+    from lrsurgery.io import outputs
+
+    for exchange in (outputs._exchange, lambda a, b: False):
+        monkeypatch.setattr(outputs, "_exchange", exchange)
+        dest, new = tmp_path / "dest", tmp_path / "new"
+        dest.mkdir(exist_ok=True)
+        (dest / "f").write_text("old")
+        new.mkdir()
+        (new / "f").write_text("new")
+        swap_into(new, dest)
+        assert (dest / "f").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["dest"]

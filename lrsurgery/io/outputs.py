@@ -16,6 +16,7 @@ exclusive lock, and renames the work folder to `OUT` only when it is complete. S
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -203,8 +204,15 @@ def lock_for(out: str | os.PathLike, wait: bool = False) -> Lock:
 
 
 def swap_into(new: Path, dest: Path) -> None:
-    """Put the complete folder `new` at `dest`, replacing what is there with two renames."""
+    """Put the complete folder `new` at `dest`, replacing what is there.
+
+    Where the kernel can (Linux's renameat2 with RENAME_EXCHANGE), the two folders trade places in one
+    atomic step, so `dest` is at every moment either the old folder or the new one, even across a crash;
+    elsewhere two renames, with a moment in which `dest` is absent."""
     if dest.exists():
+        if _exchange(new, dest):
+            shutil.rmtree(new, ignore_errors=True)  # the old folder, now at `new`'s path
+            return
         old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
         shutil.rmtree(old, ignore_errors=True)
         dest.rename(old)
@@ -212,6 +220,24 @@ def swap_into(new: Path, dest: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         new.rename(dest)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap the paths `a` and `b` (renameat2 RENAME_EXCHANGE); False where that is not available."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_cwd, rename_exchange = -100, 2
+    done = renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange)
+    if done == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return False  # a file system or kernel without it
+    raise OSError(error, os.strerror(error), str(b))
 
 
 @dataclass
