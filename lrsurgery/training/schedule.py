@@ -9,6 +9,7 @@ import torch
 
 from lrsurgery.config import option
 from lrsurgery.errors import SEED_MAX, OptionError, check_choice, check_count, check_number
+from lrsurgery.training.sharding import SHARDS
 
 MAX_BATCH = 2**16  # examples per micro-batch, and micro-batches per step: far beyond any device's memory
 
@@ -43,7 +44,7 @@ class TrainConfig:
             raise OptionError("give exactly one of --max-steps or --epochs")
         check_choice("--schedule", self.schedule, ("linear", "cosine", "constant"))
         check_choice("--precision", self.precision, ("fp32", "bf16"))
-        check_choice("--shard", self.shard, ("none", "fsdp"))
+        check_choice("--shard", self.shard, SHARDS)
         check_count("--max-steps", self.max_steps)
         check_number("--epochs", self.epochs, 0, 1e6, low_open=True)
         check_number("--lr", self.lr, 0, low_open=True)
