@@ -79,11 +79,38 @@ def test_sequential_equals_whole_model_smollm2(smollm2, bbc_small, tmp_path):
     _sequential_vs_whole(smollm2, bbc_small, tmp_path)
 
 
-@pytest.mark.parametrize("model", ["tiny_llama", "tiny_llama_untied"])
-def test_sequential_with_disk_offload_equals_whole_model(request, model, bbc_small, tmp_path, monkeypatch):
-    """Offloaded, the vocabulary-sized matrices are never read whole for the forward pass: the embedding
-    gives only the rows of the tokens seen, and the head (tied: the embedding matrix) is read once, for
-    the loss gradient; the sensitivities still equal the whole model's."""
+@pytest.fixture(scope="module")
+def tiny_gemma2_capped(tmp_path_factory, smollm2):
+    """A 2-layer random Gemma 2, whose logits are soft-capped (30 · tanh(z / 30)): more than the head's product."""
+    from conftest import _save_tiny
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(
+        vocab_size=49152,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        final_logit_softcapping=30.0,
+        pad_token_id=2,
+        eos_token_id=2,
+    )
+    return _save_tiny(tmp_path_factory.mktemp("tiny_gemma2"), config, smollm2, Gemma2ForCausalLM, seed=5)
+
+
+@pytest.mark.parametrize(
+    ("model", "whole_reads"),
+    [("tiny_llama", []), ("tiny_llama_untied", []), ("tiny_gemma2_capped", ["model.embed_tokens.weight"])],
+)
+def test_sequential_with_disk_offload_equals_whole_model(request, model, whole_reads, bbc_small, tmp_path, monkeypatch):
+    """Offloaded, the vocabulary-sized matrices are never read whole: the embedding gives only the rows
+    of the tokens seen, and the loss gradient streams the head (tied: the embedding matrix) in chunks of
+    rows (calibration/head.py), except for a model with soft-capped logits, whose head is read once,
+    whole, for that step. The sensitivities equal the whole model's either way."""
+    from lrsurgery.calibration import head
     from lrsurgery.io.shards import LazyWeights
 
     folder = request.getfixturevalue(model)
@@ -92,10 +119,10 @@ def test_sequential_with_disk_offload_equals_whole_model(request, model, bbc_sma
     monkeypatch.setattr(
         LazyWeights, "get", lambda self, key, dtype=None: read_whole.append(key) or original(self, key, dtype)
     )
+    monkeypatch.setattr(head, "LOGIT_ELEMENTS", 4 * 32 * 1000)  # several chunks of the 49,152 rows
     _sequential_vs_whole(folder, bbc_small, tmp_path, offload="disk")
-    head = "model.embed_tokens.weight" if model == "tiny_llama" else "lm_head.weight"
     vocabulary = [k for k in read_whole if k in ("model.embed_tokens.weight", "lm_head.weight")]
-    assert vocabulary == [head]  # the head step alone (the whole-model run loads through transformers)
+    assert vocabulary == whole_reads  # (the whole-model run loads through transformers)
 
 
 def test_sensitivity_resumes_from_the_last_finished_block(tiny_llama, bbc_small, tmp_path, monkeypatch):

@@ -6,12 +6,15 @@ finishes, the resume point of an interrupted pass."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from lrsurgery.calibration.head import head_gradients
 from lrsurgery.calibration.processes import Shard
 from lrsurgery.calibration.sensitivity import SensitivityCollector, per_sample_loss
 from lrsurgery.calibration.stats_file import write_sensitivity
@@ -32,23 +35,41 @@ class _Replay(nn.Module):
         return (self.hidden,) if self.as_tuple else self.hidden
 
 
-def _head_gradients(model: nn.Module, runner: Any, batches: list[dict], hidden: list[tuple]) -> list:
-    """∂(Σ per-sample losses)/∂(last block output) per micro-batch, from the model's own head."""
+@contextmanager
+def _from_last_block(model: nn.Module, runner: Any) -> Iterator[Callable[[dict, torch.Tensor], torch.Tensor]]:
+    """Within: a function (batch, last block output (B, T, d)) -> the model's logits (B, T, V), the block
+    list standing in for a single block that returns that output."""
     parent_name, _, attr = runner.prefix.rpartition(".")
     parent = runner.root.get_submodule(parent_name) if parent_name else runner.root
     original = getattr(parent, attr)
-    grads = []
+
+    def forward(batch: dict, last: torch.Tensor) -> torch.Tensor:
+        setattr(parent, attr, nn.ModuleList([_Replay(last, runner.tuple_output)]))
+        # the replayed block ignores its input, so the embedding is skipped (zeros of its shape go in)
+        embeds = torch.zeros(last.shape, dtype=last.dtype)
+        return model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], use_cache=False).logits
+
     try:
-        for batch, (states, _, _) in zip(batches, hidden, strict=True):
-            last = states.clone().requires_grad_(True)
-            setattr(parent, attr, nn.ModuleList([_Replay(last, runner.tuple_output)]))
-            # the replayed block ignores its input, so the embedding is skipped (zeros of its shape go in)
-            embeds = torch.zeros(states.shape, dtype=states.dtype)
-            out = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], use_cache=False)
-            per_sample_loss(out.logits, batch["labels"])[0].backward()
-            grads.append(last.grad)
+        yield forward
     finally:
         setattr(parent, attr, original)
+
+
+def _head_gradients(model: nn.Module, runner: Any, batches: list[dict], hidden: list[tuple]) -> list:
+    """∂(Σ per-sample losses)/∂(last block output) per micro-batch, from the model's own head: offloaded,
+    streamed from the files (calibration/head.py) where the model allows it, else with the head loaded."""
+    lasts = [states for states, _, _ in hidden]
+    with _from_last_block(model, runner) as forward:
+        if runner.loader:
+            grads = head_gradients(model, runner.loader, forward, batches, lasts)
+            if grads is not None:
+                return grads
+        with runner.head():
+            grads = []
+            for batch, states in zip(batches, lasts, strict=True):
+                last = states.clone().requires_grad_(True)
+                per_sample_loss(forward(batch, last), batch["labels"])[0].backward()
+                grads.append(last.grad)
     return grads
 
 
@@ -58,8 +79,7 @@ def backward_pass(model, runner, batches, targets, run, kept, hidden, backward_f
     main one writes them (`samples`: the samples of all the processes' micro-batches)."""
     work = run.folder
     if backward_from == len(runner.blocks):
-        with runner.head():
-            grads = _head_gradients(model, runner, batches, hidden)
+        grads = _head_gradients(model, runner, batches, hidden)
     else:
         saved = load_tensors(work / f"grad_{backward_from:04d}.safetensors")
         grads = [saved[f"batch.{b}"] for b in range(len(batches))]

@@ -5,8 +5,9 @@ tensors from the safetensors files, `release(i)` empties it again. Outside the b
 (final norm, position embeddings, rotary buffers) are loaded normally, but not the two vocabulary-sized
 matrices, which can outweigh several blocks (a 150k-token vocabulary at hidden 896 is 0.5 GB each):
 `token_rows(batches)` gives the input embedding only the rows of the tokens the batches hold, and
-`head()` loads the untied LM head (or, tied, the whole embedding it shares) only while the sensitivity
-pass needs logits. Peak memory is one block plus those, so a model larger than RAM can be calibrated;
+`head_rows` streams the LM head's rows (tied: the embedding's) for the sensitivity pass's loss gradient
+(calibration/head.py); `head()` loads the whole head instead, for models whose logits are more than
+the head's product. Peak memory is one block plus those, so a model larger than RAM can be calibrated;
 `release_rest()` empties the non-block part too once nothing outside the blocks runs again (covariance
 calibration, after the first block's inputs are captured)."""
 
@@ -82,9 +83,7 @@ class BlockLoader:
     @contextmanager
     def head(self) -> Iterator[None]:
         """Within: the LM head's weight is loaded (tied: the embedding matrix, which it is). Emptied after."""
-        name = self.embedding if self.tied else self.output
-        if name is None:
-            raise ValueError("the model has no LM head")  # a bug: only causal LMs reach the sensitivity pass
+        name = self._head_name()
         self._set(name, self.weights.get(self.on_demand[name], self._dtype(name)))
         if self.tied:
             self.model.tie_weights()
@@ -92,6 +91,25 @@ class BlockLoader:
             yield
         finally:
             self._empty(name)
+
+    @property
+    def head_dtype(self) -> torch.dtype:
+        """The dtype the model computes its logits in (its head's, tied or not)."""
+        return self._dtype(self._head_name())
+
+    def head_rows(self, step: int, device: torch.device | str) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield (first row, rows (≤ step, d) in head_dtype on `device`) over the LM head's vocabulary rows,
+        read from the files (tied: the embedding matrix's), so that only `step` rows are in memory."""
+        key = self.on_demand[self._head_name()]
+        for first in range(0, self.weights.shape(key)[0], step):
+            rows = self.weights.rows(key, first, min(first + step, self.weights.shape(key)[0]))
+            yield first, rows.to(device=device, dtype=self.head_dtype)
+
+    def _head_name(self) -> str:
+        name = self.embedding if self.tied else self.output
+        if name is None:
+            raise ValueError("the model has no LM head")  # a bug: only causal LMs reach the sensitivity pass
+        return name
 
     def _empty(self, name: str) -> None:
         module, _, attr = name.rpartition(".")
