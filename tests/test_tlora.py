@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -393,3 +397,30 @@ def test_cli_init_train_and_peft_export_carry_the_rank_and_alpha_patterns(tiny_l
     )
     code, out = cli("init", tiny_llama, "--method", "tlora", "--rank", 4, "-o", tmp_path / "j")
     assert code == 1 and "needs --stats" in out
+
+
+@pytest.mark.skipif(
+    not os.access("/sys/fs/cgroup/memory", os.W_OK), reason="needs a writable cgroup v1 memory controller (root)"
+)
+def test_init_workspace_budget_follows_a_memory_cgroup_limit():
+    """Inside a memory cgroup, init sizes its groups by what the limit leaves, not by the machine's memory."""
+    available = "from lrsurgery.io.memory import available_memory; print(available_memory())"
+    budget = "import torch; from lrsurgery.stages.init import workspace_budget as w; print(w(torch.device('cpu')))"
+    group = Path("/sys/fs/cgroup/memory") / f"lrsurgery-test-{os.getpid()}"
+    limit = 768 << 20
+
+    def run(source: str, limited: bool) -> int:
+        enter = (lambda: (group / "cgroup.procs").write_text(str(os.getpid()))) if limited else None
+        return int(
+            subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, preexec_fn=enter).stdout
+        )
+
+    group.mkdir()
+    try:
+        (group / "memory.limit_in_bytes").write_text(str(limit))
+        outside, inside, inside_budget = run(available, False), run(available, True), run(budget, True)
+    finally:
+        group.rmdir()
+    assert outside > limit  # the machine has more than the limit, so inside, the limit is what is seen
+    assert 0 < inside < limit
+    assert 0 < inside_budget <= limit // 3

@@ -12,12 +12,15 @@ from lrsurgery.hf.load import LoadedModel, compute_device, empty_model, model_re
 from lrsurgery.hf.resolve import resolve_model
 from lrsurgery.hf.tree import backbone, find_targets, target_weights
 from lrsurgery.io.artifacts import Manifest, file_digest, save_tensors, write_manifest
+from lrsurgery.io.memory import available_memory
 from lrsurgery.io.outputs import check_output, output_folder
 from lrsurgery.layers.adapter_file import ADAPTER_FILE, METHOD_FILE, to_tensors, trainable_count
 from lrsurgery.layers.spec import ModuleAdapter
 from lrsurgery.linalg.basics import all_finite
 from lrsurgery.methods import MethodError, get_method
 from lrsurgery.progress import bar as progress_bar
+
+WORKSPACE_BYTES = 2 << 30  # a group's fp64 working memory where the machine has room (init_groups)
 
 
 def run_init(
@@ -58,7 +61,7 @@ def run_init(
     generator = torch.Generator().manual_seed(seed)
     adapters: dict[str, ModuleAdapter] = {}
     bar = progress_bar(len(names), desc=f"init {method}", unit="module")
-    for group in init_groups(shapes, config.batch_by_shape):
+    for group in init_groups(shapes, config.batch_by_shape, budget_bytes=workspace_budget(compute)):
         adapters.update(config.init_modules({name: read(name).to(compute) for name in group}, generator))
         bar.update(len(group))
     bar.close()
@@ -92,13 +95,20 @@ def run_init(
     return Path(out)
 
 
+def workspace_budget(device: torch.device) -> int:
+    """Bytes of fp64 working memory a group of modules may take on `device`: 2 GiB, or a third of what the
+    machine (or the process's memory cgroup) has left, if that is less."""
+    available = available_memory(device)
+    return WORKSPACE_BYTES if available is None else min(WORKSPACE_BYTES, available // 3)
+
+
 def init_groups(
-    shapes: dict[str, tuple[int, int]], by_shape: bool, size: int = 16, budget_bytes: int = 2 << 30
+    shapes: dict[str, tuple[int, int]], by_shape: bool, size: int = 16, budget_bytes: int = WORKSPACE_BYTES
 ) -> list[list[str]]:
     """Module names in model order, one at a time, or in chunks of same-shaped modules: up to `size`, and
     no more than fit `budget_bytes` of fp64 working memory (weight, its product with a d_in × d_in
     covariance, and the covariance: 8·(2·d_out·d_in + d_in²) bytes each), so a large model's big
-    matrices go a few at a time."""
+    matrices go a few at a time (one at a time if even one does not fit)."""
     if not by_shape:
         return [[name] for name in shapes]
     groups: dict[tuple[int, int], list[str]] = {}
