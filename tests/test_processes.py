@@ -283,9 +283,9 @@ def test_calibrate_over_two_processes_equals_one(tiny_llama, text, tmp_path):
     per-sequence sum and sensitivity equals the one-process calibration's. Both run with one thread, so each
     micro-batch's activations and gradients are computed by the same kernels; only the order in which the
     micro-batches' fp64 sums are added differs, so each stored tensor agrees to a few units of its own
-    dtype's roundoff."""
+    dtype's roundoff. Both offload to disk: each process spills its block inputs to a folder of its own."""
     args = ["calibrate", tiny_llama, "--data", text, "--samples", "6", "--batch-size", "2", "--seq-len", "32"]
-    args += ["--dtype", "fp64"]
+    args += ["--dtype", "fp64", "--offload", "disk"]
     one, two = tmp_path / "one", tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "lrsurgery", *map(str, args), "-o", str(one)], env=env, text=True)

@@ -109,7 +109,8 @@ def test_sequential_with_disk_offload_equals_whole_model(request, model, whole_r
     """Offloaded, the vocabulary-sized matrices are never read whole: the embedding gives only the rows
     of the tokens seen, and the loss gradient streams the head (tied: the embedding matrix) in chunks of
     rows (calibration/head.py), except for a model with soft-capped logits, whose head is read once,
-    whole, for that step. The sensitivities equal the whole model's either way."""
+    whole, for that step; the blocks' inputs for the backward pass go to files. The sensitivities equal
+    the whole model's either way."""
     from lrsurgery.calibration import head
     from lrsurgery.io.shards import LazyWeights
 
@@ -120,9 +121,14 @@ def test_sequential_with_disk_offload_equals_whole_model(request, model, whole_r
         LazyWeights, "get", lambda self, key, dtype=None: read_whole.append(key) or original(self, key, dtype)
     )
     monkeypatch.setattr(head, "LOGIT_ELEMENTS", 4 * 32 * 1000)  # several chunks of the 49,152 rows
-    _sequential_vs_whole(folder, bbc_small, tmp_path, offload="disk")
+    spilled = []  # the block inputs the backward pass reads back, from files (not held in memory)
+    pop = backward.BlockInputs.pop
+    monkeypatch.setattr(backward.BlockInputs, "pop", lambda self, i: spilled.append(self._file(i)) or pop(self, i))
+    stats = _sequential_vs_whole(folder, bbc_small, tmp_path, offload="disk")
     vocabulary = [k for k in read_whole if k in ("model.embed_tokens.weight", "lm_head.weight")]
     assert vocabulary == whole_reads  # (the whole-model run loads through transformers)
+    assert [f.name for f in spilled] == ["input_0001.safetensors", "input_0000.safetensors"]
+    assert not list(stats.glob("inputs.*")) and not list(stats.glob("*/input_*"))  # removed when done
 
 
 def test_sensitivity_resumes_from_the_last_finished_block(tiny_llama, bbc_small, tmp_path, monkeypatch):

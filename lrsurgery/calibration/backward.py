@@ -6,6 +6,7 @@ finishes, the resume point of an interrupted pass."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +22,46 @@ from lrsurgery.calibration.stats_file import write_sensitivity
 from lrsurgery.data.examples import IGNORE
 from lrsurgery.io.artifacts import load_tensors, read_manifest, save_tensors, write_manifest
 from lrsurgery.progress import progress
+
+
+class BlockInputs:
+    """The inputs of blocks [0, n) kept for the backward pass, one tensor per micro-batch and block: in
+    memory, or, given a `folder` (with --offload disk), written there as each block runs and read back
+    one block at a time, so that the memory held follows one block rather than the model's depth (at 32
+    blocks, 128 sequences of 2048 tokens and hidden 4096, 137 GB in fp32)."""
+
+    def __init__(self, folder: Path | None = None):
+        self.folder = folder
+        self.held: list[list[torch.Tensor]] = []
+        self.count = 0
+        if folder is not None:
+            folder.mkdir(exist_ok=True)
+
+    def append(self, states: list[torch.Tensor]) -> None:
+        """Keep the next block's input, one (B, T, d) tensor per micro-batch."""
+        if self.folder is None:
+            self.held.append(states)
+        else:
+            save_tensors(self._file(self.count), {f"batch.{b}": h for b, h in enumerate(states)})
+        self.count += 1
+
+    def pop(self, index: int) -> list[torch.Tensor]:
+        """Block `index`'s inputs, which are then dropped (the backward pass reads each block once)."""
+        if self.folder is None:
+            states, self.held[index] = self.held[index], []
+            return states
+        saved = load_tensors(self._file(index))
+        self._file(index).unlink()
+        return [saved[f"batch.{b}"] for b in range(len(saved))]
+
+    def _file(self, index: int) -> Path:
+        assert self.folder is not None
+        return self.folder / f"input_{index:04d}.safetensors"
+
+    def close(self) -> None:
+        """Remove the folder, if any, and what is left in it."""
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 class _Replay(nn.Module):
@@ -86,9 +127,9 @@ def backward_pass(model, runner, batches, targets, run, kept, hidden, backward_f
     for index in progress(reversed(range(backward_from)), desc="calibrate backward", total=backward_from, unit="block"):
         block = runner.load(index)
         collector = SensitivityCollector(runner.targets(index, targets))
-        below = []
+        below, inputs = [], kept.pop(index)
         for b, (batch, (_, kwargs, args)) in enumerate(zip(batches, hidden, strict=True)):
-            x = kept[index][b].to(runner.device).requires_grad_(True)
+            x = inputs[b].to(runner.device).requires_grad_(True)
             runner.run(block, x, kwargs, args).backward(grads[b].to(runner.device))
             below.append(x.grad.cpu())
             collector.samples += per_sample_count(batch["labels"])

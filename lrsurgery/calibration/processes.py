@@ -47,6 +47,11 @@ class Shard:
             out[name] = total.to(tensors[name].device)
         return out
 
+    def sync(self) -> None:
+        """Wait until every process has reached this point."""
+        if self.world > 1:
+            dist.barrier()
+
     def add_count(self, value: int) -> int:
         """The sum of an integer count over processes."""
         if self.world == 1:

@@ -10,8 +10,10 @@ Backward (sensitivity, sequential path): the model's own head turns the last blo
 per-sample losses, whose gradient is then carried down block by block in reverse: each block is
 recomputed from its stored input with gradients on, back-propagated, and its per-sample |W ⊙ ∇W|
 reduced (calibration/backward.py, calibration/sensitivity.py). One block's weights are resident at a
-time in both passes. With several processes, each runs a share of the micro-batches and the sums are
-added across them (calibration/processes.py).
+time in both passes; with `--offload disk` the stored block inputs go to the work folder too, and the
+LM head is streamed (calibration/head.py), so memory follows one block and one block's activations.
+With several processes, each runs a share of the micro-batches and the sums are added across them
+(calibration/processes.py).
 
 Everything is written per block as the block finishes (covariance sums, sensitivity reductions and the
 gradient at the block boundary), with the manifest recording how far each pass got, so an interrupted
@@ -28,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lrsurgery.calibration.backward import backward_pass, samples_of, save_sensitivity
+from lrsurgery.calibration.backward import BlockInputs, backward_pass, samples_of, save_sensitivity
 from lrsurgery.calibration.covariance import CalibrationError, CovarianceCollector
 from lrsurgery.calibration.processes import Shard, current_shard, local_device
 from lrsurgery.calibration.sensitivity import whole_model
@@ -296,25 +298,29 @@ def _calibrate(model: str, folder: Path, data: DataSpec, cfg: CalibrateConfig, r
     backward_from = state.get("sensitivity_next", blocks) if wants_sensitivity else 0
     forward_to = blocks if covariance_from < blocks or backward_from == blocks else backward_from - 1
     mine = shard.mine(batches)
-    kept, hidden = _forward(runner, mine, targets, cfg, run, covariance_from, forward_to, backward_from, shard)
-    if wants_sensitivity:
-        samples = samples_of(batches)
-        backward_pass(loaded.model, runner, mine, targets, run, kept, hidden, backward_from, shard, samples)
+    shard.sync()  # the main process has made the work folder the others spill into
+    kept = BlockInputs(work / f"inputs.{shard.rank}" if loader and backward_from else None)
+    try:
+        hidden = _forward(runner, mine, targets, cfg, run, covariance_from, forward_to, kept, backward_from, shard)
+        if wants_sensitivity:
+            samples = samples_of(batches)
+            backward_pass(loaded.model, runner, mine, targets, run, kept, hidden, backward_from, shard, samples)
+    finally:
+        kept.close()
     if shard.main:
         _check_complete(work)
 
 
-def _forward(runner, batches, targets, cfg, run, covariance_from, forward_to, keep_to, shard: Shard):
+def _forward(runner, batches, targets, cfg, run, covariance_from, forward_to, kept, keep_to, shard: Shard):
     """Run blocks [0, forward_to) on this process's micro-batches `batches`, collecting covariances from
     block `covariance_from` on (added over the processes of `shard`, written by the main one), and keep
-    the inputs of blocks [0, keep_to) for the backward pass.
+    the inputs of blocks [0, keep_to) in `kept` (a BlockInputs) for the backward pass.
 
-    Returns (kept[block][batch] hidden states, [(hidden, kwargs, args)] per batch after the last block run).
+    Returns [(hidden, kwargs, args)] per batch after the last block run.
     """
     dtype = torch.float64 if cfg.dtype == "fp64" else torch.float32
-    kept: list[list[torch.Tensor]] = []
     if max(forward_to, keep_to) <= 0:
-        return kept, []
+        return []
     with torch.no_grad():
         with runner.inputs(batches) as feed:
             hidden = capture_block_inputs(runner.model, runner.blocks, feed)
@@ -341,7 +347,7 @@ def _forward(runner, batches, targets, cfg, run, covariance_from, forward_to, ke
                     run.keep()
         if forward_to < keep_to:
             kept.append([h for h, _, _ in hidden])
-    return kept, hidden
+    return hidden
 
 
 def _added(collector: CovarianceCollector, shard: Shard) -> tuple[dict, int, tuple[dict, torch.Tensor]]:
