@@ -4,10 +4,9 @@ fraction of the model's fp32 size, and must finish; prints each stage's exit sta
 "Only one block is resident" is a promise users plan hardware by; this checks it the way the kernel enforces
 it (a stage over the limit is killed, exit 137). Default model: `synthetic_llama.py --shape qwen05-untied`
 in fp32 (2.5 GB, of which 1.1 GB are the embedding and an untied head), in a limit of half of that.
-Calibration runs one sequence per micro-batch: the loss-gradient step holds a micro-batch's logits over
-the whole vocabulary (4 × 128 × 151,936 fp32 values would be 0.3 GB, and their gradient as much again).
+`--shape` builds another of synthetic_llama.py's shapes (untied) instead.
 
-  python pipelines/bench_memory_limit.py [--model DIR] [--fraction 0.5] [--work DIR]
+  python pipelines/bench_memory_limit.py [--model DIR | --shape NAME] [--fraction 0.5] [--work DIR]
 """
 
 from __future__ import annotations
@@ -54,6 +53,7 @@ def main() -> None:
     parser.add_argument(
         "--model", type=Path, default=None, help="an HF folder (default: build the qwen05-untied shape)"
     )
+    parser.add_argument("--shape", default="qwen05-untied", help="the synthetic_llama.py shape built without --model")
     parser.add_argument("--fraction", type=float, default=0.5, help="the limit as a fraction of the fp32 size")
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
@@ -67,7 +67,8 @@ def main() -> None:
     if model is None:
         model = work / "model"
         if not model.exists():
-            build = [*py, str(HERE / "synthetic_llama.py"), str(model), "--shape", "qwen05-untied", "--dtype", "fp32"]
+            build = [*py, str(HERE / "synthetic_llama.py"), str(model), "--shape", args.shape, "--dtype", "fp32"]
+            build += ["--untied"]
             subprocess.run(build, check=True)
     index = json.loads((model / "model.safetensors.index.json").read_text())
     size = index["metadata"]["total_size"]  # stored fp32: the model's fp32 size
@@ -90,8 +91,6 @@ def main() -> None:
                 str(args.seq_len),
                 "--offload",
                 "disk",
-                "--batch-size",
-                "1",
                 "-o",
                 str(work / "stats"),
                 "--overwrite",

@@ -3,6 +3,8 @@ tokenizer of another folder, so benchmarks can run models of any size without a 
 
 Shapes by name (`--shape`), or any of them overridden by flag:
   smollm2   hidden 576,  MLP 1536,  9 heads / 3 KV heads, 30 layers (SmolLM2-135M)
+  qwen05    hidden 896,  MLP 4864, 14 heads / 2 KV heads, 24 layers (Qwen2.5-0.5B's layers)
+  tinyllama hidden 2048, MLP 5632, 32 heads / 4 KV heads, 22 layers (TinyLlama-1.1B)
   llama7b   hidden 4096, MLP 11008, 32 heads / 32 KV heads, 32 layers (Llama-2-7B)
   qwen05-untied  hidden 896, MLP 4864, 14 heads / 2 KV heads, 24 layers, vocabulary 151,936, untied head
 
@@ -25,6 +27,8 @@ from safetensors.torch import save_file
 
 SHAPES = {
     "smollm2": {"hidden": 576, "mlp": 1536, "heads": 9, "kv_heads": 3, "layers": 30},
+    "qwen05": {"hidden": 896, "mlp": 4864, "heads": 14, "kv_heads": 2, "layers": 24},
+    "tinyllama": {"hidden": 2048, "mlp": 5632, "heads": 32, "kv_heads": 4, "layers": 22},
     "llama7b": {"hidden": 4096, "mlp": 11008, "heads": 32, "kv_heads": 32, "layers": 32},
     # Qwen2.5-0.5B's shape with its 151,936-token vocabulary and (unlike it) an LM head of its own: the case
     # where the two vocabulary matrices outweigh several blocks
@@ -82,30 +86,32 @@ def write_model(out: Path, tokenizer: Path, shape: dict, dtype: torch.dtype, sha
     config.save_pretrained(out)
     tok.save_pretrained(out)
     gen = torch.Generator().manual_seed(seed)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
     names = tensor_shapes(
         vocab=vocab, **{k: shape[k] for k in ("hidden", "mlp", "heads", "kv_heads", "layers")}, tied=shape["tied"]
     )
+    plan: list[list[tuple[str, tuple[int, ...]]]] = [[]]  # tensors per shard, planned before any is made
+    size = 0
     for name, dims in names:
-        tensor = (
-            torch.ones(dims, dtype=dtype)
-            if len(dims) == 1
-            else (torch.randn(dims, generator=gen, dtype=torch.float32).mul_(0.02).to(dtype))
-        )
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > shard_mb * 2**20:
-            shards.append({})
+        nbytes = torch.Size(dims).numel() * dtype.itemsize
+        if plan[-1] and size + nbytes > shard_mb * 2**20:
+            plan.append([])
             size = 0
-        shards[-1][name] = tensor
+        plan[-1].append((name, dims))
         size += nbytes
     index = {"metadata": {"total_size": 0}, "weight_map": {}}
-    for i, shard in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    for i, planned in enumerate(plan):  # one shard in memory at a time
+        file = f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors"
+        shard = {
+            name: torch.ones(dims, dtype=dtype)
+            if len(dims) == 1
+            else torch.randn(dims, generator=gen, dtype=torch.float32).mul_(0.02).to(dtype)
+            for name, dims in planned
+        }
         save_file(shard, out / file, metadata={"format": "pt"})
         for name, t in shard.items():
             index["weight_map"][name] = file
             index["metadata"]["total_size"] += t.numel() * t.element_size()
+        del shard
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return sum(torch.Size(d).numel() for _, d in names)
 

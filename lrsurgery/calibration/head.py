@@ -30,7 +30,7 @@ from torch import nn
 
 from lrsurgery.data.examples import IGNORE
 
-LOGIT_ELEMENTS = 1 << 23  # (tokens × vocabulary rows) logits held at once: 32 MB in fp32
+LOGIT_ELEMENTS = 1 << 21  # (tokens × vocabulary rows) logits held at once: 8 MB in fp32
 TOKEN_BLOCK = 4096  # tokens whose gradient is computed per pair of passes over the head
 
 
