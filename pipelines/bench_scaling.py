@@ -1,9 +1,10 @@
 """Benchmark: how each stage's time and peak memory grow from SmolLM2's layer shape to Llama-2-7B's.
 
 For each layer shape (`--shapes`, from pipelines/synthetic_llama.py) a Llama with random weights and an
-untied head is written twice, with 1 and with 2 layers (fp32, sharded safetensors, SmolLM2's tokenizer
-and 49,152-token vocabulary). Every stage runs as its own process, as a user runs it, timed on the wall
-clock, its peak RSS read from wait4:
+untied head is written twice, with 1 layer and with L layers, L = 2 to 8 so that the L layers hold at
+least 200M parameters (fp32, sharded safetensors, SmolLM2's tokenizer and 49,152-token vocabulary).
+Every stage runs as its own process, as a user runs it, timed on the wall clock, its peak RSS read
+from wait4:
 
   calibrate --offload disk (covariances and sensitivities, 16 sequences of 128 tokens)
   init --method tlora --stats, init --method pissa (rank 8 on all 7 projections)
@@ -12,12 +13,12 @@ clock, its peak RSS read from wait4:
   PEFT: get_peft_model with init_lora_weights="pissa", and load + merge_and_unload + save_pretrained
         of the LoRA's exact PEFT export (each in a process of its own, the model loaded whole)
 
-Two layers minus one gives each stage's cost per layer, and the extrapolation to a 32-layer model is
+The difference gives each stage's cost per layer, and the extrapolation to a 32-layer model is
 
-  T(32) = T(1) + 31 · (T(2) − T(1))
+  per layer = (T(L) − T(1)) / (L − 1),    T(32) = T(1) + 31 · per layer
 
-For memory, a stage whose peak follows one block has peak(2) ≈ peak(1); one that holds the model grows
-by a layer's fp32 size. Figures (with matplotlib): time per layer and peak RSS against parameters per
+For memory, a stage whose peak follows one block has peak(L) ≈ peak(1); one that holds the model grows
+by L − 1 layers' fp32 size. Figures (with matplotlib): time per layer and peak RSS against parameters per
 layer, log-log, with the fitted exponent b of time ∝ pᵇ per stage.
 
   python pipelines/bench_scaling.py [--shapes smollm2,qwen05,tinyllama,llama7b] [--work DIR] [--no-peft]
@@ -31,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -106,7 +108,9 @@ def run_size(name: str, layers: int, work: Path, data: Path, peft: bool) -> dict
         out["peft pissa"] = measured([sys.executable, "-c", PEFT_PISSA, str(model), PROJECTIONS])
         export = [*lrs, "fuse", str(run), "--format", "peft", "-o", str(folder / "peft"), "--overwrite"]
         subprocess.run(export, check=True, capture_output=True)
-        out["peft merge"] = measured([sys.executable, "-c", PEFT_MERGE, str(model), str(folder / "peft"), "/dev/null"])
+        merged = folder / "peft-merged"
+        out["peft merge"] = measured([sys.executable, "-c", PEFT_MERGE, str(model), str(folder / "peft"), str(merged)])
+        shutil.rmtree(merged)
     return out
 
 
@@ -120,35 +124,45 @@ def slope(xs: list[float], ys: list[float]) -> float:
     return sum((p[0] - mx) * (p[1] - my) for p in points) / den if den else float("nan")
 
 
+def deeper(shape: dict) -> int:
+    """L, the second model's layer count: 2 to 8, enough for 200M parameters in its layers."""
+    return max(2, min(8, math.ceil(200e6 / layer_parameters(shape))))
+
+
 def report(results: dict, shapes: list[str], out: Path) -> None:
-    """Print the tables and draw the log-log figures into `out`."""
+    """Print the tables and draw the log-log figures into `out`. `results[name]` holds "layers" (L) and
+    "1" and "L": {stage: (seconds, peak RSS MiB)} of the 1- and L-layer models."""
     params = {name: layer_parameters(SHAPES[name]) for name in shapes}
-    print("\nper layer: T(2) - T(1) seconds; extrapolated to 32 layers: T(1) + 31 (T(2) - T(1)) seconds")
-    print(f"{'stage':12} " + " ".join(f"{f'{n} ({params[n] / 1e6:.0f}M/layer)':>22}" for n in shapes))
+    print("\nseconds per layer (T(L) - T(1)) / (L - 1), and T(32) = T(1) + 31 x per layer")
+    heads = [f"{n}, {params[n] / 1e6:.0f}M/layer, L={results[n]['layers']}" for n in shapes]
+    print(f"{'stage':12} " + " ".join(f"{h:>28}" for h in heads))
     per_layer: dict[str, list[float]] = {}
     for stage in STAGES:
         cells, row = [], []
         for name in shapes:
-            one, two = results[name][1].get(stage), results[name][2].get(stage)
-            if one is None or two is None:
-                cells.append(f"{'-':>22}")
+            one, many, layers = results[name]["1"].get(stage), results[name]["L"].get(stage), results[name]["layers"]
+            if one is None or many is None:
+                cells.append(f"{'-':>28}")
                 row.append(float("nan"))
                 continue
-            delta = two[0] - one[0]
+            delta = (many[0] - one[0]) / (layers - 1)
             row.append(delta)
-            cells.append(f"{delta:8.2f} {one[0] + 31 * delta:12.1f}")
+            cells.append(f"{delta:12.2f} {one[0] + 31 * delta:15.1f}")
         per_layer[stage] = row
         print(f"{stage:12} " + " ".join(cells))
-    print("\npeak RSS MiB at 1 and 2 layers (a layer's fp32 size beside the shape)")
-    print(f"{'stage':12} " + " ".join(f"{f'{n} ({params[n] * 4 / 2**20:.0f} MiB)':>22}" for n in shapes))
+    print("\npeak RSS MiB of the 1- and L-layer models, and the growth against the L - 1 layers' fp32 size")
     for stage in STAGES:
         cells = []
         for name in shapes:
-            one, two = results[name][1].get(stage), results[name][2].get(stage)
-            cells.append(f"{'-':>22}" if one is None or two is None else f"{one[1]:10.0f} {two[1]:11.0f}")
+            one, many, layers = results[name]["1"].get(stage), results[name]["L"].get(stage), results[name]["layers"]
+            if one is None or many is None:
+                cells.append(f"{'-':>28}")
+                continue
+            grown = (many[1] - one[1]) / ((layers - 1) * params[name] * 4 / 2**20)
+            cells.append(f"{one[1]:8.0f} {many[1]:8.0f} {grown:9.2f}x")
         print(f"{stage:12} " + " ".join(cells))
     xs = [params[n] for n in shapes]
-    print("\nexponent b of time per layer ∝ (parameters per layer)^b, least squares over the shapes")
+    print("\nexponent b of seconds per layer ∝ (parameters per layer)^b, least squares over the shapes")
     for stage in STAGES:
         print(f"{stage:12} b = {slope(xs, per_layer[stage]):.2f}")
     try:
@@ -164,12 +178,12 @@ def report(results: dict, shapes: list[str], out: Path) -> None:
         ys = per_layer[stage]
         if any(y > 0 for y in ys):
             left.loglog(xs, ys, "o-", label=f"{stage} (b={slope(xs, ys):.2f})")
-        peaks = [results[n][2][stage][1] if stage in results[n][2] else float("nan") for n in shapes]
+        peaks = [results[n]["1"][stage][1] if stage in results[n]["1"] else float("nan") for n in shapes]
         if any(p > 0 for p in peaks):
             right.loglog(xs, peaks, "o-", label=stage)
-    right.loglog(xs, [x * 4 * 2 / 2**20 for x in xs], "k--", label="2 layers' fp32 size")
+    right.loglog(xs, [x * 4 / 2**20 for x in xs], "k--", label="one layer's fp32 size")
     left.set(xlabel="parameters per layer", ylabel="seconds per layer", title="time per layer")
-    right.set(xlabel="parameters per layer", ylabel="peak RSS MiB (2 layers)", title="peak memory")
+    right.set(xlabel="parameters per layer", ylabel="peak RSS MiB (1-layer model)", title="peak memory")
     for axis in (left, right):
         axis.legend(fontsize=7)
         axis.grid(True, which="both", alpha=0.3)
@@ -195,10 +209,10 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "lrsurgery", "assets", "bbc-news", "-o", str(data)], check=True)
     results: dict[str, dict[int, dict]] = {}
     for name in shapes:
-        results[name] = {}
-        for layers in (1, 2):
-            results[name][layers] = run_size(name, layers, work, data / "train.jsonl", not args.no_peft)
-            cells = ", ".join(f"{k} {s:.1f}s/{m:.0f}MiB" for k, (s, m) in results[name][layers].items())
+        results[name] = {"layers": deeper(SHAPES[name])}
+        for key, layers in (("1", 1), ("L", results[name]["layers"])):
+            results[name][key] = run_size(name, layers, work, data / "train.jsonl", not args.no_peft)
+            cells = ", ".join(f"{k} {s:.1f}s/{m:.0f}MiB" for k, (s, m) in results[name][key].items())
             print(f"{name} x{layers}: {cells}", flush=True)
     (work / "results.json").write_text(json.dumps(results, indent=2))
     report(results, shapes, work)
