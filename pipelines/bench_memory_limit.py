@@ -1,5 +1,7 @@
 """Memory under a hard limit: each stage runs inside a cgroup (v1 memory controller; needs root) limited to a
-fraction of the model's fp32 size, and must finish; prints each stage's exit status, peak RSS and wall time.
+fraction of the model's fp32 size, and must finish; prints each stage's exit status, the cgroup's peak charge
+(page cache included, which the kernel reclaims before it kills), the peak of its anonymous memory (what
+cannot be reclaimed: the margin under the limit), peak RSS and wall time.
 
 "Only one block is resident" is a promise users plan hardware by; this checks it the way the kernel enforces
 it (a stage over the limit is killed, exit 137). Default model: `synthetic_llama.py --shape qwen05-untied`
@@ -17,6 +19,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -24,12 +27,15 @@ CGROUP = Path("/sys/fs/cgroup/memory")
 HERE = Path(__file__).resolve().parent
 
 
-def run_limited(command: list[str], limit: int, name: str) -> tuple[int, float, float, float]:
+def run_limited(command: list[str], limit: int, name: str) -> tuple[int, float, float, float, float]:
     """Run `command` in a new memory cgroup of `limit` bytes; return (exit status, the cgroup's peak charge
-    MiB (what the kernel holds against the limit: the process's own memory and the page cache it reads),
-    peak RSS MiB (which also counts shared libraries charged elsewhere), seconds)."""
+    MiB (what the kernel holds against the limit: the process's own memory and the page cache it reads,
+    which the kernel reclaims before it kills), the peak of its anonymous memory MiB (the process's own,
+    which cannot be reclaimed without swap; sampled every 20 ms), peak RSS MiB (which also counts shared
+    libraries charged elsewhere), seconds)."""
     group = CGROUP / f"lrsurgery-{name}-{os.getpid()}"
     group.mkdir()
+    anonymous = [0]
     try:
         (group / "memory.limit_in_bytes").write_text(str(limit))
         swap = group / "memory.memsw.limit_in_bytes"
@@ -39,13 +45,30 @@ def run_limited(command: list[str], limit: int, name: str) -> tuple[int, float, 
         child = subprocess.Popen(
             command, preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())), env=os.environ
         )
+        done = threading.Event()
+        watcher = threading.Thread(target=_watch_anonymous, args=(group, done, anonymous), daemon=True)
+        watcher.start()
         _, status, usage = os.wait4(child.pid, 0)
         seconds = time.perf_counter() - began
+        done.set()
+        watcher.join()
         code = os.waitstatus_to_exitcode(status)
         charged = int((group / "memory.max_usage_in_bytes").read_text()) / 2**20
-        return (128 - code if code < 0 else code), charged, usage.ru_maxrss / 1024, seconds
+        return (128 - code if code < 0 else code), charged, anonymous[0] / 2**20, usage.ru_maxrss / 1024, seconds
     finally:
         group.rmdir()
+
+
+def _watch_anonymous(group: Path, done: threading.Event, peak: list[int]) -> None:
+    """Keep in peak[0] the largest `rss` (anonymous memory, huge pages included) of the cgroup's
+    memory.stat until `done` is set."""
+    while not done.is_set():
+        try:
+            stat = dict(line.split() for line in (group / "memory.stat").read_text().splitlines())
+            peak[0] = max(peak[0], int(stat["rss"]))
+        except (OSError, KeyError, ValueError):
+            pass
+        done.wait(0.02)
 
 
 def main() -> None:
@@ -119,13 +142,14 @@ def main() -> None:
         ),
     ]
     print(f"{model}: {size / 2**30:.2f} GiB in fp32; limit {limit / 2**30:.2f} GiB ({args.fraction:g} of it)")
-    print(f"{'stage':12} {'exit':>5} {'cgroup peak GiB':>16} {'peak/limit':>11} {'peak RSS GiB':>13} {'seconds':>8}")
+    head = f"{'stage':12} {'exit':>5} {'cgroup peak GiB':>16} {'anonymous GiB':>14} {'anonymous/limit':>16}"
+    print(f"{head} {'peak RSS GiB':>13} {'seconds':>8}")
     failed = 0
     for name, command in stages:
-        code, charged, rss, seconds = run_limited(command, limit, name.replace(" ", "-"))
+        code, charged, anonymous, rss, seconds = run_limited(command, limit, name.replace(" ", "-"))
         failed += code != 0
-        line = f"{name:12} {code:5d} {charged / 1024:16.2f} {charged * 2**20 / limit:11.2f} {rss / 1024:13.2f}"
-        print(f"{line} {seconds:8.1f}", flush=True)
+        line = f"{name:12} {code:5d} {charged / 1024:16.2f} {anonymous / 1024:14.2f} {anonymous * 2**20 / limit:16.2f}"
+        print(f"{line} {rss / 1024:13.2f} {seconds:8.1f}", flush=True)
         if name == "calibrate" and code != 0:  # the next stage reads its statistics: make them without the limit
             print("  (calibrate failed under the limit; its statistics are made without it for the next stage)")
             subprocess.run(command, check=True, capture_output=True)

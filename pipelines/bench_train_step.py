@@ -154,7 +154,7 @@ def mark_baseline(device: str, model: torch.nn.Module) -> None:
         torch.cuda.reset_peak_memory_stats()
         _BASELINE["bytes"] = torch.cuda.memory_allocated()
         return
-    from lrsurgery.hf.offload import return_freed_memory
+    from lrsurgery.io.memory import return_freed_memory
 
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:

@@ -13,7 +13,6 @@ calibration, after the first block's inputs are captured)."""
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +23,7 @@ from accelerate.utils import set_module_tensor_to_device
 from lrsurgery.hf.load import LoadedModel, empty_model, load_tokenizer
 from lrsurgery.hf.resolve import resolve_model
 from lrsurgery.hf.tree import block_list, file_keys, module_prefix
+from lrsurgery.io.memory import return_freed_memory
 from lrsurgery.io.shards import LazyWeights
 
 
@@ -150,18 +150,6 @@ def _weight_name(modules: dict[int, str], module: torch.nn.Module | None) -> str
         return None
     prefix = modules[id(module)]
     return f"{prefix}.weight" if prefix else "weight"
-
-
-def return_freed_memory() -> None:
-    """Hand the heap pages freed so far back to the OS (glibc `malloc_trim`; a no-op elsewhere).
-
-    Without it, glibc keeps the blocks' freed weights and the replaced activations of every block in
-    its arenas, and the resident size creeps up block after block.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def load_offloaded(spec: str) -> tuple[LoadedModel, BlockLoader]:

@@ -12,7 +12,7 @@ from lrsurgery.hf.load import LoadedModel, compute_device, empty_model, model_re
 from lrsurgery.hf.resolve import resolve_model
 from lrsurgery.hf.tree import backbone, find_targets, target_weights
 from lrsurgery.io.artifacts import Manifest, file_digest, save_tensors, write_manifest
-from lrsurgery.io.memory import available_memory
+from lrsurgery.io.memory import available_memory, return_freed_memory
 from lrsurgery.io.outputs import check_output, output_folder
 from lrsurgery.layers.adapter_file import ADAPTER_FILE, METHOD_FILE, to_tensors, trainable_count
 from lrsurgery.layers.spec import ModuleAdapter
@@ -63,6 +63,7 @@ def run_init(
     bar = progress_bar(len(names), desc=f"init {method}", unit="module")
     for group in init_groups(shapes, config.batch_by_shape, budget_bytes=workspace_budget(compute)):
         adapters.update(config.init_modules({name: read(name).to(compute) for name in group}, generator))
+        return_freed_memory()  # else glibc's heap, fragmented by the adapters kept between the freed weights, grows
         bar.update(len(group))
     bar.close()
     adapters = {name: adapters[name] for name in names if name in adapters}
