@@ -22,6 +22,10 @@ by L − 1 layers' fp32 size. Figures (with matplotlib): time per layer and peak
 layer, log-log, with the fitted exponent b of time ∝ pᵇ per stage.
 
   python pipelines/bench_scaling.py [--shapes smollm2,qwen05,tinyllama,llama7b] [--work DIR] [--no-peft]
+                                    [--memory-limit qwen05-untied]
+
+`--memory-limit SHAPE` ends with pipelines/bench_memory_limit.py on a whole model of that shape: the
+stages inside a memory cgroup of half its fp32 size, where "one block resident" must hold.
 
 Run it alone: the stages use both cores.
 """
@@ -197,6 +201,13 @@ def main() -> None:
     parser.add_argument("--shapes", default="smollm2,qwen05,tinyllama,llama7b")
     parser.add_argument("--work", type=Path, default=None, help="keeps the models between runs (default: a temp dir)")
     parser.add_argument("--no-peft", action="store_true", help="skip PEFT's PiSSA init and merge")
+    parser.add_argument(
+        "--memory-limit",
+        metavar="SHAPE",
+        default=None,
+        help="then run pipelines/bench_memory_limit.py on a whole model of this shape (e.g. qwen05-untied): "
+        "calibrate and init inside a cgroup limit of half its fp32 size (root, cgroup v1)",
+    )
     args = parser.parse_args()
     shapes = args.shapes.split(",")
     unknown = [s for s in shapes if s not in SHAPES]
@@ -216,6 +227,9 @@ def main() -> None:
             print(f"{name} x{layers}: {cells}", flush=True)
     (work / "results.json").write_text(json.dumps(results, indent=2))
     report(results, shapes, work)
+    if args.memory_limit:
+        limited = [sys.executable, str(HERE / "bench_memory_limit.py"), "--shape", args.memory_limit]
+        subprocess.run([*limited, "--work", str(work / f"limit-{args.memory_limit}")], check=False)
 
 
 if __name__ == "__main__":
