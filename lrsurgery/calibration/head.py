@@ -25,9 +25,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from lrsurgery.calibration.sensitivity import next_token_targets
 from lrsurgery.data.examples import IGNORE
 
 LOGIT_ELEMENTS = 1 << 21  # (tokens × vocabulary rows) logits held at once: 8 MB in fp32
@@ -79,7 +79,7 @@ def head_gradients(model: nn.Module, loader: Any, forward: Any, batches: list[di
             leaves.append(last)
     hidden_states = capture.seen
     weights = [_token_weights(b["labels"]).to(h.device) for b, h in zip(batches, hidden_states, strict=True)]
-    targets = [_shifted(b["labels"]).to(h.device) for b, h in zip(batches, hidden_states, strict=True)]
+    targets = [next_token_targets(b["labels"]).to(h.device) for b, h in zip(batches, hidden_states, strict=True)]
     picked = [w > 0 for w in weights]  # the positions with a target
     flat = torch.cat([h.detach()[m] for h, m in zip(hidden_states, picked, strict=True)])
     flat_targets = torch.cat([t[m] for t, m in zip(targets, picked, strict=True)])
@@ -98,14 +98,9 @@ def head_gradients(model: nn.Module, loader: Any, forward: Any, batches: list[di
     return grads
 
 
-def _shifted(labels: torch.Tensor) -> torch.Tensor:
-    """Each position's next-token target (IGNORE past the end), as per_sample_loss shifts them."""
-    return F.pad(labels, (0, 1), value=IGNORE)[:, 1:]
-
-
 def _token_weights(labels: torch.Tensor) -> torch.Tensor:
     """(B, T) fp32: 1 / (the sample's labelled tokens) where a position has a target, else 0."""
-    valid = _shifted(labels) != IGNORE
+    valid = next_token_targets(labels) != IGNORE
     return valid.float() / valid.sum(dim=1, keepdim=True).clamp_min(1)
 
 

@@ -76,12 +76,17 @@ class SensitivityCollector:
         return out
 
 
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T): each position's next-token target, IGNORE past the end (labels shifted, as transformers does)."""
+    return F.pad(labels, (0, 1), value=IGNORE)[:, 1:]
+
+
 def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Σ over samples of each sample's mean next-token loss, and the number of samples with a label.
 
     `logits` (B, T, V), `labels` (B, T) aligned with the inputs (shifted here, as transformers does).
     """
-    target = F.pad(labels, (0, 1), value=IGNORE)[:, 1:].to(logits.device)
+    target = next_token_targets(labels).to(logits.device)
     losses = F.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=IGNORE, reduction="none")
     counts = (target != IGNORE).sum(dim=1)
     return (losses.sum(dim=1) / counts.clamp_min(1)).sum(), int((counts > 0).sum())
