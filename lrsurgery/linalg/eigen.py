@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 from lrsurgery.linalg.basics import all_finite
+from lrsurgery.linalg.gram import symmetrize_upper_
+from lrsurgery.linalg.krylov import MIN_SIZE, krylov_top_eigenpairs
 from lrsurgery.linalg.lapack import top_eigenpairs_upper
 
 
@@ -22,7 +24,9 @@ def top_eigenpairs(grams: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
     each symmetric fp64 matrix in a (batch, k, k) stack, given by its upper triangle (what lies below
     the diagonal is not read), on the stack's device.
 
-    By LAPACK's MRRR `syevr` on the index range (`lrsurgery.lapack`), on the host whatever the stack's
+    Matrices of size ≥ 1024 first try block Krylov (`linalg.krylov`), kept only where its convergence
+    check bounds the subspace error below 1e-8. The others, and any that fail the check,
+    by LAPACK's MRRR `syevr` on the index range (`lrsurgery.lapack`), on the host whatever the stack's
     device (GPU dense eigensolvers are built for large matrices; these Grams are a few MB each), one
     matrix per thread with each thread's BLAS single-threaded: the reduction to tridiagonal form is
     memory-bound and scales across matrices, not within one. A CPU stack is used as work space: its
@@ -32,12 +36,21 @@ def top_eigenpairs(grams: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
 
     from threadpoolctl import threadpool_limits
 
-    matrices = grams.contiguous().cpu().numpy()
-    threads = max(1, min(len(matrices), torch.get_num_threads()))
+    stack = grams.contiguous().cpu()
+    found: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(stack)
+    if stack.shape[-1] >= MIN_SIZE:  # large: block Krylov where its convergence check passes (linalg/krylov.py)
+        for i, matrix in enumerate(symmetrize_upper_(stack)):  # fills the lower triangle; the upper stays
+            found[i] = krylov_top_eigenpairs(matrix, rank)
+    rest = [i for i, pair in enumerate(found) if pair is None]
+    matrices = stack.numpy()
+    threads = max(1, min(len(rest), torch.get_num_threads()))
     with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
-        pairs = list(pool.map(top_eigenpairs_upper, matrices, [rank] * len(matrices)))
-    values = torch.stack([torch.from_numpy(v[::-1].copy()) for v, _ in pairs])
-    vectors = torch.stack([torch.from_numpy(z[::-1].T.copy()) for _, z in pairs])  # (batch, k, rank)
+        for i, (v, z) in zip(
+            rest, pool.map(top_eigenpairs_upper, [matrices[i] for i in rest], [rank] * len(rest)), strict=True
+        ):
+            found[i] = torch.from_numpy(v[::-1].copy()), torch.from_numpy(z[::-1].T.copy())
+    values = torch.stack([v for v, _ in found])
+    vectors = torch.stack([z for _, z in found])  # (batch, k, rank)
     return values.to(grams.device), vectors.to(grams.device)
 
 
