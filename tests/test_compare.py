@@ -63,6 +63,11 @@ def compared(tiny_llama, bbc, bbc_small, tmp_path_factory):
 @pytest.mark.slow
 def test_results_folder_holds_every_run_and_the_report(compared):
     _, out, output = compared
+    _check_structure(out, output)
+
+
+def _check_structure(out: Path, output: str) -> None:
+    """The results folder holds every run's files, the tables, the report and (with matplotlib) its figures."""
     for name in ("lrsurgery_compare.json", "results.json", "table.md", "table.csv", "report.md", "base_score.json"):
         assert (out / name).is_file(), name
     assert (out / "stats" / "manifest.json").is_file()
@@ -91,6 +96,11 @@ def test_every_number_in_the_table_comes_from_the_runs_artifacts(compared):
     tolerances are the table's printed rounding (losses and scores to 4 decimals, the step time to 2, the
     init time to 1, MiB to 0): half a unit in the last printed place, whatever the machine."""
     _, out, _ = compared
+    _check_table(out, eval_steps=(2, 4))
+
+
+def _check_table(out: Path, eval_steps: tuple[int, ...]) -> None:
+    """Every cell of `out`'s table.csv equals what the runs' own files hold (see the test above)."""
     with (out / "table.csv").open() as handle:
         header, *rows = list(csv.reader(handle))
     assert [r[0] for r in rows] == list(METHODS)
@@ -103,7 +113,7 @@ def test_every_number_in_the_table_comes_from_the_runs_artifacts(compared):
         for record in lines:
             if "eval_loss" in record:
                 assert float(cells[f"held-out loss @ {record['step']}"]) == pytest.approx(record["eval_loss"], abs=5e-5)
-        assert {f"held-out loss @ {s}" for s in (2, 4)} <= set(cells)
+        assert {f"held-out loss @ {s}" for s in eval_steps} <= set(cells)
         (results,) = json.loads((run / "score.json").read_text())["results"].values()
         acc = results["bbc_topic"]
         value, stderr = (float(x) for x in cells[next(h for h in header if h.startswith("acc"))].split(" ± "))
@@ -113,6 +123,18 @@ def test_every_number_in_the_table_comes_from_the_runs_artifacts(compared):
         timing = json.loads((run / "timing.json").read_text())
         assert float(cells["init s"]) == pytest.approx(timing["init_seconds"], abs=0.05)
         assert float(cells["peak RSS MiB"]) == pytest.approx(manifest["extra"]["peak_memory_mb"]["rss"], abs=0.5)
+
+
+@pytest.mark.slow
+def test_the_shipped_setting_1_at_its_quick_size_runs_every_method_on_the_real_model(tmp_path):
+    """`lrsurgery compare examples/compare/smollm2-bbc-topics.yaml --quick` as a user runs it: SmolLM2-135M
+    and the real BBC News data, every method; the folder it writes and every number of its table read
+    back from the runs' own files."""
+    config = EXAMPLES / "compare" / "smollm2-bbc-topics.yaml"
+    code, output = cli("compare", config, "--quick", "-o", tmp_path / "results")
+    assert code == 0, output
+    _check_structure(tmp_path / "results", output)
+    _check_table(tmp_path / "results", eval_steps=(3, 6))
 
 
 @pytest.mark.slow

@@ -1,0 +1,162 @@
+"""Benchmark: `lrsurgery eval` against lm-evaluation-harness itself, both as whole processes, same task files.
+
+For each task file, `lm_eval --model hf` (CPU, fp32) and `lrsurgery eval` score the same documents with
+the same batch size, each as a fresh process timed on the wall clock (model load and start-up
+included), in turns (the order reversed every other repeat, so a slow spell of a shared machine falls
+on both); prints each one's seconds, the median per-repeat ratio lrsurgery / lm-eval, and every metric
+of both with their difference (the scores must be identical).
+
+The task files are written for lm-eval first: ${VAR}s expanded and lrsurgery's extra fields removed
+(`max_length` becomes the model's max_length, for both tools). Shipped tasks, with the data from
+`lrsurgery assets`: bbc_topic (multiple choice), shakespeare_ppl (rolling perplexity, windows of 512),
+and bbc_topic_gen (generation, 3-shot, written here: the topic word after three solved articles).
+
+lm-eval is not a dependency of lrsurgery; give the Python that has it (a virtualenv of its own keeps its
+requirements away from lrsurgery's):
+
+  python pipelines/bench_lm_eval.py --lm-eval-python /path/to/venv/bin/python [--model smollm2-135m]
+                                    [--limit 40] [--repeats 2] [--tasks bbc_topic,shakespeare_ppl,bbc_topic_gen]
+
+Run it alone: both tools use every core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+TASKS = HERE.parent / "examples" / "tasks"
+LRSURGERY = [sys.executable, "-m", "lrsurgery"]
+EXTRA_FIELDS = ("max_length",)  # lrsurgery's fields lm-eval does not know
+
+GENERATION_TASK = {
+    "task": "bbc_topic_gen",
+    "dataset_path": "json",
+    "dataset_kwargs": {"data_files": {"train": "${BBC_DATA}/train.jsonl", "test": "${BBC_DATA}/test.jsonl"}},
+    "output_type": "generate_until",
+    "training_split": "train",
+    "fewshot_split": "train",
+    "test_split": "test",
+    "doc_to_text": "Article: {{ text[:300] }}\nTopic:",
+    "doc_to_target": "{{ label }}",
+    "num_fewshot": 3,
+    "generation_kwargs": {"until": ["\n", "Article:"], "do_sample": False, "max_gen_toks": 8},
+    "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True, "ignore_case": True}],
+    "filter_list": [{"name": "strip", "filter": [{"function": "remove_whitespace"}, {"function": "take_first"}]}],
+}
+
+
+def lm_eval_task(source: dict, folder: Path) -> tuple[str, int | None]:
+    """Write `source` (a task dict) as an lm-eval task file in `folder`; (task name, its max_length or None)."""
+    text = re.sub(r"\$\{(\w+)\}", lambda m: os.environ[m.group(1)], yaml.safe_dump(source, sort_keys=False))
+    task = yaml.safe_load(text)
+    max_length = task.get("max_length")
+    for field in EXTRA_FIELDS:
+        task.pop(field, None)
+    (folder / f"{task['task']}.yaml").write_text(yaml.safe_dump(task, sort_keys=False))
+    return task["task"], max_length
+
+
+def timed(command: list[str], env: dict[str, str]) -> float:
+    """Wall seconds of one process; its output goes to a log beside the results, and a failure stops the benchmark."""
+    began = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"{command[0]} {command[1]} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return time.perf_counter() - began
+
+
+def lm_eval_scores(folder: Path, task: str) -> dict[str, float]:
+    """The metrics lm-eval wrote for `task` (its newest results file under `folder`)."""
+    newest = max(folder.rglob("results_*.json"), key=lambda p: p.stat().st_mtime)
+    row = json.loads(newest.read_text())["results"][task]
+    # lm-eval names a metric "acc,none" when no filter is set; lrsurgery names it "acc"
+    return {k.removesuffix(",none"): v for k, v in row.items() if isinstance(v, float) and "_stderr" not in k}
+
+
+def lrsurgery_scores(path: Path, task: str) -> dict[str, float]:
+    """The metrics `lrsurgery eval -o` wrote for `task`."""
+    (row,) = (models[task] for models in json.loads(path.read_text())["results"].values())
+    return {k: v for k, v in row.items() if isinstance(v, float) and "_stderr" not in k}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lm-eval-python", required=True, help="a Python with lm_eval installed")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--tasks", default="bbc_topic,shakespeare_ppl,bbc_topic_gen")
+    parser.add_argument("--limit", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--work", type=Path, default=None, help="folder for data, task files and results")
+    args = parser.parse_args()
+
+    from lrsurgery.hf.resolve import resolve_model
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_lm_eval_"))
+    work.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "LRSURGERY_NO_PROGRESS": "1"}
+    for name, var in (("bbc-news", "BBC_DATA"), ("shakespeare", "SHAKESPEARE_DATA")):
+        data = work / "data" / name
+        if not (data / "test.jsonl").exists():
+            subprocess.run(
+                [sys.executable, "-m", "lrsurgery", "assets", name, "-o", str(data)],
+                env=env,
+                check=True,
+                capture_output=True,
+            )
+        env[var] = os.environ[var] = str(data)
+    model = str(resolve_model(args.model))
+    tasks = work / "tasks"
+    tasks.mkdir(exist_ok=True)
+    lm_eval = [args.lm_eval_python, "-m", "lm_eval"]
+
+    print(
+        f"model {args.model}, CPU fp32, {args.limit} documents per task, batch {args.batch_size}, "
+        f"{os.cpu_count()} CPUs; whole processes, {args.repeats} repeats in turns"
+    )
+    print(f"{'task':18}{'lm-eval s':>11}{'lrsurgery s':>13}{'ratio':>8}  scores (lm-eval / lrsurgery / difference)")
+    for name in args.tasks.split(","):
+        shipped = TASKS / f"{name}.yaml"
+        source = GENERATION_TASK if name == GENERATION_TASK["task"] else yaml.safe_load(shipped.read_text())
+        task, max_length = lm_eval_task(source, tasks)
+        model_args = f"pretrained={model},dtype=float32" + (f",max_length={max_length}" if max_length else "")
+        theirs_out, ours_out = work / "lm_eval" / task, work / "lrsurgery" / f"{task}.json"
+        ours_out.parent.mkdir(parents=True, exist_ok=True)
+        theirs_cmd = [*lm_eval, "--model", "hf", "--model_args", model_args, "--tasks", task,
+                      "--include_path", str(tasks), "--limit", str(args.limit), "--batch_size", str(args.batch_size),
+                      "--device", "cpu", "--output_path", str(theirs_out)]  # fmt: skip
+        ours_task = tasks / f"{task}.yaml"
+        if max_length:  # lm-eval's max_length is the model's; lrsurgery reads it from the task file
+            ours_task = work / "lrsurgery" / f"{task}.yaml"  # not in lm-eval's include path
+            ours_task.write_text((tasks / f"{task}.yaml").read_text() + f"max_length: {max_length}\n")
+        ours_cmd = [*LRSURGERY, "eval", model, "--task", str(ours_task), "--limit", str(args.limit),
+                    "--batch-size", str(args.batch_size), "-o", str(ours_out), "--overwrite"]  # fmt: skip
+        times: dict[str, list[float]] = {"lm-eval": [], "lrsurgery": []}
+        for repeat in range(args.repeats):
+            runs = [("lm-eval", theirs_cmd), ("lrsurgery", ours_cmd)]
+            for who, command in runs if repeat % 2 == 0 else runs[::-1]:
+                times[who].append(timed(command, env))
+        ratio = statistics.median(o / t for o, t in zip(times["lrsurgery"], times["lm-eval"], strict=True))
+        theirs, ours = lm_eval_scores(theirs_out, task), lrsurgery_scores(ours_out, task)
+        scores = "; ".join(
+            f"{k} {theirs[k]:.6g} / {ours.get(k, float('nan')):.6g} / {abs(theirs[k] - ours.get(k, float('nan'))):.1e}"
+            for k in sorted(theirs)
+        )
+        print(f"{task:18}{statistics.median(times['lm-eval']):>11.1f}{statistics.median(times['lrsurgery']):>13.1f}"
+              f"{ratio:>8.3f}  {scores}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
