@@ -37,8 +37,9 @@ def krylov_top_eigenpairs(
     start = torch.randn(n, width, generator=generator, dtype=torch.float64).to(matrix.device)
     block = torch.linalg.qr(start)[0]
     basis, images = block, matrix @ block  # K and G·K, grown block by block
+    projected = basis.T @ images  # Kᵀ·G·K, grown by one block row and column per step
     while True:
-        ritz = torch.linalg.eigh(basis.T @ images)  # Rayleigh–Ritz on span(K)
+        ritz = torch.linalg.eigh(projected)  # Rayleigh–Ritz on span(K); eigh reads the lower triangle
         order = torch.argsort(ritz.eigenvalues, descending=True)[: rank + 1]
         values, coords = ritz.eigenvalues[order], ritz.eigenvectors[:, order]
         vectors = basis @ coords
@@ -52,5 +53,8 @@ def krylov_top_eigenpairs(
         for _ in range(2):  # re-orthogonalise against the whole basis, twice ("twice is enough")
             block = block - basis @ (basis.T @ block)
         block = torch.linalg.qr(block)[0]
+        image = matrix @ block
+        below = torch.cat([block.T @ images, block.T @ image], dim=1)  # the new block row of Kᵀ·G·K
+        projected = torch.cat([torch.nn.functional.pad(projected, (0, width)), below], dim=0)
         basis = torch.cat([basis, block], dim=1)
-        images = torch.cat([images, matrix @ block], dim=1)
+        images = torch.cat([images, image], dim=1)
