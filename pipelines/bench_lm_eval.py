@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from lrsurgery.evaluation.tasks import expand_environment
 
 HERE = Path(__file__).resolve().parent
 TASKS = HERE.parent / "examples" / "tasks"
@@ -58,9 +59,9 @@ GENERATION_TASK = {
 
 
 def lm_eval_task(source: dict, folder: Path) -> tuple[str, int | None]:
-    """Write `source` (a task dict) as an lm-eval task file in `folder`; (task name, its max_length or None)."""
-    text = re.sub(r"\$\{(\w+)\}", lambda m: os.environ[m.group(1)], yaml.safe_dump(source, sort_keys=False))
-    task = yaml.safe_load(text)
+    """Write `source` (a task dict) as an lm-eval task file in `folder`, its data paths' ${VAR}s expanded as
+    lrsurgery expands them; (task name, its max_length or None)."""
+    task = {**source, "dataset_kwargs": expand_environment(source.get("dataset_kwargs") or {})}
     max_length = task.get("max_length")
     for field in EXTRA_FIELDS:
         task.pop(field, None)
@@ -69,7 +70,7 @@ def lm_eval_task(source: dict, folder: Path) -> tuple[str, int | None]:
 
 
 def timed(command: list[str], env: dict[str, str]) -> float:
-    """Wall seconds of one process; its output goes to a log beside the results, and a failure stops the benchmark."""
+    """Wall seconds of one process (its output is not kept); a failure stops the benchmark with its stderr's end."""
     began = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:

@@ -121,7 +121,7 @@ class Task:
         from lrsurgery.progress import quiet_libraries
 
         quiet_libraries()
-        kwargs = _expand(self.dataset_kwargs or {})
+        kwargs = expand_environment(self.dataset_kwargs or {})
         files = (kwargs.get("data_files") or {}) if isinstance(kwargs.get("data_files"), dict) else {}
         paths = [Path(p) for p in ([files[split]] if isinstance(files.get(split), str) else files.get(split) or [])]
         if paths and all(p.is_file() and p.stat().st_size < 64 and not p.read_text().strip() for p in paths):
@@ -252,7 +252,7 @@ def _reject_functions(value: Any, where: str) -> None:
             _reject_functions(v, where)
 
 
-def _expand(value: Any) -> Any:
+def expand_environment(value: Any) -> Any:
     """Expand ${VAR} in strings (data file paths) from the environment; TaskError for a variable not set."""
     if isinstance(value, str):
         names = [braced or bare for braced, bare in re.findall(r"\$\{(\w+)\}|\$(\w+)", value)]
@@ -261,9 +261,9 @@ def _expand(value: Any) -> Any:
             raise TaskError(f"{value!r} uses ${{{unset[0]}}}, which is not set in the environment: export it first")
         return os.path.expandvars(value)
     if isinstance(value, dict):
-        return {k: _expand(v) for k, v in value.items()}
+        return {k: expand_environment(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_expand(v) for v in value]
+        return [expand_environment(v) for v in value]
     return value
 
 
