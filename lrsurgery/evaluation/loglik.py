@@ -8,9 +8,11 @@ tokens, as lm-eval truncates them.
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from collections.abc import Sequence
+from functools import cache
 from typing import Any
 
 import torch
@@ -140,9 +142,10 @@ def _shared_batch(loaded: LoadedModel, ctxs: list[list[int]], conts: list[list[l
         ids[g, width - len(ctx) :] = torch.tensor(ctx)
         ctx_mask[g, width - len(ctx) :] = 1
     positions = (ctx_mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache()
+    kv = DynamicCache()
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in _forward_arguments(type(loaded.model)) else {}
     logits = loaded.model(
-        input_ids=ids, attention_mask=ctx_mask, position_ids=positions, past_key_values=cache, use_cache=True
+        input_ids=ids, attention_mask=ctx_mask, position_ids=positions, use_cache=True, **keep, **_cache(loaded, kv)
     ).logits[:, -1]
     first = F.log_softmax(at_least_fp32(logits), dim=-1)  # (G, vocab): the first continuation token
     scores = [[float(first[g, c[0]]) for c in group] for g, group in enumerate(conts)]
@@ -150,7 +153,7 @@ def _shared_batch(loaded: LoadedModel, ctxs: list[list[int]], conts: list[list[l
     if not rows:
         return scores
     rest = max(len(conts[g][j]) for g, j in rows) - 1
-    cache.batch_select_indices(torch.tensor([g for g, _ in rows]))
+    kv.batch_select_indices(torch.tensor([g for g, _ in rows]))
     ids = torch.full((len(rows), rest), pad, dtype=torch.long)
     mask = torch.cat([ctx_mask[[g for g, _ in rows]], torch.zeros((len(rows), rest), dtype=torch.long)], dim=1)
     for r, (g, j) in enumerate(rows):
@@ -160,13 +163,25 @@ def _shared_batch(loaded: LoadedModel, ctxs: list[list[int]], conts: list[list[l
     lengths = ctx_mask[[g for g, _ in rows]].sum(-1, keepdim=True)
     positions = lengths + torch.arange(rest)[None]
     logits = loaded.model(
-        input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **_cache(loaded, kv)
     ).logits
     logprobs = F.log_softmax(at_least_fp32(logits), dim=-1)  # (R, rest, vocab)
     for r, (g, j) in enumerate(rows):
         target = torch.tensor(conts[g][j][1:])
         scores[g][j] += float(logprobs[r, torch.arange(len(target)), target].sum())
     return scores
+
+
+@cache
+def _forward_arguments(model_class: type) -> frozenset[str]:
+    """The keyword arguments `model_class.forward` names."""
+    return frozenset(inspect.signature(model_class.forward).parameters)
+
+
+def _cache(loaded: LoadedModel, kv: Any) -> dict[str, Any]:
+    """The key/value cache as the model's forward takes it: `cache=` (transformers >= 5.2x), else
+    `past_key_values=`."""
+    return {"cache" if "cache" in _forward_arguments(type(loaded.model)) else "past_key_values": kv}
 
 
 def score_multiple_choice(
