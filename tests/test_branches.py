@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lrsurgery.layers.branches import BranchPlan, add_branches
+from lrsurgery.layers.branches import BranchPlan, add_branches, linear_with_branches
 
 T, D_IN, D_OUT = 24, 10, 7
 
@@ -60,25 +60,39 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("mode", ["outside", "in place", "base inside"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_forward_and_every_gradient_equal_plain_autograd(case):
+def test_forward_and_every_gradient_equal_plain_autograd(case, mode):
+    """The three ways in: a base output given (added to a copy, or in place into it), or the frozen base
+    product run inside the op (x·Wᵀ + bias); x of shape (2, T/2, d_in), as a layer sees a batch."""
     plans, shapes, frozen_a = CASES[case]
     gen = torch.Generator().manual_seed(1)
     factors = [t for shape in shapes for t in _branch(*shape, gen)]
     for k in frozen_a:
         factors[4 * k].requires_grad_(False)
-    out = torch.randn(T, D_OUT, generator=gen, dtype=torch.float64).requires_grad_()
-    x = torch.randn(T, D_IN, generator=gen, dtype=torch.float64).requires_grad_()
-    grad_y = torch.randn(T, D_OUT, generator=gen, dtype=torch.float64)
-    trainable = [out, x] + [t for t in factors if t is not None and t.requires_grad]
+    out = torch.randn(2, T // 2, D_OUT, generator=gen, dtype=torch.float64).requires_grad_()
+    weight = torch.randn(D_OUT, D_IN, generator=gen, dtype=torch.float64)
+    bias = torch.randn(D_OUT, generator=gen, dtype=torch.float64)
+    x = torch.randn(2, T // 2, D_IN, generator=gen, dtype=torch.float64).requires_grad_()
+    grad_y = torch.randn(2, T // 2, D_OUT, generator=gen, dtype=torch.float64)
+    trainable = (
+        ([] if mode == "base inside" else [out]) + [x] + [t for t in factors if t is not None and t.requires_grad]
+    )
 
     torch.manual_seed(7)
-    y = add_branches(out, x, tuple(plans), tuple(factors), training=True)
+    if mode == "base inside":
+        y = linear_with_branches(x, weight, bias, tuple(plans), tuple(factors), training=True)
+    else:
+        base_out = out * 1  # a layer's fresh output, as AdaptedLinear passes it; ∂L/∂out reaches the leaf through it
+        y = add_branches(base_out, x, tuple(plans), tuple(factors), training=True, in_place=mode == "in place")
+        assert (y.data_ptr() == base_out.data_ptr()) == (mode == "in place")  # in place: written into base_out
     got = torch.autograd.grad(y, trainable, grad_y)
     keeps = _keeps(plans, x, 7)
     if any(p.dropout > 0 for p in plans):
         assert any(bool((k == 0).any()) for k in keeps if k is not None)  # some inputs really are dropped
-    want_y = _reference(out, x, plans, factors, keeps)
+    want_y = _reference(
+        torch.nn.functional.linear(x, weight, bias) if mode == "base inside" else out, x, plans, factors, keeps
+    )
     want = torch.autograd.grad(want_y, trainable, grad_y)
 
     # fp64 on O(1) values with sums of ≤ a few hundred terms: rounding ≲ 1e-14, on any machine
@@ -87,6 +101,18 @@ def test_forward_and_every_gradient_equal_plain_autograd(case):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
     for k in frozen_a:
         assert factors[4 * k].grad is None
+
+
+def test_in_place_and_base_inside_refuse_what_they_cannot_do():
+    gen = torch.Generator().manual_seed(6)
+    factors = tuple(_branch(3, False, False, gen))
+    x = torch.randn(T, D_IN, generator=gen, dtype=torch.float64)
+    leaf = torch.randn(T, D_OUT, dtype=torch.float64).requires_grad_()
+    with pytest.raises(ValueError, match="in_place"):
+        add_branches(leaf, x, (BranchPlan(1.0, 0.0),), factors, training=False, in_place=True)
+    weight = torch.randn(D_OUT, D_IN, dtype=torch.float64).requires_grad_()
+    with pytest.raises(ValueError, match="frozen"):
+        linear_with_branches(x, weight, None, (BranchPlan(1.0, 0.0),), factors, training=False)
 
 
 def test_eval_mode_draws_no_dropout_and_gradcheck_passes():
@@ -123,15 +149,18 @@ def test_a_masked_gate_adds_nothing_but_its_e_still_gets_the_gate_gradient():
     torch.testing.assert_close(e.grad[0], expected)  # ∂L/∂gate_0, as if it were switched on
 
 
-def test_bf16_autocast_runs_in_bf16_and_returns_fp32_gradients():
+@pytest.mark.parametrize("base_inside", [False, True])
+def test_bf16_autocast_runs_in_bf16_and_returns_fp32_gradients(base_inside):
     gen = torch.Generator().manual_seed(4)
     plans = (BranchPlan(0.5, 0.0), BranchPlan(0.5, 0.1))
     factors = _branch(4, False, False, gen, torch.float32) + _branch(4, True, True, gen, torch.float32)
-    base = torch.nn.Linear(D_IN, D_OUT)
+    base = torch.nn.Linear(D_IN, D_OUT).requires_grad_(False)
     x = torch.randn(T, D_IN, generator=gen).requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = base(x)
-        y = add_branches(out, x, plans, tuple(factors), training=True)
+        if base_inside:
+            y = linear_with_branches(x, base.weight, base.bias, plans, tuple(factors), training=True)
+        else:
+            y = add_branches(base(x), x, plans, tuple(factors), training=True)
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
     for t in [x] + [t for t in factors if t is not None and t.requires_grad]:

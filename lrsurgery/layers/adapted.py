@@ -17,7 +17,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lrsurgery.hf.tree import backbone
-from lrsurgery.layers.branches import BranchPlan, add_branches
+from lrsurgery.layers.branches import BranchPlan, add_branches, linear_with_branches
 from lrsurgery.layers.spec import MAIN_PREFIX, LowRank, ModuleAdapter
 
 HEAD_PREFIX = "head."
@@ -105,12 +105,12 @@ class AdaptedLinear(nn.Module):
         return self.branches[0].scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
         factors = tuple(getattr(self, key) for key in self._keys)
-        flat = add_branches(
-            out.reshape(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]), self.plans, factors, self.training
-        )
-        return flat.view_as(out)
+        base = self.base
+        if type(base) is nn.Linear and not (base._forward_hooks or base._forward_pre_hooks):
+            return linear_with_branches(x, base.weight, base.bias, self.plans, factors, self.training)
+        out = base(x)  # a subclass, or hooks to run: the base layer runs itself, the branches add into its output
+        return add_branches(out, x, self.plans, factors, self.training, in_place=out.is_contiguous())
 
     @torch.no_grad()
     def add_edit(self, b: torch.Tensor, a: torch.Tensor) -> None:

@@ -19,6 +19,11 @@ Why one op rather than autograd over the separate products:
 - Gates: the value is E ⊙ mask, but ∂L/∂E is the whole gradient with respect to the gate, masked entries
   included (straight-through), so a masked expert keeps being scored and can come back (the dual
   method's `--masking straight-through`; with `--masking zero` the mask stays 1 and E itself is zeroed).
+- `linear_with_branches` runs the frozen base product inside the op too: the branches add in place into
+  x·Wᵀ (no (tokens, d_out) copy, no second output buffer), and backward starts ∂L/∂x from ∂L/∂y·W and adds
+  every branch's part into that one buffer, where autograd would add two full (tokens, d_in) gradients.
+  These passes over whole activations, not the thin products' flops, are most of what adapters add to a
+  CPU step. `add_branches(..., in_place=True)` is the same forward for a base layer run outside the op.
 - Under autocast everything runs in the autocast dtype of the base output (inputs cast once, autocast off
   inside), so forward and backward agree on dtypes; gradients are returned in each input's own dtype."""
 
@@ -28,6 +33,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,8 @@ class Factors(NamedTuple):
     mask: object
 
 
-LEADING = 4  # the op's arguments before the factors: plans, training, out, x
+LEADING = 7  # the op's arguments before the factors: plans, training, in_place, out, x, weight, bias
+X = 4  # the position of x among them
 
 
 def add_branches(
@@ -56,12 +63,33 @@ def add_branches(
     plans: tuple[BranchPlan, ...],
     factors: tuple[torch.Tensor | None, ...],
     training: bool,
+    in_place: bool = False,
 ) -> torch.Tensor:
-    """`out` (tokens, d_out) plus every branch applied to `x` (tokens, d_in); `factors` holds A, B, E, mask
-    for each branch in turn (E and mask may be None). Dropout is applied only when `training`."""
+    """`out` (..., d_out) plus every branch applied to `x` (..., d_in), shaped like `out`; `factors` holds A,
+    B, E, mask for each branch in turn (E and mask may be None). Dropout is applied only when `training`.
+    `in_place=True` writes the sum into `out` (contiguous, not a leaf that needs a gradient) and returns it."""
     if len(factors) != 4 * len(plans):
         raise ValueError(f"expected 4 factors (A, B, E, mask) per branch, got {len(factors)} for {len(plans)}")
-    return _Branches.apply(plans, training, out, x, *factors)
+    if in_place and (not out.is_contiguous() or (out.is_leaf and out.requires_grad)):
+        raise ValueError("in_place=True needs a contiguous `out` that is not a leaf needing a gradient")
+    return _Branches.apply(plans, training, in_place, out, x, None, None, *factors)
+
+
+def linear_with_branches(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    plans: tuple[BranchPlan, ...],
+    factors: tuple[torch.Tensor | None, ...],
+    training: bool,
+) -> torch.Tensor:
+    """F.linear(x, weight, bias) plus every branch applied to `x` (..., d_in): (..., d_out). The weight and
+    bias are frozen (no gradient); under autocast the base product is cast as F.linear is."""
+    if len(factors) != 4 * len(plans):
+        raise ValueError(f"expected 4 factors (A, B, E, mask) per branch, got {len(factors)} for {len(plans)}")
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError("linear_with_branches needs a frozen weight and bias; use add_branches for a trained base")
+    return _Branches.apply(plans, training, False, None, x, weight, bias, *factors)
 
 
 def _per_branch(flat: tuple) -> list[Factors]:
@@ -71,9 +99,17 @@ def _per_branch(flat: tuple) -> list[Factors]:
 
 class _Branches(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, plans, training, out, x, *factors):  # noqa: ANN001, ANN205 (autograd signature)
-        dtype, device = out.dtype, out.device.type
-        x_needs = ctx.needs_input_grad[3]
+    def forward(ctx, plans, training, in_place, out, x, weight, bias, *factors):  # noqa: ANN001, ANN205
+        x_needs = ctx.needs_input_grad[X]
+        ctx.x_shape, ctx.base_inside = x.shape, weight is not None
+        x = x.reshape(-1, x.shape[-1])
+        if weight is not None:  # under the caller's autocast, if any, as nn.Linear would run it
+            flat_out, in_place = F.linear(x, weight, bias), False
+            out = flat_out.view(*ctx.x_shape[:-1], flat_out.shape[-1])
+        else:
+            flat_out = out.view(-1, out.shape[-1]) if in_place else out.reshape(-1, out.shape[-1])
+        dtype, device = flat_out.dtype, flat_out.device.type
+        ctx.out_shape = out.shape
         needs = _per_branch(ctx.needs_input_grad[LEADING:])
         branches = _per_branch(factors)
         with torch.autocast(device, enabled=False):
@@ -91,22 +127,31 @@ class _Branches(torch.autograd.Function):
                 saved += [keep if (x_needs or need.a) else None, h if need.e else None]
                 gates.append(factor if torch.is_tensor(factor) else None)  # a plain scale is in the plan
             heads = heads[0] if len(heads) == 1 else torch.cat(heads, dim=1)
-            y = torch.addmm(out, heads, _stack_b(branches, dtype).T)
+            if in_place or ctx.base_inside:
+                flat_out.addmm_(heads, _stack_b(branches, dtype).T)
+                if in_place:
+                    ctx.mark_dirty(out)
+                y = out
+            else:
+                y = torch.addmm(flat_out, heads, _stack_b(branches, dtype).T).view(ctx.out_shape)
         ctx.plans = plans
         # x once for every branch (the dropped inputs are x ⊙ keep again in backward, not kept)
         any_a = any(need.a for need in needs)
-        ctx.save_for_backward(heads, x if any_a else None, *saved, *factors, *gates)
+        base = weight if ctx.base_inside and x_needs else None
+        ctx.save_for_backward(heads, x if any_a else None, base, *saved, *factors, *gates)
         return y
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205 (autograd signature)
         plans, n = ctx.plans, len(ctx.plans)
         tensors = ctx.saved_tensors
-        heads, x, saved = tensors[0], tensors[1], tensors[2 : 2 + 2 * n]
-        branches, gates = _per_branch(tensors[2 + 2 * n : 2 + 6 * n]), tensors[2 + 6 * n :]
-        x_needs = ctx.needs_input_grad[3]
+        heads, x, weight, saved = tensors[0], tensors[1], tensors[2], tensors[3 : 3 + 2 * n]
+        branches, gates = _per_branch(tensors[3 + 2 * n : 3 + 6 * n]), tensors[3 + 6 * n :]
+        x_needs = ctx.needs_input_grad[X]
         needs = _per_branch(ctx.needs_input_grad[LEADING:])
+        grad_out, grad = grad, grad.reshape(-1, grad.shape[-1])
         dtype = grad.dtype
+        grad_out = None if ctx.base_inside else grad_out  # ∂L/∂out goes to `out` only when it was an input
         grads = [[None] * 4 for _ in range(n)]  # ∂L/∂(A, B, E, mask) of each branch
         offsets = [sum(f.a.shape[0] for f in branches[:k]) for k in range(n + 1)]
         with torch.autocast(grad.device.type, enabled=False):
@@ -116,9 +161,10 @@ class _Branches(torch.autograd.Function):
                     if need.b:
                         grads[k][1] = grad_b[offsets[k] : offsets[k + 1]].T
             if not (x_needs or any(need.a or need.e for need in needs)):
-                return None, None, grad, None, *(g for branch in grads for g in branch)
+                return None, None, None, grad_out, None, None, None, *(g for branch in grads for g in branch)
             grad_heads = grad @ _stack_b(branches, dtype)  # (tokens, R): one pass for every branch's ∂L/∂h
-            grad_x = None
+            # the base's ∂L/∂x first, when the base ran here: every branch then adds into it
+            grad_x = grad @ weight.to(dtype) if weight is not None else None
             # dropout branches first: their ∂L/∂x needs the mask, so it cannot be accumulated by addmm_
             for k in sorted(range(n), key=lambda k: plans[k].dropout == 0):
                 plan, f, need = plans[k], branches[k], needs[k]
@@ -140,7 +186,8 @@ class _Branches(torch.autograd.Function):
                     grad_x = grad_h @ f.a.to(dtype)
                 else:
                     grad_x.addmm_(grad_h, f.a.to(dtype))
-        return None, None, grad, grad_x, *(g for branch in grads for g in branch)
+        grad_x = None if grad_x is None else grad_x.view(ctx.x_shape)
+        return None, None, None, grad_out, grad_x, None, None, *(g for branch in grads for g in branch)
 
 
 def _factor(
