@@ -5,6 +5,8 @@ train` uses it) over the trainable parameters. Variants:
   frozen     forward + backward through the frozen model, no adapter (the floor)
   peft-lora  PEFT's LoRA (needs `pip install peft`)
   <method>   any registered lrsurgery method (lora, pissa, ...)
+  <method>@outside  the same with each frozen nn.Linear running its own product and the branch op adding
+             into its output (AdaptedLinear.base_inside = False), to measure what running it inside gives
 Peak memory is what training adds on top of the model with its adapters in place, from the first
 step on: gradients, optimizer state and activations (CUDA max-allocated on a GPU; on CPU the peak RSS,
 VmHWM, over the RSS once the adapters are in and freed heap pages are returned), each variant in its
@@ -49,7 +51,7 @@ def build(variant: str, args: argparse.Namespace):
     """Return (model, trainable parameters) for one variant."""
     from lrsurgery.hf.load import load_model, model_record
     from lrsurgery.hf.tree import backbone, find_targets
-    from lrsurgery.layers.adapted import freeze_model, inject
+    from lrsurgery.layers.adapted import adapted_layers, freeze_model, inject
     from lrsurgery.methods import get_method
 
     loaded = load_model(args.model, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
@@ -66,8 +68,9 @@ def build(variant: str, args: argparse.Namespace):
         config = LoraConfig(r=args.rank, lora_alpha=args.rank, lora_dropout=0.0, target_modules=leaf_names)
         model = get_peft_model(model, config)
         return model, [p for p in model.parameters() if p.requires_grad]
-    options = {"rank": args.rank, **({"stats": args.stats} if args.stats and variant == "tlora" else {})}
-    method = get_method(variant, **options)
+    name, _, where = variant.partition("@")
+    options = {"rank": args.rank, **({"stats": args.stats} if args.stats and name == "tlora" else {})}
+    method = get_method(name, **options)
     root = backbone(model)
     weights = {n: root.get_submodule(n).weight.detach().float().cpu() for n in targets}
     method.prepare({n: tuple(w.shape) for n, w in weights.items()}, model_record(loaded))
@@ -76,6 +79,9 @@ def build(variant: str, args: argparse.Namespace):
     for name, weight in weights.items():
         adapters.update(method.init_modules({name: weight}, gen))
     inject(model, adapters)
+    if where == "outside":
+        for layer in adapted_layers(model).values():
+            layer.base_inside = False
     return model, [p for p in model.parameters() if p.requires_grad]
 
 

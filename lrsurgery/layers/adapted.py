@@ -46,6 +46,8 @@ class AdaptedLinear(nn.Module):
     (used by the dual method's `--masking straight-through`).
     """
 
+    base_inside = True  # run a plain frozen nn.Linear's product inside the branch op (False: the layer runs it)
+
     def __init__(self, base: nn.Linear, spec: ModuleAdapter):
         super().__init__()
         self.base = base
@@ -107,7 +109,7 @@ class AdaptedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         factors = tuple(getattr(self, key) for key in self._keys)
         base = self.base
-        if type(base) is nn.Linear and not (base._forward_hooks or base._forward_pre_hooks):
+        if self.base_inside and type(base) is nn.Linear and not (base._forward_hooks or base._forward_pre_hooks):
             return linear_with_branches(x, base.weight, base.bias, self.plans, factors, self.training)
         out = base(x)  # a subclass, or hooks to run: the base layer runs itself, the branches add into its output
         return add_branches(out, x, self.plans, factors, self.training, in_place=out.is_contiguous())
