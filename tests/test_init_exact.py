@@ -10,7 +10,7 @@ from helpers import FP32_UNIT, FP64_EXACT, assert_adapted_equals_base, max_abs, 
 from lrsurgery.hf.load import load_model
 from lrsurgery.layers.adapted import adapted_layers, inject
 from lrsurgery.layers.adapter_file import read_adapters
-from lrsurgery.linalg.svd import truncated_svd
+from lrsurgery.linalg.svd import subspace_distance, truncated_svd
 from lrsurgery.stages.adapted import load_adapted
 from lrsurgery.stages.init import run_init
 
@@ -86,6 +86,29 @@ def test_randomized_svd_matches_exact_on_low_rank_plus_noise():
     exact = (ue * se) @ vhe
     approx = (ur * sr) @ vhr
     assert float((exact - approx).norm() / exact.norm()) < 1e-4
+
+
+@pytest.mark.parametrize("shape", [(200, 120), (120, 200), (1100, 1030)])
+def test_exact_truncated_svd_is_the_fp64_svd_top_part(shape):
+    """The Gram + top-eigenpairs route against LAPACK's full fp64 SVD, tall, wide, and large enough for the
+    block Krylov route (Gram ≥ 1024). With σ_r = 5 over σ_r+1 = 0.01, a backward-stable fp64 eigensolve of
+    the Gram is off by ≲ n·u·σ1²/(σ_r² − σ_r+1²) ≈ 1e-12 in subspace; the Krylov route is accepted only
+    below 1e-8 (its own check), which bounds the large case on any machine."""
+    m, n = shape
+    gen = torch.Generator().manual_seed(3)
+    u, _ = torch.linalg.qr(torch.randn(m, min(m, n), generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, min(m, n), generator=gen, dtype=torch.float64))
+    s = torch.cat(
+        [torch.linspace(10, 5, 8, dtype=torch.float64), torch.full((min(m, n) - 8,), 0.01, dtype=torch.float64)]
+    )
+    matrix = (u * s) @ v.T
+    got_u, got_s, got_vh = truncated_svd(matrix, 8, "exact")
+    bound = 1e-8 if min(m, n) >= 1024 else 1e-10
+    assert subspace_distance(got_vh, v[:, :8].T) <= bound
+    torch.testing.assert_close(got_s, s[:8], rtol=1e-12, atol=0)  # σ² is relative-accurate to n·u: σ to half that
+    principal = (u[:, :8] * s[:8]) @ v[:, :8].T
+    assert float(((got_u * got_s) @ got_vh - principal).norm() / principal.norm()) <= bound
+    assert got_vh.dtype == torch.float64 and truncated_svd(matrix.float(), 8, "exact")[2].dtype == torch.float32
 
 
 def test_lora_init_is_seeded(tiny_llama, tmp_path):
