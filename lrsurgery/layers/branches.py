@@ -68,8 +68,7 @@ def add_branches(
     """`out` (..., d_out) plus every branch applied to `x` (..., d_in), shaped like `out`; `factors` holds A,
     B, E, mask for each branch in turn (E and mask may be None). Dropout is applied only when `training`.
     `in_place=True` writes the sum into `out` (contiguous, not a leaf that needs a gradient) and returns it."""
-    if len(factors) != 4 * len(plans):
-        raise ValueError(f"expected 4 factors (A, B, E, mask) per branch, got {len(factors)} for {len(plans)}")
+    _check_factors(plans, factors)
     if in_place and (not out.is_contiguous() or (out.is_leaf and out.requires_grad)):
         raise ValueError("in_place=True needs a contiguous `out` that is not a leaf needing a gradient")
     return _Branches.apply(plans, training, in_place, out, x, None, None, *factors)
@@ -85,11 +84,15 @@ def linear_with_branches(
 ) -> torch.Tensor:
     """F.linear(x, weight, bias) plus every branch applied to `x` (..., d_in): (..., d_out). The weight and
     bias are frozen (no gradient); under autocast the base product is cast as F.linear is."""
-    if len(factors) != 4 * len(plans):
-        raise ValueError(f"expected 4 factors (A, B, E, mask) per branch, got {len(factors)} for {len(plans)}")
+    _check_factors(plans, factors)
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         raise ValueError("linear_with_branches needs a frozen weight and bias; use add_branches for a trained base")
     return _Branches.apply(plans, training, False, None, x, weight, bias, *factors)
+
+
+def _check_factors(plans: tuple[BranchPlan, ...], factors: tuple[torch.Tensor | None, ...]) -> None:
+    if len(factors) != 4 * len(plans):
+        raise ValueError(f"expected 4 factors (A, B, E, mask) per branch, got {len(factors)} for {len(plans)}")
 
 
 def _per_branch(flat: tuple) -> list[Factors]:
@@ -149,9 +152,9 @@ class _Branches(torch.autograd.Function):
         branches, gates = _per_branch(tensors[3 + 2 * n : 3 + 6 * n]), tensors[3 + 6 * n :]
         x_needs = ctx.needs_input_grad[X]
         needs = _per_branch(ctx.needs_input_grad[LEADING:])
-        grad_out, grad = grad, grad.reshape(-1, grad.shape[-1])
+        grad_out = None if ctx.base_inside else grad  # ∂L/∂out goes to `out` only when it was an input
+        grad = grad.reshape(-1, grad.shape[-1])
         dtype = grad.dtype
-        grad_out = None if ctx.base_inside else grad_out  # ∂L/∂out goes to `out` only when it was an input
         grads = [[None] * 4 for _ in range(n)]  # ∂L/∂(A, B, E, mask) of each branch
         offsets = [sum(f.a.shape[0] for f in branches[:k]) for k in range(n + 1)]
         with torch.autocast(grad.device.type, enabled=False):
