@@ -7,10 +7,12 @@ train` uses it) over the trainable parameters. Variants:
   <method>   any registered lrsurgery method (lora, pissa, ...)
   <method>@outside  the same with each frozen nn.Linear running its own product and the branch op adding
              into its output (AdaptedLinear.base_inside = False), to measure what running it inside gives
-Peak memory is what training adds on top of the model with its adapters in place, from the first
-step on: gradients, optimizer state and activations (CUDA max-allocated on a GPU; on CPU the peak RSS,
-VmHWM, over the RSS once the adapters are in and freed heap pages are returned), each variant in its
-own process. Time is measured with every
+  <variant>+compile  any of these with each transformer block compiled, as `lrsurgery train --compile`
+             runs it (the first steps compile: give --warmup 3 or more)
+Peak memory is what training adds on top of the model with its adapters in place, over the timed steps
+after the warmup: gradients, optimizer state (made by the warmup and still held) and activations (CUDA
+max-allocated on a GPU; on CPU the peak RSS, VmHWM, over the RSS once the adapters are in and freed heap
+pages are returned), each variant in its own process. Time is measured with every
 variant built in one process, taking turns step by step (see `paired_times`), so a shared machine's
 slow spells do not land on one variant only; ratios are medians of per-round ratios. Prints a table
 with ratios to a baseline variant (`--baseline`, default peft-lora) and to the frozen model.
@@ -49,6 +51,15 @@ def _reset_peak() -> None:
 
 def build(variant: str, args: argparse.Namespace):
     """Return (model, trainable parameters) for one variant."""
+    from lrsurgery.training.compiled import prepare_training_forward
+
+    variant, _, compiled = variant.partition("+")
+    model, params = _build(variant, args)
+    prepare_training_forward(model, compiled == "compile", torch.device(args.device))
+    return model, params
+
+
+def _build(variant: str, args: argparse.Namespace):
     from lrsurgery.hf.load import load_model, model_record
     from lrsurgery.hf.tree import backbone, find_targets
     from lrsurgery.layers.adapted import adapted_layers, freeze_model, inject
@@ -99,11 +110,11 @@ def make_step(variant: str, args: argparse.Namespace):
     ids = random_batch(model, args)
     mark_baseline(args.device, model)
     # lrsurgery's variants keep their parameters in flat buffers, as `lrsurgery train` does; PEFT as PEFT runs
-    flat = FlatParameters(params) if params and variant != "peft-lora" else None
+    flat = FlatParameters(params) if params and not variant.startswith("peft-lora") else None
     optimizer = adamw(flat.flats if flat else params, lr=1e-4) if params else None
 
     def step() -> None:
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = model(input_ids=ids, labels=ids).loss  # no key/value cache: prepare_training_forward
         loss.backward()
         if optimizer:
             optimizer.step()
@@ -172,13 +183,19 @@ def mark_baseline(device: str, model: torch.nn.Module) -> None:
 
 def measure(step, args: argparse.Namespace) -> dict:
     """Median time of `args.steps` calls of `step()` after `args.warmup` untimed ones, and the peak memory
-    over all of them above `mark_baseline` (CUDA max-allocated, or on CPU peak RSS), as {"step_s",
+    over the timed ones above `mark_baseline` (CUDA max-allocated, or on CPU peak RSS), as {"step_s",
     "peak_mb"}. `step()` synchronises a GPU itself."""
     if "bytes" not in _BASELINE:
         raise RuntimeError("call mark_baseline once the variant is built, before measure")
     for _ in range(args.warmup):
         step()
     cuda = args.device.startswith("cuda")
+    # the peak of the steady steps: the gradients and optimizer state the warmup made are still in use
+    # and count; what compiling a +compile variant took and gave back does not
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        _reset_peak()
     times = []
     for _ in range(args.steps):
         began = time.perf_counter()
@@ -251,18 +268,22 @@ def main() -> None:
     ref = rows.get(args.baseline)
     name = args.baseline.upper() if args.baseline == "lora" else "PEFT" if args.baseline == "peft-lora" else "base"
     floor = "frozen" if "frozen" in rows else None
+    width = max(12, *(len(v) + 2 for v in rows))
     print(
-        f"{'variant':<12}{'step s':>9}{'peak MB':>10}{'trainable':>11}{'time/' + name:>11}{'mem/' + name:>10}"
-        f"{'time/frozen':>13}{'mem/frozen':>12}"
+        f"{'variant':<{width}}{'step s':>9}{'peak MB':>10}{'trainable':>11}{'time/' + name:>11}{'mem/' + name:>10}"
+        f"{'time/frozen':>13}{'mem/frozen':>12}{'time/same-mode':>16}"
     )
     for v, r in rows.items():
-        line = f"{v:<12}{statistics.median(times[v]):>9.3f}{r['peak_mb']:>10.1f}{r['trainable']:>11}"
+        line = f"{v:<{width}}{statistics.median(times[v]):>9.3f}{r['peak_mb']:>10.1f}{r['trainable']:>11}"
         if ref:
             line += f"{paired_ratio(times, v, args.baseline):>11.3f}{r['peak_mb'] / ref['peak_mb']:>10.3f}"
         else:
             line += " " * 21
         if floor:
             line += f"{paired_ratio(times, v, floor):>13.3f}{r['peak_mb'] / rows[floor]['peak_mb']:>12.3f}"
+        # a +compile variant against the baseline and the floor compiled the same way, where they ran
+        same = [b + "+compile" for b in (args.baseline, "frozen")] if v.endswith("+compile") else []
+        line += "".join(f"  {paired_ratio(times, v, b):.3f}/{b}" for b in same if b in times and b != v)
         print(line)
 
 

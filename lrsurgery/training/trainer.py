@@ -30,6 +30,7 @@ from lrsurgery.progress import bar
 from lrsurgery.stages.adapted import load_adapted
 from lrsurgery.training.accelerator import new_accelerator
 from lrsurgery.training.checkpoint import checkpoint_step, load_checkpoint, load_checkpoint_extra, save_checkpoint
+from lrsurgery.training.compiled import prepare_training_forward
 from lrsurgery.training.edit_log import EditFiles
 from lrsurgery.training.flat import FlatParameters
 from lrsurgery.training.heldout import heldout_loss
@@ -129,6 +130,9 @@ class Trainer:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         shard = sharding_from(cfg.shard)  # before accelerate reads a launcher's DeepSpeed request
         self.accelerator = accelerator = new_accelerator(cfg.precision)
+        if cfg.compile and shard == "fsdp" and accelerator.num_processes > 1:
+            raise OptionError("--compile does not run with --shard fsdp; drop one of them")
+        prepare_training_forward(model, cfg.compile, accelerator.device)
         self.named = {n: p for n, p in model.named_parameters() if p.requires_grad}
         # placing and wrapping the model may give parameters new storage, so they move into their flat
         # buffers (training/flat.py) afterwards; `flat.check()` in `step` makes sure nothing moved them out
@@ -178,8 +182,9 @@ class Trainer:
     def _settings(self) -> dict[str, Any]:
         """What a resumed run must share with the run it continues."""
         # the global batch, not its split into processes × micro-batches: a run may resume with another
-        # number of processes when the batch per process makes up the same global batch
-        train = {k: v for k, v in asdict(self.cfg).items() if k not in ("batch_size", "grad_accum", "shard")}
+        # number of processes when the batch per process makes up the same global batch; and with or
+        # without --compile, which changes rounding only
+        train = {k: v for k, v in asdict(self.cfg).items() if k not in ("batch_size", "grad_accum", "shard", "compile")}
         return {
             "init": str(self.init_dir.resolve()),
             "init_fingerprint": file_digest(self.init_dir / ADAPTER_FILE),
