@@ -66,3 +66,40 @@ def test_train_with_compile_resumes_without_it(tiny_llama, bbc_small, tmp_path):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
     trained, start = load_tensors(out / ADAPTER_FILE), load_tensors(init / ADAPTER_FILE)
     assert any(not torch.equal(trained[k], start[k]) for k in trained if k.endswith("lora_B"))
+
+
+METHODS = {  # each with a schedule that makes its mechanics (screening, switches) happen in 8 steps
+    "lora": ({"rank": 4}, {}),
+    "pissa": ({"rank": 4, "dropout": 0.1}, {}),
+    "tlora": ({"rank": 4, "alpha": 8}, {}),
+    "dual": ({"r_share": 2, "r_expert": 4, "alpha": None}, {"delta_t": 2, "t1": 0.2, "t2": 0.6, "k_final": 2}),
+    "srlora": ({"rank": 2, "r_target": 6}, {"switch_interval": 2}),
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_compiled(method, tiny_llama, bbc_small, tmp_path):
+    from lrsurgery.calibration.runner import CalibrateConfig, run_calibrate
+
+    options, train_options = METHODS[method]
+    if method == "tlora":
+        cfg = CalibrateConfig(samples=4, seq_len=32, batch_size=2, collect="covariance,sensitivity")
+        options = {
+            **options,
+            "stats": str(run_calibrate(str(tiny_llama), DataSpec(path=str(bbc_small)), cfg, tmp_path / "stats")),
+        }
+    init = run_init(str(tiny_llama), method, tmp_path / "init", options)
+    data = DataSpec(path=str(bbc_small), prompt_template=PROMPT, response_template=RESPONSE, seq_len=48)
+    torch._dynamo.reset()  # compiled afresh, not reusing an earlier test's code
+    graphs = torch._dynamo.utils.counters["stats"]
+    before = graphs["unique_graphs"]
+    outs = {}
+    for compiled in (False, True):
+        cfg = TrainConfig(max_steps=8, batch_size=2, lr=5e-3, compile=compiled)
+        outs[compiled] = run_train(init, data, cfg, tmp_path / f"run-{compiled}", method_options=train_options)
+    # compiled, and not so often recompiled (a mask or a weight edit at each step) that dynamo gave up
+    assert 0 < graphs["unique_graphs"] - before < torch._dynamo.config.recompile_limit
+    eager, compiled = (load_tensors(outs[c] / ADAPTER_FILE) for c in (False, True))
+    assert {k: v.shape for k, v in eager.items()} == {k: v.shape for k, v in compiled.items()}  # same switches
+    logs = [(outs[c] / "metrics.jsonl").read_text().splitlines() for c in (False, True)]
+    assert all(len(log) == 8 for log in logs)
