@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -85,3 +87,26 @@ def test_classification_through_cli(tiny_bert, bbc, tmp_path, monkeypatch):
     results = json.loads((tmp_path / "r.json").read_text())["results"]
     a, b = (results[str(tmp_path / name)]["bbc_cls"] for name in ("run", "merged"))
     assert a["n"] == 20 and a["acc"] == b["acc"] and a["f1_macro"] == b["f1_macro"]
+
+
+def _console_script(code: str, *args: str) -> subprocess.CompletedProcess:
+    """`lrsurgery ARGS` in a fresh process, after `code` has run there."""
+    script = f"import sys; {code}; from lrsurgery.cli import main; sys.argv = ['lrsurgery', *sys.argv[1:]]; main()"
+    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True)
+
+
+def test_the_console_script_exits_with_its_status_after_threads_and_exit_handlers():
+    """main() leaves by os._exit, skipping the interpreter's teardown: what must happen before a process
+    ends still does, and the exit status is the command's."""
+    code = (
+        "import atexit, threading, time; atexit.register(lambda: print('exit handler ran')); "
+        "threading.Thread(target=lambda: (time.sleep(0.5), print('thread finished', flush=True))).start()"
+    )
+    done = _console_script(code, "presets")
+    assert done.returncode == 0, done.stderr
+    after = [line for line in done.stdout.splitlines() if not line.startswith("|")]  # below the presets table
+    assert "tlora" in done.stdout and after == ["thread finished", "exit handler ran"], done.stdout
+    refused = _console_script("pass", "presets", "--no-such-flag")
+    assert refused.returncode == 2 and refused.stderr.startswith("error:"), refused.stderr
+    missing = _console_script("pass", "inspect", "/no/such/artifact")
+    assert missing.returncode == 1 and missing.stderr.startswith("error: /no/such/artifact"), missing.stderr
