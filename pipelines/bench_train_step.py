@@ -50,7 +50,7 @@ def _reset_peak() -> None:
 
 
 def build(variant: str, args: argparse.Namespace):
-    """Return (model, trainable parameters) for one variant."""
+    """Return (model, trainable parameters) for one variant; a `+compile` suffix compiles its blocks."""
     from lrsurgery.training.compiled import prepare_training_forward
 
     variant, _, compiled = variant.partition("+")
@@ -60,6 +60,7 @@ def build(variant: str, args: argparse.Namespace):
 
 
 def _build(variant: str, args: argparse.Namespace):
+    """(model, trainable parameters) of a variant without its `+compile` suffix."""
     from lrsurgery.hf.load import load_model, model_record
     from lrsurgery.hf.tree import backbone, find_targets
     from lrsurgery.layers.adapted import adapted_layers, freeze_model, inject

@@ -22,7 +22,7 @@ from lrsurgery.training.trainer import run_train
 pytestmark = pytest.mark.slow  # each compilation takes seconds
 
 
-def _loss_logits_grads(init, dtype: torch.dtype, compiled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _logits_and_grads(init, dtype: torch.dtype, compiled: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, the adapters' gradients concatenated) of one training forward and backward."""
     model = load_adapted(init, dtype=dtype)[0].model
     assert prepare_training_forward(model, compiled, torch.device("cpu")) == (2 if compiled else 0)
@@ -38,7 +38,7 @@ def test_compiled_blocks_compute_the_eager_function_and_gradients(tiny_llama, tm
     torch._dynamo.reset()
     init = run_init(str(tiny_llama), "pissa", tmp_path / "init", {"rank": 4})  # B ≠ 0: the branches count
     runs = {
-        (dtype, compiled): _loss_logits_grads(init, dtype, compiled)
+        (dtype, compiled): _logits_and_grads(init, dtype, compiled)
         for dtype in (torch.float32, torch.float64)
         for compiled in (False, True)
     }
