@@ -8,8 +8,10 @@ of both with their difference (the scores must be identical).
 
 The task files are written for lm-eval first: ${VAR}s expanded and lrsurgery's extra fields removed
 (`max_length` becomes the model's max_length, for both tools). Shipped tasks, with the data from
-`lrsurgery assets`: bbc_topic (multiple choice), shakespeare_ppl (rolling perplexity, windows of 512),
-and bbc_topic_gen (generation, 3-shot, written here: the topic word after three solved articles).
+`lrsurgery assets`: bbc_topic (multiple choice), shakespeare_ppl (rolling perplexity, windows of 512);
+written here: bbc_topic_gen (generation, 3-shot: the topic word after three solved articles, drawn per
+document), and with the same five solved articles before every document (`sampler: first_n`, as MMLU
+and GSM8K-CoT do) bbc_topic_fewshot (multiple choice, 5-shot) and bbc_topic_gen_fixed (generation, 5-shot).
 
 lm-eval is not a dependency of lrsurgery; give the Python that has it (a virtualenv of its own keeps its
 requirements away from lrsurgery's):
@@ -41,7 +43,7 @@ TASKS = HERE.parent / "examples" / "tasks"
 LRSURGERY = [sys.executable, "-m", "lrsurgery"]
 EXTRA_FIELDS = ("max_length",)  # lrsurgery's fields lm-eval does not know
 
-GENERATION_TASK = {
+GENERATION_TASK = {  # few-shot examples drawn per document (lm-eval's default sampler): no shared prefix
     "task": "bbc_topic_gen",
     "dataset_path": "json",
     "dataset_kwargs": {"data_files": {"train": "${BBC_DATA}/train.jsonl", "test": "${BBC_DATA}/test.jsonl"}},
@@ -55,6 +57,22 @@ GENERATION_TASK = {
     "generation_kwargs": {"until": ["\n", "Article:"], "do_sample": False, "max_gen_toks": 8},
     "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True, "ignore_case": True}],
     "filter_list": [{"name": "strip", "filter": [{"function": "remove_whitespace"}, {"function": "take_first"}]}],
+}
+FIXED_SHOTS = {"fewshot_config": {"sampler": "first_n"}}  # the same examples for every document (MMLU's way)
+WRITTEN_TASKS = {
+    task["task"]: task
+    for task in (
+        GENERATION_TASK,
+        {**GENERATION_TASK, **FIXED_SHOTS, "task": "bbc_topic_gen_fixed", "num_fewshot": 5},
+        {
+            **yaml.safe_load((TASKS / "bbc_topic.yaml").read_text()),
+            **FIXED_SHOTS,
+            "task": "bbc_topic_fewshot",
+            "dataset_kwargs": GENERATION_TASK["dataset_kwargs"],
+            "fewshot_split": "train",
+            "num_fewshot": 5,
+        },
+    )
 }
 
 
@@ -130,7 +148,7 @@ def main() -> None:
     print(f"{'task':18}{'lm-eval s':>11}{'lrsurgery s':>13}{'ratio':>8}  scores (lm-eval / lrsurgery / difference)")
     for name in args.tasks.split(","):
         shipped = TASKS / f"{name}.yaml"
-        source = GENERATION_TASK if name == GENERATION_TASK["task"] else yaml.safe_load(shipped.read_text())
+        source = WRITTEN_TASKS[name] if name in WRITTEN_TASKS else yaml.safe_load(shipped.read_text())
         task, max_length = lm_eval_task(source, tasks)
         model_args = f"pretrained={model},dtype=float32" + (f",max_length={max_length}" if max_length else "")
         theirs_out, ours_out = work / "lm_eval" / task, work / "lrsurgery" / f"{task}.json"

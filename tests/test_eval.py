@@ -72,6 +72,63 @@ def test_batched_scoring_equals_one_full_forward_per_request(tiny_llama, share_c
     assert_same_function(scores[torch.float32], scores[torch.float64], direct[torch.float32], direct[torch.float64])
 
 
+FEWSHOT = (
+    "Article: The minister answered questions in parliament about the budget.\nTopic: politics\n\n"
+    "Article: The striker scored twice in the cup final.\nTopic: sport\n\n"
+)
+
+
+def tokens_run(model) -> list[tuple[int, int]]:
+    """A list that collects the (rows, tokens per row) of each forward of `model` (hook left in place)."""
+    counts: list[tuple[int, int]] = []
+
+    def count(_, args, kwargs):
+        counts.append(tuple((kwargs["input_ids"] if "input_ids" in kwargs else args[0]).shape))
+
+    model.register_forward_pre_hook(count, with_kwargs=True)
+    return counts
+
+
+@pytest.mark.parametrize("batch_size", [2, 8])
+def test_a_shared_few_shot_prefix_is_run_once_and_scores_as_one_forward_per_request(
+    tiny_llama, batch_size, monkeypatch
+):
+    """Contexts that all begin with the same few-shot block: the block runs once (fewer tokens through
+    the model than without it) and every score is still one full forward's: exact in fp64, within the
+    two computations' own rounding in fp32. One context is the block itself, so the prefix must stop
+    short of it."""
+    from lrsurgery.evaluation import prefix
+
+    requests = [(FEWSHOT + c, x) for c, x in REQUESTS] + [(FEWSHOT, "Article: a last one")]
+    scores, direct, ran = {}, {}, {}
+    for dtype in (torch.float32, torch.float64):
+        loaded = load_model(tiny_llama, dtype=dtype)
+        pairs = [encode_pair(loaded.tokenizer, c, x) for c, x in requests]
+        shared = prefix.common_prefix_length([ctx for ctx, _ in pairs])
+        assert shared >= prefix.MIN_SHARED_PREFIX and shared == min(len(ctx) for ctx, _ in pairs)
+        ran[dtype] = tokens_run(loaded.model)
+        scores[dtype] = score_pairs(loaded, pairs, window=256, batch_size=batch_size)
+        ran[dtype] = list(ran[dtype])
+        direct[dtype] = [_direct(loaded, context, continuation) for context, continuation in requests]
+    assert_same_function(scores[torch.float32], scores[torch.float64], direct[torch.float32], direct[torch.float64])
+    monkeypatch.setattr(prefix, "MIN_SHARED_PREFIX", 10**9)  # the same scoring without the prefix
+    loaded = load_model(tiny_llama)
+    counts = tokens_run(loaded.model)
+    pairs = [encode_pair(loaded.tokenizer, c, x) for c, x in requests]
+    without = score_pairs(loaded, pairs, window=256, batch_size=batch_size)
+    assert ran[torch.float32][0] == (1, shared - 1)  # the block, once, less the token the shortest context keeps
+    assert sum(r * n for r, n in ran[torch.float32]) < sum(r * n for r, n in counts)
+    assert_same_function(scores[torch.float32], scores[torch.float64], without, direct[torch.float64])
+
+
+def test_common_prefix_length():
+    from lrsurgery.evaluation.prefix import common_prefix_length
+
+    assert common_prefix_length([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
+    assert common_prefix_length([[5, 1], [1, 5]]) == 0
+    assert common_prefix_length([[1, 2]]) == 2 and common_prefix_length([]) == 0
+
+
 def test_acc_and_acc_norm_follow_lm_eval(tiny_llama, tmp_path):
     """acc = argmax of summed log-prob; acc_norm = argmax of log-prob / len(choice string)."""
     loaded = load_model(tiny_llama)

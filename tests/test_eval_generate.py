@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import cli, write_jsonl
+from test_eval import FEWSHOT, tokens_run
 
 from lrsurgery.evaluation import generate as gen
 from lrsurgery.evaluation.code_exec import run_program
@@ -91,6 +93,22 @@ def test_left_padded_batches_generate_what_one_at_a_time_does(tiny_llama):
     single = [generate(loaded, [p], kwargs, batch_size=1, window=256)[0] for p in PROMPTS]
     assert generate(loaded, PROMPTS, kwargs, batch_size=4, window=256) == single
     assert any(single) and all("\n\n" not in s for s in single)
+
+
+def test_prompts_sharing_a_few_shot_block_run_it_once_and_generate_what_each_does_alone(tiny_llama):
+    """Greedy generation from a batch whose prompts share a few-shot block (run once, its cache copied
+    into each batch) equals each prompt generated alone, from the whole prompt; in fp64, where no
+    rounding of the other product shapes can flip a near-tie."""
+    loaded = load_model(tiny_llama, dtype=torch.float64)
+    prompts = [FEWSHOT + p for p in PROMPTS]
+    kwargs = {"until": ["\n\n"], "max_gen_toks": 12, "do_sample": False}
+    single = [generate(loaded, [p], kwargs, batch_size=1, window=256)[0] for p in prompts]
+    counts = tokens_run(loaded.model)
+    assert generate(loaded, prompts, kwargs, batch_size=2, window=256) == single
+    block = len(loaded.tokenizer(FEWSHOT)["input_ids"]) - 1  # its last token may merge with the prompt's
+    assert counts[0][0] == 1 and counts[0][1] >= block  # the block ran first, alone
+    assert all(n < block for _, n in counts[1:])  # every batch ran only its prompts' own tokens
+    assert any(single)
 
 
 @pytest.mark.slow

@@ -2,8 +2,10 @@
 
 Generation follows lm-eval's HFLM: prompts sorted longest first and batched; the context is
 left-truncated to max_length − max_gen_toks; the EOS string joins the stop strings; the text is cut
-at the first stop string. Greedy unless generation_kwargs set do_sample (then seeded once per task,
-so `repeats` draws different samples and a rerun draws the same ones).
+at the first stop string. A token prefix every prompt shares (a fixed few-shot block) is run once and
+each batch starts from a copy of its cache (`evaluation/prefix.py`). Greedy unless generation_kwargs
+set do_sample (then seeded once per task, so `repeats` draws different samples and a rerun draws the
+same ones).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 
 from lrsurgery.evaluation.loglik import max_length
 from lrsurgery.evaluation.metrics import aggregate
+from lrsurgery.evaluation.prefix import cache_kwargs, shared_prefix
 from lrsurgery.evaluation.tasks import Task, TaskError, contexts, render
 from lrsurgery.hf.load import LoadedModel
 from lrsurgery.progress import bar
@@ -67,17 +70,24 @@ def generate(
     if budget >= window:
         raise TaskError(f"max_gen_toks={budget} leaves no room for the prompt in a {window}-token window")
     encoded = [tok(p)["input_ids"][-(window - budget) :] for p in prompts]
+    prefix = shared_prefix(loaded, encoded)
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     out = [""] * len(prompts)
     progress = bar(len(prompts), desc="generate_until", unit="req")
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(chunk):
-            ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-            mask[row, width - len(encoded[i]) :] = 1
+        cache: dict[str, Any] = {}
+        if prefix is not None:  # [prefix][padding][prompt's own tokens], from a copy of the prefix's cache
+            ids, mask = prefix.layout([encoded[i][len(prefix) :] for i in chunk], tok.pad_token_id)
+            cache = cache_kwargs(loaded, prefix.cache_for(len(chunk)))
+        else:
+            width = max(len(encoded[i]) for i in chunk)
+            ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, i in enumerate(chunk):
+                ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+                mask[row, width - len(encoded[i]) :] = 1
+        width = ids.shape[1]
         stops = [s for s in until if s]
         generated = loaded.model.generate(
             input_ids=ids,
@@ -86,6 +96,7 @@ def generate(
             pad_token_id=tok.pad_token_id,
             stop_strings=stops or None,
             tokenizer=tok if stops else None,
+            **cache,
             **gen,
         )
         for row, i in enumerate(chunk):

@@ -8,17 +8,16 @@ tokens, as lm-eval truncates them.
 
 from __future__ import annotations
 
-import inspect
 import math
 import re
 from collections.abc import Sequence
-from functools import cache
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from lrsurgery.evaluation.metrics import aggregate
+from lrsurgery.evaluation.prefix import SharedPrefix, cache_kwargs, last_logits_only, shared_prefix
 from lrsurgery.evaluation.tasks import Task, contexts
 from lrsurgery.hf.load import LoadedModel
 from lrsurgery.linalg.basics import at_least_fp32
@@ -84,8 +83,9 @@ def score_pairs(
     """Summed log-probability of each pair's continuation tokens given its context tokens.
 
     `share_context=True` runs each distinct context once (left-padded batch of contexts, key/value
-    cache) and scores all of its continuations from that cache; `False` runs one full
-    context+continuation sequence per pair (lm-eval's way). Both give the same numbers.
+    cache) and scores all of its continuations from that cache, and runs a token prefix that every
+    context shares (a fixed few-shot block) once for all of them (`evaluation/prefix.py`); `False`
+    runs one full context+continuation sequence per pair (lm-eval's way). Both give the same numbers.
     """
     pairs = [(ctx[-(window + 1 - len(cont)) :] if len(cont) <= window else ctx[-1:], cont) for ctx, cont in pairs]
     out = [0.0] * len(pairs)
@@ -94,10 +94,12 @@ def score_pairs(
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, (ctx, _) in enumerate(pairs):
             groups.setdefault(tuple(ctx), []).append(i)
+        prefix = shared_prefix(loaded, list(groups))
         order = sorted(groups.items(), key=lambda g: -(len(g[0]) + max(len(pairs[i][1]) for i in g[1])))
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            scores = _shared_batch(loaded, [list(c) for c, _ in chunk], [[pairs[i][1] for i in m] for _, m in chunk])
+            conts = [[pairs[i][1] for i in m] for _, m in chunk]
+            scores = _shared_batch(loaded, [list(c) for c, _ in chunk], conts, prefix)
             for (_, members), values in zip(chunk, scores, strict=True):
                 for i, value in zip(members, values, strict=True):
                     out[i] = value
@@ -130,22 +132,35 @@ def _full_batch(loaded: LoadedModel, pairs: list[TokenPair]) -> list[float]:
     return scores
 
 
-def _shared_batch(loaded: LoadedModel, ctxs: list[list[int]], conts: list[list[list[int]]]) -> list[list[float]]:
-    """Contexts (G of them, left-padded) in one pass with a cache; then every continuation of every
-    context (R rows, right-padded) in a second pass that attends to its context's cache row."""
+def _shared_batch(
+    loaded: LoadedModel, ctxs: list[list[int]], conts: list[list[list[int]]], prefix: SharedPrefix | None = None
+) -> list[list[float]]:
+    """Contexts (G of them, left-padded after the shared `prefix`, whose cache they start from) in one
+    pass with a cache; then every continuation of every context (R rows, right-padded) in a second pass
+    that attends to its context's cache row."""
     from transformers import DynamicCache
 
-    pad, width = loaded.tokenizer.pad_token_id, max(len(c) for c in ctxs)
-    ids = torch.full((len(ctxs), width), pad, dtype=torch.long)
-    ctx_mask = torch.zeros_like(ids)
-    for g, ctx in enumerate(ctxs):
-        ids[g, width - len(ctx) :] = torch.tensor(ctx)
-        ctx_mask[g, width - len(ctx) :] = 1
-    positions = (ctx_mask.cumsum(-1) - 1).clamp(min=0)
-    kv = DynamicCache()
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in _forward_arguments(type(loaded.model)) else {}
+    pad, skip = loaded.tokenizer.pad_token_id, len(prefix) if prefix is not None else 0
+    if prefix is not None:
+        ids, ctx_mask = prefix.layout([c[skip:] for c in ctxs], pad)
+        kv = prefix.cache_for(len(ctxs))
+    else:
+        width = max(len(c) for c in ctxs)
+        ids = torch.full((len(ctxs), width), pad, dtype=torch.long)
+        ctx_mask = torch.zeros_like(ids)
+        for g, ctx in enumerate(ctxs):
+            ids[g, width - len(ctx) :] = torch.tensor(ctx)
+            ctx_mask[g, width - len(ctx) :] = 1
+        kv = DynamicCache()
+    width = ids.shape[1]
+    positions = (ctx_mask.cumsum(-1) - 1).clamp(min=0)[:, skip:]
     logits = loaded.model(
-        input_ids=ids, attention_mask=ctx_mask, position_ids=positions, use_cache=True, **keep, **_cache(loaded, kv)
+        input_ids=ids[:, skip:],
+        attention_mask=ctx_mask,
+        position_ids=positions,
+        use_cache=True,
+        **last_logits_only(loaded),
+        **cache_kwargs(loaded, kv),
     ).logits[:, -1]
     first = F.log_softmax(at_least_fp32(logits), dim=-1)  # (G, vocab): the first continuation token
     scores = [[float(first[g, c[0]]) for c in group] for g, group in enumerate(conts)]
@@ -163,25 +178,13 @@ def _shared_batch(loaded: LoadedModel, ctxs: list[list[int]], conts: list[list[l
     lengths = ctx_mask[[g for g, _ in rows]].sum(-1, keepdim=True)
     positions = lengths + torch.arange(rest)[None]
     logits = loaded.model(
-        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **_cache(loaded, kv)
+        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache_kwargs(loaded, kv)
     ).logits
     logprobs = F.log_softmax(at_least_fp32(logits), dim=-1)  # (R, rest, vocab)
     for r, (g, j) in enumerate(rows):
         target = torch.tensor(conts[g][j][1:])
         scores[g][j] += float(logprobs[r, torch.arange(len(target)), target].sum())
     return scores
-
-
-@cache
-def _forward_arguments(model_class: type) -> frozenset[str]:
-    """The keyword arguments `model_class.forward` names."""
-    return frozenset(inspect.signature(model_class.forward).parameters)
-
-
-def _cache(loaded: LoadedModel, kv: Any) -> dict[str, Any]:
-    """The key/value cache as the model's forward takes it: `cache=` (transformers >= 5.2x), else
-    `past_key_values=`."""
-    return {"cache" if "cache" in _forward_arguments(type(loaded.model)) else "past_key_values": kv}
 
 
 def score_multiple_choice(
