@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from helpers import FP64_EXACT, PROMPT, RESPONSE, assert_same_function, cli, write_jsonl
+from helpers import FP64_EXACT, PROMPT, RESPONSE, assert_same_function, cli, max_abs, write_jsonl
 
 from lrsurgery.evaluation.loglik import encode_pair, rolling_windows, score_multiple_choice, score_pairs
 from lrsurgery.evaluation.runner import run_eval
@@ -119,6 +119,33 @@ def test_a_shared_few_shot_prefix_is_run_once_and_scores_as_one_forward_per_requ
     assert ran[torch.float32][0] == (1, shared - 1)  # the block, once, less the token the shortest context keeps
     assert sum(r * n for r, n in ran[torch.float32]) < sum(r * n for r, n in counts)
     assert_same_function(scores[torch.float32], scores[torch.float64], without, direct[torch.float64])
+
+
+def test_a_first_n_few_shot_task_runs_its_examples_once_and_scores_as_lm_eval_does(tiny_llama, tmp_path):
+    """A multiple-choice task with `fewshot_config: sampler: first_n` (the same examples before every
+    question): the examples run once, and the choices' log-likelihoods are those of one full sequence
+    per choice (lm-eval's way), exact in fp64."""
+    docs = [
+        {"q": f"Question {i}: which colour is the sky?", "choices": ["blue", "green", "red"], "gold": 0}
+        for i in range(9)
+    ]
+    train = write_jsonl(tmp_path / "train.jsonl", docs[:3])
+    test = write_jsonl(tmp_path / "test.jsonl", docs[3:])
+    fields = dict(output_type="multiple_choice", doc_to_text="{{q}}", doc_to_choice="{{choices}}", doc_to_target="gold")
+    fewshot = dict(num_fewshot=3, fewshot_split="train", fewshot_config={"sampler": "first_n"})
+    spec = _task(tmp_path, test, **fields, **fewshot)
+    raw = yaml.safe_load(spec.read_text())
+    raw["dataset_kwargs"]["data_files"]["train"] = str(train)
+    spec.write_text(yaml.safe_dump(raw))
+    task = Task.from_yaml(spec)
+    loaded = load_model(tiny_llama, dtype=torch.float64)
+    ran = tokens_run(loaded.model)
+    shared = score_multiple_choice(task, loaded, task.docs(), batch_size=4)
+    assert ran[0][0] == 1 and ran[0][1] > 3 * 10  # the three examples, once
+    naive = score_multiple_choice(task, loaded, task.docs(), batch_size=4, share_context=False)
+    flat = [[v for lls in r["loglikelihoods"] for v in lls] for r in (shared, naive)]
+    assert max_abs(torch.tensor(flat[0]), torch.tensor(flat[1])) <= FP64_EXACT * max(abs(v) for v in flat[1])
+    assert shared["acc"] == naive["acc"] and shared["acc_norm"] == naive["acc_norm"]
 
 
 def test_common_prefix_length():
