@@ -17,7 +17,7 @@ lm-eval is not a dependency of lrsurgery; give the Python that has it (a virtual
 requirements away from lrsurgery's):
 
   python pipelines/bench_lm_eval.py --lm-eval-python /path/to/venv/bin/python [--model smollm2-135m]
-                                    [--limit 40] [--repeats 2] [--tasks bbc_topic,shakespeare_ppl,bbc_topic_gen]
+                                    [--limit 40] [--repeats 2] [--tasks bbc_topic,shakespeare_ppl,...]
 
 Run it alone: both tools use every core.
 """
@@ -114,7 +114,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lm-eval-python", required=True, help="a Python with lm_eval installed")
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--tasks", default="bbc_topic,shakespeare_ppl,bbc_topic_gen")
+    all_tasks = "bbc_topic,shakespeare_ppl,bbc_topic_gen,bbc_topic_fewshot,bbc_topic_gen_fixed"
+    parser.add_argument("--tasks", default=all_tasks)
     parser.add_argument("--limit", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
