@@ -19,7 +19,7 @@ import torch
 
 from lrsurgery.evaluation.loglik import max_length
 from lrsurgery.evaluation.metrics import aggregate
-from lrsurgery.evaluation.prefix import cache_kwargs, shared_prefix
+from lrsurgery.evaluation.prefix import cache_kwargs, left_padded, shared_prefix
 from lrsurgery.evaluation.tasks import Task, TaskError, contexts, render
 from lrsurgery.hf.load import LoadedModel
 from lrsurgery.progress import bar
@@ -81,12 +81,7 @@ def generate(
             ids, mask = prefix.layout([encoded[i][len(prefix) :] for i in chunk], tok.pad_token_id)
             cache = cache_kwargs(loaded, prefix.cache_for(len(chunk)))
         else:
-            width = max(len(encoded[i]) for i in chunk)
-            ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, i in enumerate(chunk):
-                ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-                mask[row, width - len(encoded[i]) :] = 1
+            ids, mask = left_padded([encoded[i] for i in chunk], tok.pad_token_id)
         width = ids.shape[1]
         stops = [s for s in until if s]
         generated = loaded.model.generate(

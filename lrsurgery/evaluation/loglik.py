@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from lrsurgery.evaluation.metrics import aggregate
-from lrsurgery.evaluation.prefix import SharedPrefix, cache_kwargs, last_logits_only, shared_prefix
+from lrsurgery.evaluation.prefix import SharedPrefix, cache_kwargs, last_logits_only, left_padded, shared_prefix
 from lrsurgery.evaluation.tasks import Task, contexts
 from lrsurgery.hf.load import LoadedModel
 from lrsurgery.linalg.basics import at_least_fp32
@@ -145,12 +145,7 @@ def _shared_batch(
         ids, ctx_mask = prefix.layout([c[skip:] for c in ctxs], pad)
         kv = prefix.cache_for(len(ctxs))
     else:
-        width = max(len(c) for c in ctxs)
-        ids = torch.full((len(ctxs), width), pad, dtype=torch.long)
-        ctx_mask = torch.zeros_like(ids)
-        for g, ctx in enumerate(ctxs):
-            ids[g, width - len(ctx) :] = torch.tensor(ctx)
-            ctx_mask[g, width - len(ctx) :] = 1
+        ids, ctx_mask = left_padded(ctxs, pad)
         kv = DynamicCache()
     width = ids.shape[1]
     positions = (ctx_mask.cumsum(-1) - 1).clamp(min=0)[:, skip:]

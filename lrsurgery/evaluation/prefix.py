@@ -83,16 +83,24 @@ class SharedPrefix:
         return cache
 
     def layout(self, suffixes: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids, attention mask), each (rows, len(prefix) + widest suffix): [prefix][padding][suffix]."""
-        width = max(len(s) for s in suffixes)
-        ids = torch.full((len(suffixes), len(self) + width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        ids[:, : len(self)] = torch.tensor(self.tokens)
-        mask[:, : len(self)] = 1
-        for row, suffix in enumerate(suffixes):
-            ids[row, ids.shape[1] - len(suffix) :] = torch.tensor(list(suffix), dtype=torch.long)
-            mask[row, ids.shape[1] - len(suffix) :] = 1
-        return ids, mask
+        """(ids, attention mask), each (rows, len(prefix) + longest suffix): [prefix][padding][suffix]."""
+        return left_padded(suffixes, pad, self.tokens)
+
+
+def left_padded(
+    seqs: Sequence[Sequence[int]], pad: int, prefix: Sequence[int] = ()
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), each (rows, len(prefix) + longest of `seqs`), long: every row is
+    [prefix][padding][its sequence], the padding masked."""
+    width = len(prefix) + max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    ids[:, : len(prefix)] = torch.tensor(list(prefix), dtype=torch.long)
+    mask[:, : len(prefix)] = 1
+    for row, seq in enumerate(seqs):
+        ids[row, width - len(seq) :] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, width - len(seq) :] = 1
+    return ids, mask
 
 
 def shared_prefix(loaded: LoadedModel, seqs: Sequence[Sequence[int]]) -> SharedPrefix | None:
