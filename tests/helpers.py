@@ -109,3 +109,20 @@ def assert_adapted_equals_base(artifact: Path, base_folder: Path, task: str = "c
         outputs(load_model(base_folder, task=task, dtype=torch.float64).model, tok),
         f"{artifact.name} on {base_folder.name}",
     )
+
+
+FEWSHOT = (  # a two-example few-shot block that prompts share (evaluation/prefix.py)
+    "Article: The minister answered questions in parliament about the budget.\nTopic: politics\n\n"
+    "Article: The striker scored twice in the cup final.\nTopic: sport\n\n"
+)
+
+
+def tokens_run(model) -> list[tuple[int, int]]:
+    """A list that collects the (rows, tokens per row) of each forward of `model` (hook left in place)."""
+    counts: list[tuple[int, int]] = []
+
+    def count(_, args, kwargs):
+        counts.append(tuple((kwargs["input_ids"] if "input_ids" in kwargs else args[0]).shape))
+
+    model.register_forward_pre_hook(count, with_kwargs=True)
+    return counts

@@ -9,7 +9,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from helpers import FP64_EXACT, PROMPT, RESPONSE, assert_same_function, cli, max_abs, write_jsonl
+from helpers import (
+    FEWSHOT,
+    FP64_EXACT,
+    PROMPT,
+    RESPONSE,
+    assert_same_function,
+    cli,
+    max_abs,
+    tokens_run,
+    write_jsonl,
+)
 
 from lrsurgery.evaluation.loglik import encode_pair, rolling_windows, score_multiple_choice, score_pairs
 from lrsurgery.evaluation.runner import run_eval
@@ -72,23 +82,6 @@ def test_batched_scoring_equals_one_full_forward_per_request(tiny_llama, share_c
     assert_same_function(scores[torch.float32], scores[torch.float64], direct[torch.float32], direct[torch.float64])
 
 
-FEWSHOT = (
-    "Article: The minister answered questions in parliament about the budget.\nTopic: politics\n\n"
-    "Article: The striker scored twice in the cup final.\nTopic: sport\n\n"
-)
-
-
-def tokens_run(model) -> list[tuple[int, int]]:
-    """A list that collects the (rows, tokens per row) of each forward of `model` (hook left in place)."""
-    counts: list[tuple[int, int]] = []
-
-    def count(_, args, kwargs):
-        counts.append(tuple((kwargs["input_ids"] if "input_ids" in kwargs else args[0]).shape))
-
-    model.register_forward_pre_hook(count, with_kwargs=True)
-    return counts
-
-
 @pytest.mark.parametrize("batch_size", [2, 8])
 def test_a_shared_few_shot_prefix_is_run_once_and_scores_as_one_forward_per_request(
     tiny_llama, batch_size, monkeypatch
@@ -106,9 +99,9 @@ def test_a_shared_few_shot_prefix_is_run_once_and_scores_as_one_forward_per_requ
         pairs = [encode_pair(loaded.tokenizer, c, x) for c, x in requests]
         shared = prefix.common_prefix_length([ctx for ctx, _ in pairs])
         assert shared >= prefix.MIN_SHARED_PREFIX and shared == min(len(ctx) for ctx, _ in pairs)
-        ran[dtype] = tokens_run(loaded.model)
+        counts = tokens_run(loaded.model)
         scores[dtype] = score_pairs(loaded, pairs, window=256, batch_size=batch_size)
-        ran[dtype] = list(ran[dtype])
+        ran[dtype] = list(counts)  # before the direct forwards below add to it
         direct[dtype] = [_direct(loaded, context, continuation) for context, continuation in requests]
     assert_same_function(scores[torch.float32], scores[torch.float64], direct[torch.float32], direct[torch.float64])
     monkeypatch.setattr(prefix, "MIN_SHARED_PREFIX", 10**9)  # the same scoring without the prefix

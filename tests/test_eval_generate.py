@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import cli, write_jsonl
-from test_eval import FEWSHOT, tokens_run
+from helpers import FEWSHOT, cli, tokens_run, write_jsonl
 
 from lrsurgery.evaluation import generate as gen
 from lrsurgery.evaluation.code_exec import run_program
