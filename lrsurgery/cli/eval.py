@@ -33,7 +33,9 @@ def eval_(
     """Score models on tasks and print a Markdown table."""
     from lrsurgery.evaluation import markdown_table, run_eval
     from lrsurgery.evaluation.runner import results_file, write_report
+    from lrsurgery.io.memory import keep_freed_memory
 
+    keep_freed_memory()  # each batch reuses the last one's buffers instead of faulting in fresh pages
     with results_file(out, [*task, *models], overwrite) if out else contextlib.nullcontext() as path:
         report = run_eval(
             models,
