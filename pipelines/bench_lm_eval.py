@@ -3,8 +3,8 @@
 For each task file, `lm_eval --model hf` (CPU, fp32) and `lrsurgery eval` score the same documents with
 the same batch size, each as a fresh process timed on the wall clock (model load and start-up
 included), in turns (the order reversed every other repeat, so a slow spell of a shared machine falls
-on both); prints each one's seconds, the median per-repeat ratio lrsurgery / lm-eval, and every metric
-of both with their difference (the scores must be identical).
+on both); prints each one's seconds, the median per-repeat ratio lrsurgery / lm-eval, each one's peak
+resident memory, and every metric of both with their difference (the scores must be identical).
 
 The task files are written for lm-eval first: ${VAR}s expanded and lrsurgery's extra fields removed
 (`max_length` becomes the model's max_length, for both tools). Shipped tasks, with the data from
@@ -32,7 +32,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
@@ -87,13 +89,24 @@ def lm_eval_task(source: dict, folder: Path) -> tuple[str, int | None]:
     return task["task"], max_length
 
 
-def timed(command: list[str], env: dict[str, str]) -> float:
-    """Wall seconds of one process (its output is not kept); a failure stops the benchmark with its stderr's end."""
+class Run(NamedTuple):
+    seconds: float  # wall
+    peak_gb: float  # peak resident set
+    kernel_s: float  # system CPU time (page faults show here)
+
+
+def timed(command: list[str], env: dict[str, str]) -> Run:
+    """Wall time, peak RSS and kernel time of one process (its output is not kept); a failure stops the
+    benchmark with its stderr's end."""
     began = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"{command[0]} {command[1]} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return time.perf_counter() - began
+    with tempfile.TemporaryFile("w+") as stderr:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - began
+        if (code := os.waitstatus_to_exitcode(status)) != 0:
+            stderr.seek(0)
+            sys.exit(f"{command[0]} {command[1]} failed ({code}):\n{stderr.read()[-3000:]}")
+    return Run(seconds, usage.ru_maxrss / 2**20, usage.ru_stime)  # ru_maxrss is in KiB on Linux
 
 
 def lm_eval_scores(folder: Path, task: str) -> dict[str, float]:
@@ -110,18 +123,38 @@ def lrsurgery_scores(path: Path, task: str) -> dict[str, float]:
     return {k: v for k, v in row.items() if isinstance(v, float) and "_stderr" not in k}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser, tasks: str) -> None:
+    """The options this benchmark and `profile_eval.py` share; `tasks` is the default task list."""
     parser.add_argument("--lm-eval-python", required=True, help="a Python with lm_eval installed")
     parser.add_argument("--model", default="smollm2-135m")
-    all_tasks = "bbc_topic,shakespeare_ppl,bbc_topic_gen,bbc_topic_fewshot,bbc_topic_gen_fixed"
-    parser.add_argument("--tasks", default=all_tasks)
+    parser.add_argument("--tasks", default=tasks)
     parser.add_argument("--limit", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--work", type=Path, default=None, help="folder for data, task files and results")
-    args = parser.parse_args()
 
+
+@dataclass
+class Setup:
+    """What both tools' commands need: the work folder, the environment with the data paths, the model."""
+
+    work: Path
+    env: dict[str, str]
+    model: str
+
+
+@dataclass
+class Commands:
+    """One task's two commands and where each writes its scores."""
+
+    task: str
+    lm_eval: list[str]
+    lrsurgery: list[str]
+    lm_eval_out: Path
+    lrsurgery_out: Path
+
+
+def prepare(args: argparse.Namespace) -> Setup:
+    """Write the data (`lrsurgery assets`) under the work folder once and resolve the model."""
     from lrsurgery.hf.resolve import resolve_model
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_lm_eval_"))
@@ -137,45 +170,67 @@ def main() -> None:
                 capture_output=True,
             )
         env[var] = os.environ[var] = str(data)
-    model = str(resolve_model(args.model))
-    tasks = work / "tasks"
+    return Setup(work, env, str(resolve_model(args.model)))
+
+
+def commands(name: str, setup: Setup, args: argparse.Namespace) -> Commands:
+    """Write task `name`'s file for each tool and return both tools' command lines for it."""
+    tasks = setup.work / "tasks"
     tasks.mkdir(exist_ok=True)
-    lm_eval = [args.lm_eval_python, "-m", "lm_eval"]
+    shipped = TASKS / f"{name}.yaml"
+    source = WRITTEN_TASKS[name] if name in WRITTEN_TASKS else yaml.safe_load(shipped.read_text())
+    task, max_length = lm_eval_task(source, tasks)
+    model_args = f"pretrained={setup.model},dtype=float32" + (f",max_length={max_length}" if max_length else "")
+    theirs_out, ours_out = setup.work / "lm_eval" / task, setup.work / "lrsurgery" / f"{task}.json"
+    ours_out.parent.mkdir(parents=True, exist_ok=True)
+    theirs_cmd = [args.lm_eval_python, "-m", "lm_eval", "--model", "hf", "--model_args", model_args, "--tasks", task,
+                  "--include_path", str(tasks), "--limit", str(args.limit), "--batch_size", str(args.batch_size),
+                  "--device", "cpu", "--output_path", str(theirs_out)]  # fmt: skip
+    ours_task = tasks / f"{task}.yaml"
+    if max_length:  # lm-eval's max_length is the model's; lrsurgery reads it from the task file
+        ours_task = setup.work / "lrsurgery" / f"{task}.yaml"  # not in lm-eval's include path
+        ours_task.write_text((tasks / f"{task}.yaml").read_text() + f"max_length: {max_length}\n")
+    ours_cmd = [*LRSURGERY, "eval", setup.model, "--task", str(ours_task), "--limit", str(args.limit),
+                "--batch-size", str(args.batch_size), "-o", str(ours_out), "--overwrite"]  # fmt: skip
+    return Commands(task, theirs_cmd, ours_cmd, theirs_out, ours_out)
+
+
+def score_line(pair: Commands) -> str:
+    """Every metric lm-eval wrote, with lrsurgery's value and their difference."""
+    theirs, ours = lm_eval_scores(pair.lm_eval_out, pair.task), lrsurgery_scores(pair.lrsurgery_out, pair.task)
+    return "; ".join(
+        f"{k} {theirs[k]:.6g} / {ours.get(k, float('nan')):.6g} / {abs(theirs[k] - ours.get(k, float('nan'))):.1e}"
+        for k in sorted(theirs)
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser, "bbc_topic,shakespeare_ppl,bbc_topic_gen,bbc_topic_fewshot,bbc_topic_gen_fixed")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    setup = prepare(args)
 
     print(
         f"model {args.model}, CPU fp32, {args.limit} documents per task, batch {args.batch_size}, "
         f"{os.cpu_count()} CPUs; whole processes, {args.repeats} repeats in turns"
     )
-    print(f"{'task':18}{'lm-eval s':>11}{'lrsurgery s':>13}{'ratio':>8}  scores (lm-eval / lrsurgery / difference)")
+    print(
+        f"{'task':18}{'lm-eval s':>11}{'lrsurgery s':>13}{'ratio':>8}{'peak GB':>14}"
+        "  scores (lm-eval / lrsurgery / difference)"
+    )
     for name in args.tasks.split(","):
-        shipped = TASKS / f"{name}.yaml"
-        source = WRITTEN_TASKS[name] if name in WRITTEN_TASKS else yaml.safe_load(shipped.read_text())
-        task, max_length = lm_eval_task(source, tasks)
-        model_args = f"pretrained={model},dtype=float32" + (f",max_length={max_length}" if max_length else "")
-        theirs_out, ours_out = work / "lm_eval" / task, work / "lrsurgery" / f"{task}.json"
-        ours_out.parent.mkdir(parents=True, exist_ok=True)
-        theirs_cmd = [*lm_eval, "--model", "hf", "--model_args", model_args, "--tasks", task,
-                      "--include_path", str(tasks), "--limit", str(args.limit), "--batch_size", str(args.batch_size),
-                      "--device", "cpu", "--output_path", str(theirs_out)]  # fmt: skip
-        ours_task = tasks / f"{task}.yaml"
-        if max_length:  # lm-eval's max_length is the model's; lrsurgery reads it from the task file
-            ours_task = work / "lrsurgery" / f"{task}.yaml"  # not in lm-eval's include path
-            ours_task.write_text((tasks / f"{task}.yaml").read_text() + f"max_length: {max_length}\n")
-        ours_cmd = [*LRSURGERY, "eval", model, "--task", str(ours_task), "--limit", str(args.limit),
-                    "--batch-size", str(args.batch_size), "-o", str(ours_out), "--overwrite"]  # fmt: skip
-        times: dict[str, list[float]] = {"lm-eval": [], "lrsurgery": []}
+        pair = commands(name, setup, args)
+        runs: dict[str, list[Run]] = {"lm-eval": [], "lrsurgery": []}
         for repeat in range(args.repeats):
-            runs = [("lm-eval", theirs_cmd), ("lrsurgery", ours_cmd)]
-            for who, command in runs if repeat % 2 == 0 else runs[::-1]:
-                times[who].append(timed(command, env))
-        ratio = statistics.median(o / t for o, t in zip(times["lrsurgery"], times["lm-eval"], strict=True))
-        theirs, ours = lm_eval_scores(theirs_out, task), lrsurgery_scores(ours_out, task)
-        scores = "; ".join(
-            f"{k} {theirs[k]:.6g} / {ours.get(k, float('nan')):.6g} / {abs(theirs[k] - ours.get(k, float('nan'))):.1e}"
-            for k in sorted(theirs)
-        )
-        print(f"{task:18}{statistics.median(times['lm-eval']):>11.1f}{statistics.median(times['lrsurgery']):>13.1f}"
-              f"{ratio:>8.3f}  {scores}")  # fmt: skip
+            order = [("lm-eval", pair.lm_eval), ("lrsurgery", pair.lrsurgery)]
+            for who, command in order if repeat % 2 == 0 else order[::-1]:
+                runs[who].append(timed(command, setup.env))
+        theirs, ours = ([run.seconds for run in runs[who]] for who in ("lm-eval", "lrsurgery"))
+        ratio = statistics.median(o / t for o, t in zip(ours, theirs, strict=True))
+        peaks = "/".join(f"{max(run.peak_gb for run in runs[who]):.2f}" for who in ("lm-eval", "lrsurgery"))
+        print(f"{pair.task:18}{statistics.median(theirs):>11.1f}{statistics.median(ours):>13.1f}{ratio:>8.3f}"
+              f"{peaks:>14}  {score_line(pair)}")  # fmt: skip
 
 
 if __name__ == "__main__":
