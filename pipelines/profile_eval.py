@@ -20,10 +20,10 @@ and the machine's GEMM rate on the model's own shapes, measured in the same run,
 machine's peak" is a measured statement. The last line per task is the floor this says lrsurgery's
 ratio cannot go under without doing fewer FLOPs: (lrsurgery's start-up + its products' FLOPs at the
 machine's GEMM rate + its attention time) / lm-eval's plain wall time. (lm-eval's own GEMM time is no
-floor: it includes the page faults of the fresh buffers its products write into.)
-The profiler adds its own overhead per operator; the plain walls
-show how much. The profiler keeps every operator's record in memory: a rolling-perplexity task of 40
-documents outgrows 24 GiB in lm-eval's child, so profile it with `--limit 10`.
+floor: it includes the page faults of the fresh buffers its products write into.) The profiler adds
+its own overhead per operator; the plain walls show how much. It also keeps every operator's record in
+memory: a rolling-perplexity task of 40 documents outgrows 24 GiB in lm-eval's child, so profile it
+with `--limit 10`.
 
   python pipelines/profile_eval.py --lm-eval-python /path/to/venv/bin/python [--tasks bbc_topic_gen,...]
 
@@ -41,6 +41,7 @@ from pathlib import Path
 GEMM = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_mkl_linear", "mkldnn::_linear_pointwise")
 ATTENTION = ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math")
 SOFTMAX = ("aten::_log_softmax", "aten::_softmax", "aten::logsumexp")
+GROUP = {**dict.fromkeys(GEMM, "gemm"), **dict.fromkeys(ATTENTION, "attention"), **dict.fromkeys(SOFTMAX, "softmax")}
 START_MARK = "profile_eval::start"
 
 
@@ -80,15 +81,7 @@ def child(out: Path, argv: list[str]) -> None:
     for e in events:
         if e.thread != main_thread or e.time_range.start < first or e.time_range.end > last:
             continue
-        group = (
-            "gemm"
-            if e.name in GEMM
-            else "attention"
-            if e.name in ATTENTION
-            else "softmax"
-            if e.name in SOFTMAX
-            else "other"
-        )
+        group = GROUP.get(e.name, "other")
         seconds[group] += e.self_cpu_time_total / 1e6
         by_name[e.name] = by_name.get(e.name, 0.0) + e.self_cpu_time_total / 1e6
         flops += e.flops if group == "gemm" else 0
@@ -168,7 +161,6 @@ def main() -> None:
             print(f"{'':20}{'':11}{summary['gemm_flops'] / 1e12:.2f} TFLOP in products; slowest operators: "
                   + ", ".join(f"{n.removeprefix('aten::')} {t:.1f}" for n, t in summary["top"]))  # fmt: skip
         theirs, ours = rows["lm-eval"], rows["lrsurgery"]
-        wall = theirs["plain"].seconds
         wall = theirs["plain"].seconds
         floor = (ours["startup"] + ours["gemm_flops"] / (peak * 1e9) + ours["attention"]) / wall
         print(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -69,10 +70,16 @@ def return_freed_memory() -> None:
     Without it, glibc keeps the blocks' freed weights and the replaced activations of every block in
     its arenas, and the resident size creeps up block after block.
     """
+    if (malloc_trim := glibc_function("malloc_trim")) is not None:
+        malloc_trim(0)
+
+
+def glibc_function(name: str) -> Callable[..., int] | None:
+    """glibc's function `name`, or None where this process has no libc.so.6 or it lacks `name`."""
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return getattr(ctypes.CDLL("libc.so.6"), name)
     except (OSError, AttributeError):
-        pass
+        return None
 
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
@@ -95,8 +102,6 @@ def keep_freed_memory() -> bool:
         return False
     if any(name.startswith("MALLOC_") and name.endswith("_") for name in os.environ):
         return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
+    if (mallopt := glibc_function("mallopt")) is None:
         return False
     return bool(mallopt(M_TRIM_THRESHOLD, -1)) and bool(mallopt(M_MMAP_MAX, 0))  # -1: never trim
