@@ -49,3 +49,36 @@ def test_keep_freed_memory_reuses_a_freed_buffer_and_leaves_a_tuned_malloc_alone
         default = probe({**env, **opt_out})
         assert default["policy"] is False
         assert min(default["faults"]) > default["pages"] // 2  # glibc's own policy: unmapped on free, faulted again
+
+
+def test_eval_sets_the_allocator_policy_only_as_the_whole_process(tmp_path, monkeypatch):
+    """`lrsurgery eval` changes malloc's process-wide policy when it is the console script's process,
+    never under a Python caller (CliRunner here), whose later work may need its freed memory returned."""
+    from typer.testing import CliRunner
+
+    import lrsurgery.cli as cli
+    import lrsurgery.cli.common as common
+    import lrsurgery.io.memory as memory
+
+    calls = []
+    monkeypatch.setattr(memory, "keep_freed_memory", lambda: calls.append(True) or True)
+    monkeypatch.setattr(common, "_WHOLE_PROCESS", False)
+    missing = tmp_path / "missing.yaml"  # the command refuses it after the policy decision
+    args = ["eval", "smollm2-135m", "--task", str(missing)]
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code != 0 and "missing.yaml" in result.output
+    assert calls == []
+
+    class Exited(Exception):
+        pass
+
+    def exit_(status):
+        raise Exited(status)
+
+    monkeypatch.setattr(sys, "argv", ["lrsurgery", *args])
+    monkeypatch.setattr(os, "_exit", exit_)
+    monkeypatch.setattr(cli.atexit, "_run_exitfuncs", lambda: None)  # the test session's handlers stay
+    with pytest.raises(Exited) as done:
+        cli.main()
+    assert done.value.args[0] != 0
+    assert calls == [True]

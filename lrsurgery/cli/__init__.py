@@ -3,7 +3,7 @@ each stage's flags are generated from its config dataclasses and its methods' op
 
 # each module registers its command, in the order `lrsurgery --help` lists them
 from lrsurgery.cli import calibrate, init, train, fuse, eval, compare, inspect, assets, presets  # noqa: F401, I001
-from lrsurgery.cli.common import app
+from lrsurgery.cli.common import app, claim_process
 
 import atexit
 import os
@@ -21,6 +21,7 @@ def main() -> None:
     nothing is left to do, and freeing torch's and transformers' modules one by one took over a second
     of every short command (an eval, an inspect). A genuine bug still propagates with its traceback.
     """
+    claim_process()
     try:
         app(prog_name="lrsurgery")
         code: object = 0

@@ -264,6 +264,22 @@ def timed(out: Path) -> Iterator[None]:
         typer.echo(f"wrote {out} in {time.perf_counter() - began:.1f}s")
 
 
+_WHOLE_PROCESS = False  # set by `main()`, the console script: the command is all this process runs
+
+
+def claim_process() -> None:
+    """Mark this process as the command line's own (called by `lrsurgery.cli.main` before the command)."""
+    global _WHOLE_PROCESS
+    _WHOLE_PROCESS = True
+
+
+def owns_process() -> bool:
+    """True when the running command is the whole process (the `lrsurgery` console script or
+    `python -m lrsurgery`), so it may change process-wide state such as malloc's policy; False when a
+    Python caller runs it in its own process (a test's CliRunner, a notebook)."""
+    return _WHOLE_PROCESS
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print `message` as one red line on stderr and exit with `code`."""
     typer.secho(f"error: {' '.join(str(message).split())}", fg=typer.colors.RED, err=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from lrsurgery.cli.common import ConfigOption, app, user_errors
+from lrsurgery.cli.common import ConfigOption, app, owns_process, user_errors
 
 
 @app.command("eval")
@@ -35,7 +35,8 @@ def eval_(
     from lrsurgery.evaluation.runner import results_file, write_report
     from lrsurgery.io.memory import keep_freed_memory
 
-    keep_freed_memory()  # each batch reuses the last one's buffers instead of faulting in fresh pages
+    if owns_process():  # process-wide: not under a Python caller whose later work must return its memory
+        keep_freed_memory()  # each batch reuses the last one's buffers instead of faulting in fresh pages
     with results_file(out, [*task, *models], overwrite) if out else contextlib.nullcontext() as path:
         report = run_eval(
             models,
