@@ -41,11 +41,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from bench_lm_eval import timed  # noqa: E402
 from synthetic_llama import SHAPES  # noqa: E402
 
 PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -68,14 +68,9 @@ PeftModel.from_pretrained(model, sys.argv[2]).merge_and_unload().save_pretrained
 
 
 def measured(command: list[str]) -> tuple[float, float]:
-    """Run `command`; return (wall seconds, peak RSS MiB). Raises if it fails."""
-    began = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(child.pid, 0)
-    seconds = time.perf_counter() - began
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{child.stderr.read()[-3000:] if child.stderr else ''}")
-    return seconds, usage.ru_maxrss / 1024
+    """Run `command`; return (wall seconds, peak RSS MiB). A failure stops the benchmark with its stderr's end."""
+    run = timed(command, dict(os.environ))
+    return run.seconds, run.peak_gb * 1024
 
 
 def layer_parameters(shape: dict) -> int:
