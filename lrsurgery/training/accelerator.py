@@ -37,3 +37,13 @@ def new_accelerator(precision: str) -> Any:
         return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if precision == "bf16" else "no")
     finally:
         os.environ.update(hidden)
+
+
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    """This process's peak resident memory so far (`rss`, MiB) and, on CUDA, the peak allocated on `device`."""
+    import resource
+
+    peak = {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux reports KiB
+    if device.type == "cuda":
+        peak["cuda"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return peak

@@ -114,3 +114,19 @@ def load_checkpoint_extra(folder: Path) -> dict[str, torch.Tensor]:
     """The `extra` tensors a checkpoint was saved with."""
     tensors = load_tensors(folder / STATE_FILE)
     return {k[len("extra.") :]: v for k, v in tensors.items() if k.startswith("extra.")}
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Keep the log lines up to `step` (those after it were written after the checkpoint a resumed run
+    starts from) and drop a line cut short by a crash or a full disk."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))

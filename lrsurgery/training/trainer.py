@@ -28,8 +28,14 @@ from lrsurgery.layers.adapter_file import ADAPTED_KINDS, ADAPTER_FILE, to_tensor
 from lrsurgery.methods import HookContext, Method, MethodError, TrainHooks, get_method
 from lrsurgery.progress import bar
 from lrsurgery.stages.adapted import load_adapted
-from lrsurgery.training.accelerator import new_accelerator
-from lrsurgery.training.checkpoint import checkpoint_step, load_checkpoint, load_checkpoint_extra, save_checkpoint
+from lrsurgery.training.accelerator import new_accelerator, peak_memory_mb
+from lrsurgery.training.checkpoint import (
+    checkpoint_step,
+    load_checkpoint,
+    load_checkpoint_extra,
+    save_checkpoint,
+    truncate_log,
+)
 from lrsurgery.training.compiled import prepare_training_forward
 from lrsurgery.training.edit_log import EditFiles
 from lrsurgery.training.flat import FlatParameters
@@ -167,7 +173,7 @@ class Trainer:
             h.setup(self.ctx)
         if resuming:
             self._load(checkpoint, extra)
-        _truncate_log(self.work / "metrics.jsonl", self.start)
+        truncate_log(self.work / "metrics.jsonl", self.start)
         self.model.train()
         self.progress = bar(self.total, desc="train", unit="step", initial=self.start)
 
@@ -357,32 +363,6 @@ def _diverged(what: str, value: float, step: int, start: int, out: Path, work: P
             "or start over with --overwrite"
         )
     return TrainingDiverged(f"{where} No checkpoint was saved yet: lower --lr and run again")
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Keep the log lines up to `step` (those after it were written after the checkpoint a resumed run
-    starts from) and drop a line cut short by a crash or a full disk."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
-            kept.append(line)
-    write_text_atomic(path, "".join(line + "\n" for line in kept))
-
-
-def peak_memory_mb(device: torch.device) -> dict[str, float]:
-    """This process's peak resident memory so far (`rss`, MiB) and, on CUDA, the peak allocated on `device`."""
-    import resource
-
-    peak = {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux reports KiB
-    if device.type == "cuda":
-        peak["cuda"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return peak
 
 
 def _write_run(
