@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA checks in one run: the GPU tests, every method's init → train → fuse with training on the GPU,
-# and the GPU benchmarks (train step in fp32 and bf16, TLoRA init against PEFT's PiSSA on SmolLM2 and on a
-# two-layer model of Llama-2-7B's shape). Each step has a time limit; a failed step is counted, not fatal.
+# an eval on the GPU, and the GPU benchmarks (train step in fp32 and bf16, TLoRA init against PEFT's PiSSA
+# on SmolLM2 and on a two-layer model of Llama-2-7B's shape). Each step has a time limit; a failed step is counted, not fatal.
 # Usage: pipelines/gpu_check.sh [WORK_DIR]   (default runs/gpu-check; the log is WORK_DIR/gpu_check.log,
 #        or $LOG).  MODEL: a SmolLM2-shaped folder or name (default smollm2-135m).  DEVICE: default cuda.
 #        BUDGET: seconds for the whole run (default 540): each step's limit is cut to what is left, and
@@ -49,7 +49,7 @@ DATA=$WORK/data
 part methods && step data 60 lrsurgery assets bbc-news -o "$DATA" --overwrite
 
 # 1. the GPU tests (they compare every GPU path with the CPU on the same inputs)
-part tests && step tests 170 env LRSURGERY_TEST_SMOLLM2="$FOLDER" python -m pytest -q -m "" -p no:cacheprovider tests/test_device.py
+part tests && step tests 240 env LRSURGERY_TEST_SMOLLM2="$FOLDER" python -m pytest -q -m "" -p no:cacheprovider tests/test_device.py
 
 # 2. every method trained on the GPU (bf16 autocast), from a GPU calibration and GPU SVDs
 TRAIN=(--data "$DATA/train.jsonl" --eval-data "$DATA/test.jsonl" --prompt-template $'Article: {text:.400}\nTopic:'
@@ -68,6 +68,10 @@ for method in ${METHODS:-tlora dual srlora lora pissa}; do
     lrsurgery fuse '$WORK/$method/run' -o '$WORK/$method/merged' --overwrite
     python -c 'import json, sys; e = json.load(open(sys.argv[1]))[\"extra\"]; print(\"held-out loss\", e[\"eval\"][\"loss\"], \"peak MB\", e[\"peak_memory_mb\"], \"switches\", len(e.get(\"srlora\", {}).get(\"switch_steps\", [])), \"screenings\", len(e.get(\"dual\", {}).get(\"k_schedule\", [])))' '$WORK/$method/run/manifest.json'"
 done
+
+# the base model and the TLoRA model fused above, side by side, scored on the GPU
+part methods && step eval 60 env BBC_DATA="$DATA" lrsurgery eval "$FOLDER" "$WORK/tlora/merged" \
+  --task "$HERE/../examples/tasks/bbc_topic.yaml" --limit 100 --device "$DEVICE"
 
 # 3. benchmarks
 BENCH=(--model "$FOLDER" --device "$DEVICE" --batch-size "${BENCH_BATCH:-8}" --seq-len "${BENCH_SEQ:-512}" --variants frozen,peft-lora,lora,pissa

@@ -294,3 +294,19 @@ def test_the_ablation_file_shares_setting_1_and_adds_the_papers_variants():
     variants = {label: (ablations.method_of(label), entry["init"]) for label, entry in ablations.methods.items()}
     assert variants["tlora-w"] == ("tlora", {"a_init": "w"}) and variants["tlora-random"][1] == {"a_init": "random"}
     assert variants["dual-shared-only"] == ("dual", {"ablation": "shared-only"})
+
+
+def test_score_settings_are_checked_before_anything_runs_and_the_device_reaches_eval(
+    tiny_llama, bbc, bbc_small, tmp_path, monkeypatch
+):
+    from lrsurgery.comparison import runner
+
+    score = {"task": str(EXAMPLES / "tasks" / "bbc_topic.yaml"), "metric": "acc"}
+    for extra, message in (({"limt": 5}, "score.limt is not a setting"), ({"device": "tpu"}, "score.device: ")):
+        with pytest.raises(CompareError, match=message):
+            read_comparison(_config(tmp_path, tiny_llama, bbc, bbc_small, score={**score, **extra}))
+    comparison = read_comparison(_config(tmp_path, tiny_llama, bbc, bbc_small, score={**score, "device": "cpu"}))
+    calls = []
+    monkeypatch.setattr(runner, "lrsurgery", lambda *args, env=None: calls.append([str(a) for a in args]))
+    runner._score(comparison, tmp_path, str(tiny_llama), tmp_path / "score.json")
+    assert calls[0][calls[0].index("--device") + 1] == "cpu"

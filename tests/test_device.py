@@ -4,20 +4,26 @@ there is refused before anything is read or written. The GPU tests run where CUD
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers import FP32_UNIT, assert_adapted_equals_base, cli
 
 from lrsurgery.calibration.runner import CalibrateConfig, run_calibrate
 from lrsurgery.calibration.stats_file import load_covariance
+from lrsurgery.data.assets import shakespeare
 from lrsurgery.data.examples import DataSpec
+from lrsurgery.evaluation.runner import load_for_eval, run_eval, score
+from lrsurgery.evaluation.tasks import Task
 from lrsurgery.hf.load import compute_device, load_model
 from lrsurgery.hf.resolve import ModelError
 from lrsurgery.layers.adapter_file import read_adapters
 from lrsurgery.linalg.svd import subspace_distance
 from lrsurgery.stages.init import run_init
 
+TASKS = Path(__file__).resolve().parent.parent / "examples" / "tasks"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 BOTH = ("covariance", "sensitivity")
 
@@ -30,6 +36,9 @@ def test_cuda_without_a_gpu_is_refused_before_anything_is_written(tiny_llama, bb
     code, out = cli("calibrate", tiny_llama, "--data", bbc_small, "--device", "cuda", "-o", tmp_path / "s")
     assert code == 1 and "no CUDA device is available" in out
     assert not (tmp_path / "s").exists()
+    code, out = cli("eval", tiny_llama, "--task", TASKS / "bbc_topic.yaml", "--device", "cuda", "-o", tmp_path / "r")
+    assert code == 1 and "no CUDA device is available" in out
+    assert not (tmp_path / "r").exists()
 
 
 def test_unknown_devices_are_refused():
@@ -103,3 +112,58 @@ def test_calibration_on_the_gpu_equals_the_cpu(smollm2, bbc_small, tmp_path):
         # fp32 sums of `tokens` outer products on each device: within n·u of the exact sum (Higham's
         # bound for any summation order), so within 2·n·u of each other, plus the activations' rounding
         assert float((got - want).norm() / want.norm()) <= 4 * tokens * FP32_UNIT, name
+
+
+def _generation_task(folder: Path) -> Path:
+    """bbc_topic as a greedy generation task: the topic word the model writes after the article."""
+    spec = yaml.safe_load((TASKS / "bbc_topic.yaml").read_text())
+    del spec["doc_to_choice"]
+    spec.update(
+        task="bbc_topic_gen",
+        output_type="generate_until",
+        generation_kwargs={"until": ["\n", "."], "max_gen_toks": 4, "do_sample": False},
+        metric_list=[{"metric": "exact_match"}],
+    )
+    path = folder / "bbc_topic_gen.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@gpu
+@pytest.mark.slow
+def test_eval_on_the_gpu_scores_what_the_cpu_scores(smollm2, bbc, tmp_path, monkeypatch):
+    """Each request's fp32 log-likelihood on the GPU is as close to the fp64 CPU value as the fp32 CPU one
+    is (within 10 times its error, plus a few units of the values' rounding); greedy generations equal
+    the CPU's wherever the CPU's fp32 and fp64 runs agree (a near-tie may fall either way in fp32)."""
+    monkeypatch.setenv("BBC_DATA", str(bbc))
+    monkeypatch.setenv("SHAKESPEARE_DATA", str(tmp_path / "plays"))
+    shakespeare(tmp_path / "plays", test_plays=1)
+    for path in (TASKS / "bbc_topic.yaml", TASKS / "shakespeare_ppl.yaml", _generation_task(tmp_path)):
+        task = Task.from_yaml(path)
+        docs = sorted(task.docs(), key=lambda doc: len(str(task.target(doc))))[:4]  # the shortest four
+        runs = []
+        for device, dtype in (("cpu", "fp64"), ("cpu", "fp32"), ("cuda", "fp32")):
+            loaded, info = load_for_eval(str(smollm2), task, dtype, device)
+            assert loaded.device.type == device and info["device"] == device
+            runs.append(score(task, loaded, docs))
+        exact, cpu, on_gpu = runs
+        if "generations" in exact:
+            agree = [i for i, (a, b) in enumerate(zip(exact["generations"], cpu["generations"], strict=True)) if a == b]
+            assert len(agree) >= len(docs) // 2, task.task
+            assert [on_gpu["generations"][i] for i in agree] == [cpu["generations"][i] for i in agree], task.task
+            continue
+        want, got_cpu, got_gpu = (torch.tensor(r["loglikelihoods"], dtype=torch.float64).flatten() for r in runs)
+        scale = float(want.abs().max())
+        cpu_error, gpu_error = float((got_cpu - want).abs().max()), float((got_gpu - want).abs().max())
+        assert gpu_error <= 10 * cpu_error + 64 * FP32_UNIT * scale, (task.task, gpu_error, cpu_error)
+
+
+@gpu
+@pytest.mark.slow
+def test_eval_runs_on_the_gpu_in_bf16_and_from_the_cli(smollm2, bbc, monkeypatch):
+    monkeypatch.setenv("BBC_DATA", str(bbc))
+    report = run_eval([str(smollm2)], [TASKS / "bbc_topic.yaml"], limit=8, dtype="bf16", device="cuda")
+    assert report["models"][str(smollm2)]["device"] == "cuda"
+    assert 0.0 <= report["results"][str(smollm2)]["bbc_topic"]["acc"] <= 1.0
+    code, out = cli("eval", smollm2, "--task", TASKS / "bbc_topic.yaml", "--limit", 4, "--device", "cuda:0")
+    assert code == 0 and "| bbc_topic | acc |" in out, out

@@ -178,6 +178,16 @@ def test_bad_tasks_fail_with_one_clear_line(tiny_llama, tmp_path, fields, test, 
     assert code == 1 and text.startswith("error: ") and len(text.strip().splitlines()) == 1
 
 
+def test_a_missing_model_is_refused_before_any_model_is_scored(tiny_llama, tmp_path, monkeypatch):
+    from lrsurgery.evaluation import runner
+
+    scored = []
+    monkeypatch.setattr(runner, "score", lambda *args, **kwargs: scored.append(args))
+    code, text = cli("eval", tiny_llama, tmp_path / "no-such-run", "--task", _write(tmp_path), "-o", tmp_path / "r")
+    assert code == 1 and "no-such-run" in text and len(text.strip().splitlines()) == 1
+    assert scored == [] and not (tmp_path / "r").exists()
+
+
 def test_lm_eval_python_hooks_are_refused(tmp_path):
     path = _write(tmp_path)
     path.write_text(path.read_text() + "process_results: !function utils.process_results\n")

@@ -26,6 +26,7 @@ def eval_(
         False, "--allow-code-execution", help="Run model-written programs (pass@1 tasks such as HumanEval)."
     ),
     dtype: str = typer.Option("fp32", "--dtype", help="Dtype the models run in: fp32, bf16, fp16 or fp64."),
+    device: str = typer.Option("cpu", "--device", help="Where the models run: cpu, cuda or cuda:N."),
     out: Path = typer.Option(None, "-o", "--out", help="Write the results JSON here."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing results file written by eval."),
     config: Path = ConfigOption,
@@ -46,6 +47,7 @@ def eval_(
             num_fewshot=num_fewshot,
             allow_code_execution=allow_code_execution,
             dtype=dtype,
+            device=device,
         )
         typer.echo(markdown_table(report))
         if path is not None:

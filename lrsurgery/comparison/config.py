@@ -6,7 +6,7 @@ on it, read from YAML and checked before anything runs.
     data: {assets: bbc-news, prompt_template: "...", response_template: " {label}", seq_len: 128}
     calibrate: {samples: 32}                # options of `lrsurgery calibrate`
     train: {max_steps: 60, batch_size: 8, lr: 5.0e-4, eval_every: 10}   # options of `lrsurgery train`
-    score: {task: ../tasks/bbc_topic.yaml, env: {BBC_DATA: data}, metric: acc, limit: 100}
+    score: {task: ../tasks/bbc_topic.yaml, env: {BBC_DATA: data}, metric: acc, limit: 100}   # device: cuda
     budget: {rank: 8}                       # every method at LoRA rank 8's trainable parameters
     methods: {lora: {}, pissa: {}, tlora: {}, dual: {train: {k_final: 3}}, srlora: {init: {r_target: 32}}}
     seeds: [0, 1, 2]
@@ -51,6 +51,7 @@ SECTIONS = frozenset(
         "quick",
     )
 )
+SCORE_KEYS = frozenset(("task", "env", "metric", "limit", "device"))  # device: where `lrsurgery eval` runs
 LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a method's label names its runs' folder
 
 
@@ -136,6 +137,16 @@ def read_comparison(path: Path, quick: bool = False, seeds: list[int] | None = N
     score = dict(settings["score"])
     if "task" not in score or "metric" not in score:
         raise CompareError(f"{path}: 'score' needs a task file ('task') and the metric to report ('metric')")
+    unknown = sorted(set(score) - SCORE_KEYS)
+    if unknown:
+        raise CompareError(f"{path}: score.{unknown[0]} is not a setting; use {', '.join(sorted(SCORE_KEYS))}")
+    if "device" in score:
+        from lrsurgery.hf.load import compute_device
+
+        try:
+            compute_device(str(score["device"]))
+        except UserError as exc:
+            raise CompareError(f"{path}: score.device: {exc}") from exc
     here = Path(path).resolve().parent
     score["task"] = str((here / score["task"]).resolve())
     data = dict(settings["data"])

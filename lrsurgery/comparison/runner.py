@@ -205,4 +205,5 @@ def _score(comparison: Comparison, out: Path, model: str | Path, results: Path) 
     """`lrsurgery eval` of `model` (a model or an artifact) on the comparison's task into `results`."""
     env = {k: str(out / v) for k, v in comparison.score.get("env", {}).items()}
     limit = ["--limit", comparison.score["limit"]] if comparison.score.get("limit") else []
-    lrsurgery("eval", model, "--task", comparison.score["task"], *limit, "-o", results, env=env)
+    device = ["--device", comparison.score["device"]] if comparison.score.get("device") else []
+    lrsurgery("eval", model, "--task", comparison.score["task"], *limit, *device, "-o", results, env=env)

@@ -56,7 +56,7 @@ def score_classification(
             max_length=max_length(loaded, task),
             return_tensors="pt",
         )
-        logits = at_least_fp32(loaded.model(**enc).logits)
+        logits = at_least_fp32(loaded.model(**loaded.inputs(**enc)).logits)
         values = logits[:, 0].tolist() if n_labels == 1 else logits.argmax(-1).tolist()
         for i, value in zip(chunk, values, strict=True):
             preds[i] = value

@@ -85,8 +85,7 @@ def generate(
         width = ids.shape[1]
         stops = [s for s in until if s]
         generated = loaded.model.generate(
-            input_ids=ids,
-            attention_mask=mask,
+            **loaded.inputs(input_ids=ids, attention_mask=mask),
             max_new_tokens=budget,
             pad_token_id=tok.pad_token_id,
             stop_strings=stops or None,
@@ -95,7 +94,7 @@ def generate(
             **gen,
         )
         for row, i in enumerate(chunk):
-            text = tok.decode(generated[row, width:], skip_special_tokens=True)
+            text = tok.decode(generated[row, width:].tolist(), skip_special_tokens=True)
             out[i] = cut_at_stop(text, until)
         progress.update(len(chunk))
     progress.close()

@@ -124,11 +124,12 @@ def _full_batch(loaded: LoadedModel, pairs: list[TokenPair]) -> list[float]:
     for row, seq in enumerate(seqs):
         ids[row, : len(seq)] = torch.tensor(seq)
         mask[row, : len(seq)] = 1
-    logprobs = F.log_softmax(at_least_fp32(loaded.model(input_ids=ids, attention_mask=mask).logits), dim=-1)
+    logits = loaded.model(**loaded.inputs(input_ids=ids, attention_mask=mask)).logits
+    logprobs = F.log_softmax(at_least_fp32(logits), dim=-1)
     scores = []
     for row, ((_, cont), seq) in enumerate(zip(pairs, seqs, strict=True)):
-        positions = torch.arange(len(seq) - len(cont), len(seq))
-        scores.append(float(logprobs[row, positions, torch.tensor(cont)].sum()))
+        positions = torch.arange(len(seq) - len(cont), len(seq), device=logprobs.device)
+        scores.append(float(logprobs[row, positions, torch.tensor(cont, device=logprobs.device)].sum()))
     return scores
 
 
@@ -150,9 +151,7 @@ def _shared_batch(
     width = ids.shape[1]
     positions = (ctx_mask.cumsum(-1) - 1).clamp(min=0)[:, skip:]
     logits = loaded.model(
-        input_ids=ids[:, skip:],
-        attention_mask=ctx_mask,
-        position_ids=positions,
+        **loaded.inputs(input_ids=ids[:, skip:], attention_mask=ctx_mask, position_ids=positions),
         use_cache=True,
         **last_logits_only(loaded),
         **cache_kwargs(loaded, kv),
@@ -163,7 +162,7 @@ def _shared_batch(
     if not rows:
         return scores
     rest = max(len(conts[g][j]) for g, j in rows) - 1
-    kv.batch_select_indices(torch.tensor([g for g, _ in rows]))
+    kv.batch_select_indices(torch.tensor([g for g, _ in rows], device=loaded.device))
     ids = torch.full((len(rows), rest), pad, dtype=torch.long)
     mask = torch.cat([ctx_mask[[g for g, _ in rows]], torch.zeros((len(rows), rest), dtype=torch.long)], dim=1)
     for r, (g, j) in enumerate(rows):
@@ -173,12 +172,14 @@ def _shared_batch(
     lengths = ctx_mask[[g for g, _ in rows]].sum(-1, keepdim=True)
     positions = lengths + torch.arange(rest)[None]
     logits = loaded.model(
-        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache_kwargs(loaded, kv)
+        **loaded.inputs(input_ids=ids, attention_mask=mask, position_ids=positions),
+        use_cache=True,
+        **cache_kwargs(loaded, kv),
     ).logits
     logprobs = F.log_softmax(at_least_fp32(logits), dim=-1)  # (R, rest, vocab)
     for r, (g, j) in enumerate(rows):
-        target = torch.tensor(conts[g][j][1:])
-        scores[g][j] += float(logprobs[r, torch.arange(len(target)), target].sum())
+        target = torch.tensor(conts[g][j][1:], device=logprobs.device)
+        scores[g][j] += float(logprobs[r, torch.arange(len(target), device=logprobs.device), target].sum())
     return scores
 
 

@@ -69,8 +69,8 @@ class SharedPrefix:
         self.tokens = tokens
         self._cache = DynamicCache()
         with torch.no_grad():
-            ids = torch.tensor([tokens])
-            loaded.model(input_ids=ids, use_cache=True, **last_logits_only(loaded), **cache_kwargs(loaded, self._cache))
+            ids = loaded.inputs(input_ids=torch.tensor([tokens]))
+            loaded.model(**ids, use_cache=True, **last_logits_only(loaded), **cache_kwargs(loaded, self._cache))
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -15,7 +15,7 @@ from lrsurgery.evaluation.classify import score_classification
 from lrsurgery.evaluation.generate import score_generate
 from lrsurgery.evaluation.loglik import score_multiple_choice, score_rolling
 from lrsurgery.evaluation.tasks import Task, TaskError
-from lrsurgery.hf.load import LoadedModel, default_task, load_model
+from lrsurgery.hf.load import LoadedModel, compute_device, default_task, load_model
 from lrsurgery.hf.resolve import model_fingerprint, resolve_model
 from lrsurgery.io.artifacts import MANIFEST, fingerprint_weights
 from lrsurgery.io.outputs import output_file
@@ -31,11 +31,14 @@ DETAILS = ("loglikelihoods", "generations")  # per-document outputs kept out of 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
 
-def load_for_eval(spec: str, task: Task, dtype: str = "fp32") -> tuple[LoadedModel, dict[str, Any]]:
-    """Load a model folder/name, or an init/train artifact applied to its base model in memory, in `dtype`.
+def load_for_eval(
+    spec: str, task: Task, dtype: str = "fp32", device: str = "cpu"
+) -> tuple[LoadedModel, dict[str, Any]]:
+    """Load a model folder/name, or an init/train artifact applied to its base model in memory, in `dtype`,
+    and move it to `device` (the host holds one copy of the weights in `dtype` while loading).
 
     Returns the model and what identifies it: source, fingerprint (of the weights; for an artifact
-    the base model's and the adapter files'), artifact kind, dtype.
+    the base model's and the adapter files'), artifact kind, dtype, device.
     """
     from lrsurgery.stages.adapted import load_adapted
 
@@ -52,7 +55,9 @@ def load_for_eval(spec: str, task: Task, dtype: str = "fp32") -> tuple[LoadedMod
             "fingerprint": adapter,
             "base_fingerprint": manifest.model.get("fingerprint"),
             "dtype": dtype,
+            "device": device,
         }
+        loaded.model.to(compute_device(device))
         return loaded, info
     folder = resolve_model(spec)
     if classification:
@@ -67,7 +72,8 @@ def load_for_eval(spec: str, task: Task, dtype: str = "fp32") -> tuple[LoadedMod
                 f"{spec} is saved as an encoder without a language-model head"
             )
         loaded = load_model(spec, task="causal", dtype=DTYPES[dtype])
-    return loaded, {"source": spec, "fingerprint": model_fingerprint(loaded.folder), "dtype": dtype}
+    loaded.model.to(compute_device(device))
+    return loaded, {"source": spec, "fingerprint": model_fingerprint(loaded.folder), "dtype": dtype, "device": device}
 
 
 def score(
@@ -91,8 +97,10 @@ def run_eval(
     num_fewshot: int | None = None,
     allow_code_execution: bool = False,
     dtype: str = "fp32",
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Score every model on every task, each model loaded in `dtype` (fp32, bf16, fp16 or fp64).
+    """Score every model on every task, each model loaded in `dtype` (fp32, bf16, fp16 or fp64) and run
+    on `device` (cpu, cuda or cuda:N).
 
     Returns {'results': {model: {task: {metric, metric_stderr, ..., n, num_fewshot, config_hash}}},
     'models': {model: {source, fingerprint, ...}}, 'lrsurgery_version'}.
@@ -104,6 +112,10 @@ def run_eval(
     check_count("--batch-size", batch_size)
     check_count("--limit", limit)
     check_count("--num-fewshot", num_fewshot, 0)
+    compute_device(device)  # a device that is not there is refused before any data or model is read
+    for spec in models:  # every model found before the first is scored: a typo in the last fails at once
+        if not (Path(spec) / MANIFEST).is_file():
+            resolve_model(spec)
     tasks = [Task.from_yaml(p, num_fewshot=num_fewshot) for p in task_files]
     docs = {t.task: t.docs(limit) for t in tasks}  # load (and check) all data before any model
     for t in tasks:
@@ -117,7 +129,7 @@ def run_eval(
         for task in tasks:
             kind = task.output_type == "classification"
             if kind not in cache:
-                cache[kind] = load_for_eval(spec, task, dtype)
+                cache[kind] = load_for_eval(spec, task, dtype, device)
             loaded, info = cache[kind]
             models_info[spec] = info
             metrics = score(task, loaded, docs[task.task], batch_size, allow_code_execution)

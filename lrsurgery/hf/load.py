@@ -22,6 +22,16 @@ class LoadedModel:
     folder: Path
     source: str
 
+    @property
+    def device(self) -> torch.device:
+        """The device the model's weights are on (its first parameter's)."""
+        return next(self.model.parameters()).device
+
+    def inputs(self, **tensors: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`tensors` on the model's device, as keyword arguments for its forward or `generate`."""
+        device = self.device
+        return {name: tensor.to(device) for name, tensor in tensors.items()}
+
 
 TASKS = ("causal", "classification", "base")
 
