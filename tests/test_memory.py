@@ -78,6 +78,8 @@ def test_eval_sets_the_allocator_policy_only_as_the_whole_process(tmp_path, monk
     monkeypatch.setattr(sys, "argv", ["lrsurgery", *args])
     monkeypatch.setattr(os, "_exit", exit_)
     monkeypatch.setattr(cli.atexit, "_run_exitfuncs", lambda: None)  # the test session's handlers stay
+    # the session's own threads (thread pools of earlier tests) never end: main must not wait for them here
+    monkeypatch.setattr(cli.threading, "enumerate", lambda: [cli.threading.current_thread()])
     with pytest.raises(Exited) as done:
         cli.main()
     assert done.value.args[0] != 0
