@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA checks in one run: the GPU tests, every method's init → train → fuse with training on the GPU,
 # an eval on the GPU, and the GPU benchmarks (train step in fp32 and bf16, TLoRA init against PEFT's PiSSA
-# on SmolLM2 and on a two-layer model of Llama-2-7B's shape). Each step has a time limit; a failed step is counted, not fatal.
+# on SmolLM2 and on a two-layer model of Llama-2-7B's shape). Each step has a time limit; a failed step is
+# counted, not fatal.
 # Usage: pipelines/gpu_check.sh [WORK_DIR]   (default runs/gpu-check; the log is WORK_DIR/gpu_check.log,
 #        or $LOG).  MODEL: a SmolLM2-shaped folder or name (default smollm2-135m).  DEVICE: default cuda.
 #        BUDGET: seconds for the whole run (default 540): each step's limit is cut to what is left, and

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from typer.testing import CliRunner
 
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"  # the shipped task and comparison files
 PROMPT = "Article: {text}\nTopic:"
 RESPONSE = " {label}"
 SAMPLE_TEXTS = [

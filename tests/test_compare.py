@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import PROMPT, RESPONSE, cli
+from helpers import EXAMPLES, PROMPT, RESPONSE, cli
 
 from lrsurgery.comparison.config import CompareError, read_comparison
 from lrsurgery.comparison.runner import target_shapes
 from lrsurgery.methods.base import registered
 
 METHODS = ("lora", "pissa", "tlora", "dual", "srlora")
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def _config(tmp_path: Path, model: Path, bbc: Path, bbc_small: Path, **changes) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import FP32_UNIT, assert_adapted_equals_base, cli
+from helpers import EXAMPLES, FP32_UNIT, assert_adapted_equals_base, cli
 
 from lrsurgery.calibration.runner import CalibrateConfig, run_calibrate
 from lrsurgery.calibration.stats_file import load_covariance
@@ -23,7 +23,7 @@ from lrsurgery.layers.adapter_file import read_adapters
 from lrsurgery.linalg.svd import subspace_distance
 from lrsurgery.stages.init import run_init
 
-TASKS = Path(__file__).resolve().parent.parent / "examples" / "tasks"
+TASKS = EXAMPLES / "tasks"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 BOTH = ("covariance", "sensitivity")
 

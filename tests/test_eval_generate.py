@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FEWSHOT, cli, tokens_run, write_jsonl
+from helpers import EXAMPLES, FEWSHOT, cli, tokens_run, write_jsonl
 
 from lrsurgery.evaluation import generate as gen
 from lrsurgery.evaluation.code_exec import run_program
@@ -15,7 +15,7 @@ from lrsurgery.evaluation.generate import apply_filters, cut_at_stop, exact_matc
 from lrsurgery.evaluation.runner import run_eval
 from lrsurgery.hf.load import load_model
 
-TASKS = Path(__file__).resolve().parent.parent / "examples" / "tasks"
+TASKS = EXAMPLES / "tasks"
 STRICT = r"#### (\-?[0-9\.\,]+)"
 FLEXIBLE = r"(-?[$0-9.,]{2,})|(-?[0-9]+)"
 GSM8K_EM = {"ignore_case": True, "ignore_punctuation": False, "regexes_to_ignore": [",", "\\$", "(?s).*#### ", "\\.$"]}

@@ -40,6 +40,12 @@ def load_for_eval(
     Returns the model and what identifies it: source, fingerprint (of the weights; for an artifact
     the base model's and the adapter files'), artifact kind, dtype, device.
     """
+    loaded, info = _load_on_host(spec, task, dtype)
+    loaded.model.to(compute_device(device))
+    return loaded, {**info, "device": device}
+
+
+def _load_on_host(spec: str, task: Task, dtype: str) -> tuple[LoadedModel, dict[str, Any]]:
     from lrsurgery.stages.adapted import load_adapted
 
     classification = task.output_type == "classification"
@@ -55,9 +61,7 @@ def load_for_eval(
             "fingerprint": adapter,
             "base_fingerprint": manifest.model.get("fingerprint"),
             "dtype": dtype,
-            "device": device,
         }
-        loaded.model.to(compute_device(device))
         return loaded, info
     folder = resolve_model(spec)
     if classification:
@@ -72,8 +76,7 @@ def load_for_eval(
                 f"{spec} is saved as an encoder without a language-model head"
             )
         loaded = load_model(spec, task="causal", dtype=DTYPES[dtype])
-    loaded.model.to(compute_device(device))
-    return loaded, {"source": spec, "fingerprint": model_fingerprint(loaded.folder), "dtype": dtype, "device": device}
+    return loaded, {"source": spec, "fingerprint": model_fingerprint(loaded.folder), "dtype": dtype}
 
 
 def score(
